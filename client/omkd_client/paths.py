@@ -1,0 +1,29 @@
+"""Where omkd's socket is: the one rule the daemon and its clients share (contract, section 4)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["default_socket_path", "resolve_socket_path"]
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """Return ``$XDG_RUNTIME_DIR/omk/omkd.sock``, else ``/tmp/omk-<uid>/omkd.sock``."""
+    env = os.environ if env is None else env
+    runtime = env.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "omk" / "omkd.sock"
+    return Path(f"/tmp/omk-{os.getuid()}") / "omkd.sock"
+
+
+def resolve_socket_path(flag: str | os.PathLike[str] | None = None,
+                        env: Mapping[str, str] | None = None) -> Path:
+    """Return the socket path: the flag, else ``$OMKD_SOCKET``, else the default."""
+    env = os.environ if env is None else env
+    if flag:
+        return Path(flag)
+    if env.get("OMKD_SOCKET"):
+        return Path(env["OMKD_SOCKET"])
+    return default_socket_path(env)

@@ -1,0 +1,167 @@
+"""``omkd``: the daemon (``serve``) and maintenance without a running daemon.
+
+Every command finds the database as ``serve`` does (``--db``, ``$OMKD_DB``, the XDG default)
+and on failure prints one readable line to stderr and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import trio
+
+import omkd
+from omkd import db
+from omkd.config import ConfigError, load_config, resolve_db_path
+from omkd.listen import StartupError, hold_lock
+
+__all__ = ["main"]
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+_EXAMPLES = """\
+examples:
+  omkd serve                                 # socket and database at their XDG defaults
+  omkd serve --socket /tmp/omk.sock --db ./omk.db --lock-timeout 10
+  omkd migrate --db ~/.local/state/omk/omk.db
+  omkd backup /var/backups/omk-$(date +%F).db
+  omkd check
+  omkd install-units && systemctl --user enable --now omkd.socket
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omkd",
+        description="omkd: the local state daemon for omk agents.",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"omkd {omkd.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the daemon", epilog=_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_argument("--socket", help="Unix socket path (default: $OMKD_SOCKET, "
+                       "$XDG_RUNTIME_DIR/omk/omkd.sock, /tmp/omk-UID/omkd.sock)")
+    _db_flag(serve)
+    serve.add_argument("--config", help="TOML file with any Config field (docs/PROTOCOL.md)")
+    serve.add_argument("--lock-timeout", type=float, metavar="S",
+                       help="seconds a writer waits for another's transaction (default 5)")
+    serve.add_argument("--tx-idle-timeout", type=float, metavar="S",
+                       help="seconds an idle transaction lives (default 60)")
+    serve.add_argument("--max-message-bytes", type=int, metavar="N",
+                       help="largest message accepted (default 16 MiB)")
+    serve.add_argument("--synchronous", choices=["NORMAL", "FULL"],
+                       help="SQLite durability: FULL also survives power loss (default NORMAL)")
+    serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    migrate = commands.add_parser("migrate", help="apply pending schema migrations")
+    _db_flag(migrate)
+    backup = commands.add_parser("backup", help="write a consistent copy of the database")
+    backup.add_argument("dest", help="absolute path of the copy (replaced if it exists)")
+    _db_flag(backup)
+    check = commands.add_parser("check", help="integrity and foreign-key check")
+    _db_flag(check)
+    units = commands.add_parser("install-units", help="install the systemd user units")
+    units.add_argument("--user", action="store_true", default=True,
+                       help="install for the current user (the only mode; default)")
+    units.add_argument("--dest", type=Path, help="directory (default ~/.config/systemd/user)")
+    return parser
+
+
+def _db_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", help="database path (default: $OMKD_DB, "
+                        "$XDG_STATE_HOME/omk/omk.db, ~/.local/state/omk/omk.db)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(_COMMANDS[args.command](args))
+    except (StartupError, ConfigError, db.DbError, OSError) as exc:
+        print(f"omkd {args.command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _serve(args: argparse.Namespace) -> int:
+    config = load_config(
+        args.config,
+        {
+            "socket_path": args.socket,
+            "db_path": args.db,
+            "lock_timeout": args.lock_timeout,
+            "tx_idle_timeout": args.tx_idle_timeout,
+            "max_message_bytes": args.max_message_bytes,
+            "synchronous": args.synchronous,
+            "log_level": args.log_level,
+        },
+    )
+    logging.basicConfig(
+        level=config.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from omkd.server import serve
+
+    return trio.run(serve, config)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    path = resolve_db_path(args.db)
+    with hold_lock(path, "database"):
+        applied = db.migrate(path)
+    if applied:
+        for name in applied:
+            print(f"applied {name}")
+    else:
+        print(f"{path}: schema is up to date")
+    return 0
+
+
+def _backup(args: argparse.Namespace) -> int:
+    path = resolve_db_path(args.db)
+    if not path.exists():
+        raise StartupError(f"no database at {path}")
+    with db.Database.open(path) as database:
+        size = database.backup_to(args.dest)
+    print(f"wrote {args.dest} ({size} bytes)")
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    path = resolve_db_path(args.db)
+    if not path.exists():
+        raise StartupError(f"no database at {path}")
+    problems = db.check_database(path)
+    if problems:
+        print(f"{path}: {len(problems)} problem(s) found:", file=sys.stderr)
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        print("restore the database from a backup (omkd backup writes one)", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{path}: ok")
+    return 0
+
+
+def _install_units(args: argparse.Namespace) -> int:
+    from omkd import units
+
+    for written in units.install_units(args.dest):
+        print(f"wrote {written}")
+    print(units.enable_instructions())
+    return 0
+
+
+_COMMANDS = {
+    "serve": _serve,
+    "migrate": _migrate,
+    "backup": _backup,
+    "check": _check,
+    "install-units": _install_units,
+}

@@ -1,0 +1,103 @@
+"""The daemon's configuration: defaults, a TOML file, the environment and flags, in that order.
+
+Every timeout and limit the daemon applies lives here with its default; nothing in the logic
+is a bare number.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+from omkd_client.paths import resolve_socket_path
+
+__all__ = ["Config", "ConfigError", "default_db_path", "load_config"]
+
+MiB = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """The configuration file or a flag is not usable; the message says which and why."""
+
+
+class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    socket_path: str = ""
+    db_path: str = ""
+    # Seconds a writer waits for another session's transaction before answering busy.
+    lock_timeout: float = 5.0
+    # Seconds a session's transaction may sit without a call before it is rolled back.
+    tx_idle_timeout: float = 60.0
+    # Largest message accepted; a longer frame is answered with -32600 and closes.
+    max_message_bytes: int = 16 * MiB
+    synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Bytes of replies and notifications queued for one client before it must read.
+    outbox_bytes: int = 4 * MiB
+    # Decoded messages queued for one connection's worker before the reader stops reading.
+    inbox_messages: int = 16
+    # Seconds a subscriber may leave its outbox full before it is cut off.
+    subscriber_stall_timeout: float = 30.0
+    # Events fetched per query when feeding a subscription.
+    page_size: int = 500
+    # Pending connections the kernel may hold before accept().
+    listen_backlog: int = 512
+    # Seconds to wait before retrying accept() after running out of file descriptors.
+    accept_retry_delay: float = 0.1
+
+    def __post_init__(self) -> None:
+        for name in ("lock_timeout", "tx_idle_timeout", "subscriber_stall_timeout"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+        for name in ("max_message_bytes", "outbox_bytes", "inbox_messages", "page_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+def default_db_path(env: Mapping[str, str] | None = None) -> Path:
+    """Return ``$XDG_STATE_HOME/omk/omk.db``, else ``~/.local/state/omk/omk.db``."""
+    env = os.environ if env is None else env
+    state = env.get("XDG_STATE_HOME")
+    base = Path(state) if state else Path(env.get("HOME") or Path.home()) / ".local" / "state"
+    return base / "omk" / "omk.db"
+
+
+def resolve_db_path(flag: str | None, env: Mapping[str, str] | None = None) -> Path:
+    """Return the database path: the flag, else ``$OMKD_DB``, else the default."""
+    env = os.environ if env is None else env
+    if flag:
+        return Path(flag)
+    if env.get("OMKD_DB"):
+        return Path(env["OMKD_DB"])
+    return default_db_path(env)
+
+
+def load_config(
+    config_file: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the configuration: defaults, then the TOML file, then env, then ``overrides``.
+
+    Raises ConfigError naming the file or field at fault.
+    """
+    env = os.environ if env is None else env
+    fields: dict[str, Any] = {}
+    if config_file:
+        try:
+            fields.update(msgspec.toml.decode(Path(config_file).read_bytes()))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    fields["socket_path"] = str(resolve_socket_path(fields.get("socket_path"), env))
+    fields["db_path"] = str(resolve_db_path(fields.get("db_path"), env))
+    try:
+        return msgspec.convert(fields, Config)
+    except msgspec.ValidationError as exc:
+        where = f" in {config_file}" if config_file else ""
+        raise ConfigError(f"invalid configuration{where}: {exc}") from exc

@@ -1,0 +1,140 @@
+"""The daemon's hold on its socket and database: locks, binding, peer credentials.
+
+A second daemon must refuse to start, and say why, whether it aims at the same socket or the
+same database. Each is guarded by an exclusive ``flock`` on a lock file beside it, held for
+the daemon's life (the kernel drops it if the daemon is killed, so a stale lock never blocks
+a restart). The socket is bound under a temporary name, made 0600, put in listening state
+and only then renamed into place, so a client never finds a socket that refuses it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import stat
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Final
+
+__all__ = ["StartupError", "hold_lock", "open_unix_listener", "peer_uid", "remove_socket"]
+
+_SOCKET_MODE: Final = 0o600
+_DIRECTORY_MODE: Final = 0o700
+_UNIX_PATH_MAX: Final = 107
+_UCRED: Final = struct.Struct("3i")
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the message says why and what to do."""
+
+
+@contextlib.contextmanager
+def hold_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (directories made 0700 as needed).
+
+    Raises StartupError naming the daemon that holds it.
+    """
+    lock_path = Path(f"{os.fspath(path)}.lock")
+    make_private_dirs(lock_path.parent)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _SOCKET_MODE)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise StartupError(
+                f"the {what} {os.fspath(path)} is already in use by another omkd (pid "
+                f"{holder}); stop it first, or give this one another --{_flag(what)}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _flag(what: str) -> str:
+    return "db" if what == "database" else "socket"
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and missing parents with mode 0700; leave existing ones alone."""
+    missing = []
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+            os.chmod(d, _DIRECTORY_MODE)  # exactly 0700, whatever the umask
+
+
+def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.socket:
+    """Return a listening Unix stream socket at ``path``, mode 0600.
+
+    A stale socket file (nobody accepts on it) is replaced; a live one raises StartupError.
+    """
+    path = Path(path)
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise StartupError(f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes")
+    make_private_dirs(path.parent)
+    _refuse_live_socket(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        temporary.unlink()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(os.fspath(temporary))
+        os.chmod(temporary, _SOCKET_MODE)
+        sock.listen(backlog)
+        os.replace(temporary, path)
+    except OSError as exc:
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            temporary.unlink()
+        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from exc
+    return sock
+
+
+def _refuse_live_socket(path: Path) -> None:
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"{path} exists and is not a socket; remove it or choose --socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(os.fspath(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise StartupError(f"cannot probe existing socket {path}: {exc.strerror}") from exc
+        path.unlink(missing_ok=True)  # stale: left by a daemon that was killed
+        return
+    finally:
+        probe.close()
+    raise StartupError(f"another daemon is already listening on {path}")
+
+
+def remove_socket(path: str | os.PathLike[str]) -> None:
+    """Remove the socket file at ``path`` (the socket lock guarantees it is ours)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def peer_uid(sock: socket.socket | object) -> int | None:
+    """Return the uid of the peer of a connected Unix socket (SO_PEERCRED), None if unknown."""
+    getsockopt = getattr(sock, "getsockopt", None)
+    if getsockopt is None:
+        return None
+    try:
+        raw = getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    except OSError:
+        return None
+    _pid, uid, _gid = _UCRED.unpack(raw)
+    return int(uid)

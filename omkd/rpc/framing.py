@@ -1,0 +1,113 @@
+"""Sans-IO framing of omkd's wire: bytes in, whole messages out.
+
+Theory of operation: a connection speaks one of two framings, chosen by the first byte the
+client sends. ``{`` or ``[`` selects line mode (one compact JSON message per line, for people
+with socat); anything else selects length mode (a 4-byte unsigned big-endian length, then that
+many bytes of UTF-8 JSON). The decoder buffers what it is fed with ``receive_data`` and hands
+out whole messages from ``next_message``, which answers ``NEED_DATA`` when it has none yet.
+
+The size limit is checked before anything is buffered past it: in length mode from the
+prefix alone, in line mode as soon as a line grows beyond it. An oversize message is a fatal
+``FrameTooLarge``: the stream cannot be resynchronised, so the caller answers and closes.
+Nothing here parses JSON; a frame that is not JSON is the dispatcher's business, and the
+connection lives on.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import Final
+
+__all__ = ["NEED_DATA", "FrameDecoder", "FrameTooLarge", "Framing", "NeedData", "encode_frame"]
+
+DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
+_PREFIX: Final = struct.Struct(">I")
+_LINE_MODE_FIRST_BYTES: Final = frozenset(b"{[")
+
+
+class Framing(enum.Enum):
+    LENGTH = "length"
+    LINE = "line"
+
+
+class NeedData(enum.Enum):
+    NEED_DATA = "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData.NEED_DATA
+
+
+class FrameTooLarge(Exception):
+    """The peer announced or sent a message over the limit; the connection must close."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"message of {size} bytes exceeds the limit of {limit} bytes")
+        self.size = size
+        self.limit = limit
+
+
+def encode_frame(framing: Framing, message: bytes) -> bytes:
+    """Return ``message`` (compact JSON, no newline) framed for the wire."""
+    if framing is Framing.LINE:
+        return message + b"\n"
+    return _PREFIX.pack(len(message)) + message
+
+
+class FrameDecoder:
+    """Turns a byte stream into messages; one decoder per connection."""
+
+    def __init__(self, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> None:
+        self.max_message_bytes = max_message_bytes
+        self.framing: Framing | None = None
+        self._buffer = bytearray()
+        self._scanned = 0  # line mode: bytes already searched for a newline
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet handed out as a message."""
+        return len(self._buffer)
+
+    def receive_data(self, data: bytes) -> None:
+        """Append bytes read from the peer."""
+        if self.framing is None and data:
+            self.framing = Framing.LINE if data[0] in _LINE_MODE_FIRST_BYTES else Framing.LENGTH
+        self._buffer += data
+
+    def next_message(self) -> bytes | NeedData:
+        """Return the next whole message, or ``NEED_DATA``.
+
+        Raises ``FrameTooLarge`` when the next message is over the limit.
+        """
+        if self.framing is Framing.LINE:
+            return self._next_line()
+        return self._next_length_prefixed()
+
+    def _next_length_prefixed(self) -> bytes | NeedData:
+        if len(self._buffer) < _PREFIX.size:
+            return NEED_DATA
+        (size,) = _PREFIX.unpack_from(self._buffer)
+        if size > self.max_message_bytes:
+            raise FrameTooLarge(size, self.max_message_bytes)
+        end = _PREFIX.size + size
+        if len(self._buffer) < end:
+            return NEED_DATA
+        message = bytes(self._buffer[_PREFIX.size : end])
+        del self._buffer[:end]
+        return message
+
+    def _next_line(self) -> bytes | NeedData:
+        while True:
+            newline = self._buffer.find(b"\n", self._scanned)
+            if newline < 0:
+                self._scanned = len(self._buffer)
+                if self._scanned > self.max_message_bytes:
+                    raise FrameTooLarge(self._scanned, self.max_message_bytes)
+                return NEED_DATA
+            line = bytes(self._buffer[:newline]).rstrip(b"\r")
+            del self._buffer[: newline + 1]
+            self._scanned = 0
+            if len(line) > self.max_message_bytes:
+                raise FrameTooLarge(len(line), self.max_message_bytes)
+            if line.strip():
+                return line

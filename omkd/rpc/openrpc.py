@@ -1,0 +1,57 @@
+"""The OpenRPC document of rpc.discover, derived from the dispatcher's own msgspec types."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from omkd.rpc.methods import Method
+from omkd_client.codes import ErrorCode
+
+__all__ = ["openrpc_document"]
+
+OPENRPC_VERSION = "1.3.2"
+_REF = "#/components/schemas/{name}"
+
+
+def openrpc_document(methods: Iterable[Method], version: str) -> dict[str, Any]:
+    """Return an OpenRPC 1.x document naming every method, its params and its result."""
+    methods = list(methods)
+    types = [m.params for m in methods] + [m.result for m in methods]
+    schemas, components = msgspec.json.schema_components(types, ref_template=_REF)
+    n = len(methods)
+    param_schemas, result_schemas = schemas[:n], schemas[n:]
+    return {
+        "openrpc": OPENRPC_VERSION,
+        "info": {
+            "title": "omkd",
+            "version": version,
+            "description": "omkd's JSON-RPC 2.0 methods over its Unix socket",
+        },
+        "methods": [
+            _method(m, p, r, components)
+            for m, p, r in zip(methods, param_schemas, result_schemas, strict=True)
+        ],
+        "components": {"schemas": components},
+    }
+
+
+def _method(
+    method: Method, params_ref: dict[str, Any], result: dict[str, Any], components: dict[str, Any]
+) -> dict[str, Any]:
+    params_schema = components[params_ref["$ref"].rsplit("/", 1)[1]]
+    required = set(params_schema.get("required", ()))
+    return {
+        "name": method.name,
+        "summary": method.summary,
+        "paramStructure": "by-name",
+        "params": [
+            {"name": name, "required": name in required, "schema": schema}
+            for name, schema in params_schema.get("properties", {}).items()
+        ],
+        "result": {"name": "result", "schema": result},
+        "errors": [{"code": int(code), "message": ErrorCode(code).name.lower()}
+                   for code in method.errors],
+    }

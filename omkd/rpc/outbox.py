@@ -1,0 +1,72 @@
+"""A connection's outgoing frames, bounded in bytes.
+
+Replies wait for room (a client that stops reading stops being served, and its requests
+stay in the kernel's buffers rather than in ours); notifications wait only up to a deadline,
+after which the subscriber is cut off. One small final frame may be forced past the bound.
+The writer task takes everything queued at once and sends it in one write.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import trio
+
+__all__ = ["Outbox"]
+
+
+class Outbox:
+    def __init__(self, limit_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self._frames: deque[bytes] = deque()
+        self._bytes = 0
+        self._closed = False
+        self._readers = trio.lowlevel.ParkingLot()
+        self._writers = trio.lowlevel.ParkingLot()
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    def _full(self) -> bool:
+        # An empty outbox takes any frame, however large: a reply is never refused for size.
+        return self._bytes >= self.limit_bytes and bool(self._frames)
+
+    async def put(self, frame: bytes) -> None:
+        """Queue ``frame``, waiting while the outbox is full. Raises ClosedResourceError."""
+        while self._full() and not self._closed:
+            await self._writers.park()
+        self.force(frame)
+
+    async def put_before(self, frame: bytes, timeout: float) -> bool:
+        """Queue ``frame`` if room comes within ``timeout`` seconds; False if it did not."""
+        with trio.move_on_after(timeout):
+            await self.put(frame)
+            return True
+        return False
+
+    def force(self, frame: bytes) -> None:
+        """Queue ``frame`` now, past the bound if need be. Raises ClosedResourceError."""
+        if self._closed:
+            raise trio.ClosedResourceError("the connection is closing")
+        self._frames.append(frame)
+        self._bytes += len(frame)
+        self._readers.unpark_all()
+
+    def close(self) -> None:
+        """No more frames; the writer sends what is queued and stops."""
+        self._closed = True
+        self._readers.unpark_all()
+        self._writers.unpark_all()
+
+    async def take(self) -> bytes | None:
+        """Everything queued, joined; None once closed and drained."""
+        while not self._frames:
+            if self._closed:
+                return None
+            await self._readers.park()
+        data = b"".join(self._frames)
+        self._frames.clear()
+        self._bytes = 0
+        self._writers.unpark_all()
+        return data

@@ -1,0 +1,204 @@
+"""Params and results of every method, as msgspec types.
+
+The dispatcher decodes params with these types (unknown fields refused) and rpc.discover
+derives its JSON Schema from the very same types, so the two cannot drift.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from omkd_client.records import BudgetCheckpoint, EventInput, TaskRecord
+
+
+def derive_struct(
+    base: type[msgspec.Struct],
+    name: str,
+    *,
+    optional: frozenset[str] = frozenset(),
+    drop: frozenset[str] = frozenset(),
+) -> type[msgspec.Struct]:
+    """Return a struct with ``base``'s fields, less ``drop``, with ``optional`` ones defaulting
+    to None: a record's shape for a params type that differs in one field."""
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = []
+    for f in msgspec.structs.fields(base):
+        if f.name in drop:
+            continue
+        if f.name in optional:
+            fields.append((f.name, f.type | None, None))
+        elif f.default_factory is not msgspec.NODEFAULT:
+            fields.append((f.name, f.type, msgspec.field(default_factory=f.default_factory)))
+        elif f.default is not msgspec.NODEFAULT:
+            fields.append((f.name, f.type, f.default))
+        else:
+            fields.append((f.name, f.type))
+    return msgspec.defstruct(name, fields, kw_only=True, forbid_unknown_fields=True)
+
+
+if TYPE_CHECKING:  # the same attributes, as far as the type checker needs
+    TaskItem = TaskRecord
+    BudgetAppend = BudgetCheckpoint
+else:
+    # A task of a batch may omit its goal_id; a checkpoint's id is assigned, never sent.
+    TaskItem = derive_struct(TaskRecord, "TaskItem", optional=frozenset({"goal_id"}))
+    BudgetAppend = derive_struct(
+        BudgetCheckpoint, "BudgetAppend", drop=frozenset({"checkpoint_id"})
+    )
+
+
+class Params(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Base of every params type."""
+
+
+class NoParams(Params):
+    pass
+
+
+class GoalId(Params):
+    goal_id: str
+
+
+class GoalUpdateStatus(Params):
+    goal_id: str
+    status: str
+    phase: str
+
+
+class GoalUpdate(Params):
+    goal_id: str
+    expected_version: int
+    changes: dict[str, Any]
+
+
+class GoalList(Params):
+    status: str | None = None
+    phase: str | None = None
+    kind: str | None = None
+    older_than: int | None = None
+    limit: int | None = None
+
+
+class TaskBatch(Params):
+    goal_id: str
+    tasks: list[TaskItem]
+
+
+class TaskId(Params):
+    task_id: str
+
+
+class TaskUpdateStatus(Params):
+    task_id: str
+    status: str
+
+
+class EventAppend(Params):
+    goal_id: str
+    kind: str
+    payload: Any
+    event_uuid: str | None = None
+    run_id: str | None = None
+    actor: str | None = None
+    schema_version: int = 1
+
+
+class EventAppendBatch(Params):
+    goal_id: str
+    events: list[EventInput]
+
+
+class EventQuery(Params):
+    goal_id: str
+    since: int | None = None
+    after_event_id: int | None = None
+    limit: int | None = None
+
+
+class EventSubscribe(Params):
+    goal_id: str | None = None
+    after_event_id: int | None = None
+
+
+class Unsubscribe(Params):
+    subscription: int
+
+
+class ArtifactRegister(Params):
+    goal_id: str
+    kind: str
+    path: str
+    mime_type: str | None = None
+
+
+class ArtifactQuery(Params):
+    goal_id: str
+    kind: str | None = None
+
+
+class ArtifactId(Params):
+    artifact_id: int
+
+
+class BackupParams(Params):
+    dest: str
+
+
+# Results that are not records.
+
+
+class Created(msgspec.Struct):
+    created: int
+
+
+class Replaced(msgspec.Struct):
+    replaced: int
+
+
+class DeletedCount(msgspec.Struct):
+    deleted: int
+
+
+class DeletedFlag(msgspec.Struct):
+    deleted: bool
+
+
+class EventIds(msgspec.Struct):
+    event_ids: list[int]
+
+
+class Subscribed(msgspec.Struct):
+    subscription: int
+
+
+class Unsubscribed(msgspec.Struct):
+    unsubscribed: bool = True
+
+
+class TxActive(msgspec.Struct):
+    active: bool = True
+
+
+class TxCommitted(msgspec.Struct):
+    committed: bool = True
+
+
+class TxRolledBack(msgspec.Struct):
+    rolled_back: bool = True
+
+
+class BackupResult(msgspec.Struct):
+    path: str
+    bytes: int
+
+
+class DaemonStatus(msgspec.Struct):
+    version: str
+    schema_version: int
+    db_path: str
+    socket_path: str
+    pid: int
+    uptime_s: float
+    sessions: int
+    active_transactions: int

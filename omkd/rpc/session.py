@@ -1,0 +1,301 @@
+"""A session: one client connection's transaction, subscriptions and place in the write queue.
+
+Theory of operation. Every SQLite call runs inline on the trio thread (a thread hop costs
+several times what a statement does). Reads outside a transaction go to the database's read
+connection and see the latest committed state without waiting for anyone. Writes take the
+daemon's write gate, a fair FIFO semaphore of one, for the length of one call; ``tx.begin``
+takes it until ``tx.commit`` or ``tx.rollback``, and meanwhile every call of the session runs
+inside its transaction. A writer that waits longer than the lock timeout answers Busy.
+
+The session's transaction is rolled back when the connection ends (``close``), when the
+daemon stops (cancellation reaches ``close`` too), and after the idle timeout
+(``idle_abort``, called by the connection). After an idle rollback, or after SQLite rolled
+the transaction back itself on a storage failure, the session is *aborted*: the dispatcher
+refuses all but tx.*, daemon.* and rpc.discover until tx.rollback (or tx.commit) ends it.
+
+Subscriptions are tasks in the connection's nursery that page committed events from the
+read connection into the outbox. The database is the buffer, so a slow subscriber costs no
+memory; one that has not made room within the stall timeout is cut off with a final
+``event.subscription_closed`` notification.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import trio
+
+from omkd import db
+from omkd.rpc import params as P
+from omkd.rpc.errors import Busy, NoTransaction, TransactionActive, TransactionAborted
+from omkd.rpc.methods import Method
+from omkd.rpc.outbox import Outbox
+from omkd_client.records import EventRecord
+
+if TYPE_CHECKING:
+    from omkd.server import Daemon
+
+__all__ = ["Session"]
+
+log = logging.getLogger("omkd.session")
+
+_subscription_ids: Final = itertools.count(1)
+
+
+class _Appended(msgspec.Struct):
+    subscription: int
+    event: EventRecord
+
+
+class _Closed(msgspec.Struct):
+    subscription: int
+    reason: str
+
+
+class _Notification(msgspec.Struct):
+    jsonrpc: str
+    method: str
+    params: _Appended | _Closed
+
+
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+@dataclass(eq=False)
+class _Subscription:
+    id: int
+    goal_id: str | None
+    cursor: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+
+class Session:
+    """One connection's state. Not shared between tasks of other connections."""
+
+    def __init__(self, daemon: Daemon, session_id: int, outbox: Outbox, framing: Any) -> None:
+        self.daemon = daemon
+        self.id = session_id
+        self.outbox = outbox
+        self.encode_frame = framing
+        self.tx: db.Transaction | None = None
+        self._aborted = False
+        self._subscriptions: dict[int, _Subscription] = {}
+        self._to_start: list[_Subscription] = []
+        self.nursery: trio.Nursery | None = None
+
+    # -- state the dispatcher and the connection read
+
+    @property
+    def aborted(self) -> bool:
+        return self._aborted
+
+    @property
+    def in_transaction(self) -> bool:
+        return self.tx is not None
+
+    # -- repository calls
+
+    def run_read(self, method: Method, params: Any) -> Any:
+        return method.run(self.tx or self.daemon.db, params)  # type: ignore[arg-type]
+
+    async def run_write(self, method: Method, params: Any) -> Any:
+        if self.tx is not None:
+            try:
+                return method.run(self.tx, params)  # type: ignore[arg-type]
+            except db.StorageFailure as exc:
+                if exc.transaction_lost:
+                    self._lose_transaction(f"storage failure in {method.name}: {exc}")
+                raise
+        await self._acquire_gate()
+        try:
+            result = method.run(self.daemon.db, params)  # type: ignore[arg-type]
+        finally:
+            self.daemon.gate.release()
+        if method.appends_events:
+            self.daemon.events_committed()
+        return result
+
+    async def _acquire_gate(self) -> None:
+        gate = self.daemon.gate
+        try:
+            gate.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        timeout = self.daemon.config.lock_timeout
+        with trio.move_on_after(timeout):
+            await gate.acquire()
+            return
+        raise Busy(
+            f"another session held the write lock for longer than the lock timeout "
+            f"({timeout:g} s); retry, or raise --lock-timeout",
+            {"lock_timeout_s": timeout},
+        )
+
+    # -- transactions
+
+    async def tx_begin(self) -> P.TxActive:
+        if self.tx is not None:
+            raise TransactionActive(
+                "this session already has a transaction; commit or roll it back first",
+                {"session": self.id},
+            )
+        await self._acquire_gate()
+        try:
+            self.tx = self.daemon.db.transaction()
+        except BaseException:
+            self.daemon.gate.release()
+            raise
+        return P.TxActive()
+
+    async def tx_commit(self) -> P.TxCommitted:
+        if self._aborted:
+            self._aborted = False
+            raise TransactionAborted(
+                "the transaction had already been rolled back (idle timeout or storage "
+                "failure); nothing was committed, and the session is usable again",
+                {"session": self.id},
+            )
+        tx = self._take_transaction()
+        try:
+            tx.commit()
+        finally:
+            self.daemon.gate.release()
+        self.daemon.events_committed()
+        return P.TxCommitted()
+
+    async def tx_rollback(self) -> P.TxRolledBack:
+        if self._aborted:
+            self._aborted = False
+            return P.TxRolledBack()
+        tx = self._take_transaction()
+        try:
+            tx.rollback()
+        finally:
+            self.daemon.gate.release()
+        return P.TxRolledBack()
+
+    def _take_transaction(self) -> db.Transaction:
+        tx, self.tx = self.tx, None
+        if tx is None:
+            raise NoTransaction("this session has no transaction; send tx.begin first")
+        return tx
+
+    def idle_abort(self) -> None:
+        """Roll back a transaction left idle past the timeout; the session becomes aborted."""
+        timeout = self.daemon.config.tx_idle_timeout
+        self._rollback_quietly()
+        self._aborted = True
+        log.warning(
+            "session %d: transaction idle for more than %g s, rolled back", self.id, timeout
+        )
+
+    def _lose_transaction(self, why: str) -> None:
+        self.tx = None  # the Transaction closed itself and released the database
+        self.daemon.gate.release()
+        self._aborted = True
+        log.error("session %d: transaction lost: %s", self.id, why)
+
+    def _rollback_quietly(self) -> None:
+        tx, self.tx = self.tx, None
+        if tx is None:
+            return
+        try:
+            tx.rollback()
+        except db.DbError:
+            log.exception("session %d: rollback failed", self.id)
+        finally:
+            self.daemon.gate.release()
+
+    def close(self) -> None:
+        """End the session: roll back its transaction, cancel its subscriptions."""
+        if self.tx is not None:
+            log.info("session %d: closed with an open transaction, rolled back", self.id)
+        self._rollback_quietly()
+        for sub in self._subscriptions.values():
+            sub.scope.cancel()
+        self._subscriptions.clear()
+
+    # -- subscriptions
+
+    async def subscribe(self, p: P.EventSubscribe) -> P.Subscribed:
+        cursor = p.after_event_id
+        if cursor is None:
+            cursor = self.daemon.db.events.last_event_id()
+        sub = _Subscription(next(_subscription_ids), p.goal_id, cursor)
+        self._subscriptions[sub.id] = sub
+        self._to_start.append(sub)  # started once the reply is queued: it must come first
+        return P.Subscribed(sub.id)
+
+    async def unsubscribe(self, p: P.Unsubscribe) -> P.Unsubscribed:
+        sub = self._subscriptions.pop(p.subscription, None)
+        if sub is None:
+            raise db.NotFound("subscription", p.subscription)
+        sub.scope.cancel()
+        return P.Unsubscribed()
+
+    def start_pending(self) -> None:
+        """Start the subscriptions whose subscribe reply has just been queued."""
+        if not self._to_start:
+            return
+        assert self.nursery is not None
+        for sub in self._to_start:
+            self.nursery.start_soon(self._feed, sub)
+        self._to_start.clear()
+
+    async def _feed(self, sub: _Subscription) -> None:
+        config = self.daemon.config
+        with sub.scope:
+            while True:
+                signal = self.daemon.new_events  # taken before the query: no lost wake-up
+                events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, config.page_size)
+                if not events:
+                    await signal.wait()
+                    continue
+                for event in events:
+                    frame = self._notification(_Appended(sub.id, event))
+                    if not await self.outbox.put_before(frame, config.subscriber_stall_timeout):
+                        self._cut_off(sub)
+                        return
+                    sub.cursor = event.event_id
+
+    def _cut_off(self, sub: _Subscription) -> None:
+        reason = (
+            f"the client did not read for {self.daemon.config.subscriber_stall_timeout:g} s; "
+            f"resubscribe with after_event_id={sub.cursor} to resume"
+        )
+        self._subscriptions.pop(sub.id, None)
+        log.warning("session %d: subscription %d cut off: %s", self.id, sub.id, reason)
+        self.outbox.force(self._notification(_Closed(sub.id, reason)))
+
+    def _notification(self, params: _Appended | _Closed) -> bytes:
+        method = "event.appended" if isinstance(params, _Appended) else "event.subscription_closed"
+        return bytes(self.encode_frame(_ENCODER.encode(_Notification("2.0", method, params))))
+
+    # -- operations
+
+    async def backup(self, p: P.BackupParams) -> P.BackupResult:
+        size = await trio.to_thread.run_sync(self.daemon.db.backup_to, p.dest)
+        return P.BackupResult(p.dest, size)
+
+    async def status(self) -> P.DaemonStatus:
+        d = self.daemon
+        return P.DaemonStatus(
+            version=d.version,
+            schema_version=d.db.schema_version,
+            db_path=str(d.db.path),
+            socket_path=str(d.config.socket_path),
+            pid=os.getpid(),
+            uptime_s=round(time.monotonic() - d.started, 3),
+            sessions=len(d.sessions),
+            active_transactions=sum(1 for s in d.sessions if s.in_transaction),
+        )
+
+    async def discover(self) -> msgspec.Raw:
+        return self.daemon.openrpc

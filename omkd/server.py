@@ -1,0 +1,178 @@
+"""``omkd serve``: the daemon's lifecycle around the connections.
+
+Resource handling: ``serve`` opens (and migrates) the database, takes the daemon locks on the
+socket and the database, binds the socket (or takes it from systemd), and serves until
+SIGTERM or SIGINT. Then it stops accepting, cancels every connection (each rolls back its
+own transaction on the way out), checkpoints the WAL with TRUNCATE, closes the database,
+removes its socket file and releases its locks, and returns 0.
+
+Error handling: a failure to start (a live daemon on the socket, the database held by
+another daemon, a damaged file) raises ``StartupError`` with a message for a person; the CLI
+prints it and exits non-zero. Nothing a client does reaches this level.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import socket
+import time
+from typing import Final
+
+import msgspec
+import trio
+
+import omkd
+from omkd import db, systemd
+from omkd.config import Config
+from omkd.listen import StartupError, hold_lock, open_unix_listener, peer_uid, remove_socket
+from omkd.rpc.connection import serve_connection
+from omkd.rpc.dispatch import Dispatcher
+from omkd.rpc.openrpc import openrpc_document
+from omkd.rpc.session import Session
+
+__all__ = ["Daemon", "StartupError", "serve"]
+
+log = logging.getLogger("omkd")
+
+_SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+
+
+class Daemon:
+    """What every session shares: the database, the write gate, the live sessions."""
+
+    def __init__(self, config: Config, database: db.Database) -> None:
+        self.config = config
+        self.db = database
+        self.version = omkd.__version__
+        self.dispatcher = Dispatcher()
+        # The write gate: one writer at a time, served in arrival order (trio's
+        # semaphore hands a released unit to the longest waiter).
+        self.gate = trio.Semaphore(1)
+        self.sessions: set[Session] = set()
+        self.new_events = trio.Event()
+        self.started = time.monotonic()
+        self.openrpc = msgspec.Raw(
+            msgspec.json.encode(openrpc_document(self.dispatcher.methods.values(), self.version))
+        )
+
+    def events_committed(self) -> None:
+        """Wake the subscriptions: new events may be committed."""
+        signal_, self.new_events = self.new_events, trio.Event()
+        signal_.set()
+
+
+def open_database(config: Config) -> db.Database:
+    """Open and migrate the database; refuse a damaged file with what to do about it."""
+    try:
+        database = db.Database.open(config.db_path, synchronous=config.synchronous)
+    except db.DbError as exc:
+        raise StartupError(f"cannot open database {config.db_path}: {exc}") from exc
+    problems = database.quick_check()
+    if problems:
+        database.close()
+        raise StartupError(
+            f"database {config.db_path} is damaged ({'; '.join(problems[:3])}); "
+            f"run `omkd check --db {config.db_path}` for a report and restore it from a "
+            f"backup (`omkd backup` writes one)"
+        )
+    return database
+
+
+async def serve(config: Config) -> int:
+    """Run the daemon until SIGTERM or SIGINT; return the exit status (0)."""
+    with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+            daemon: Daemon = await nursery.start(run_daemon, config)
+            async for signum in signals:
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                break
+            systemd.notify_stopping()
+            open_transactions = sum(1 for s in daemon.sessions if s.in_transaction)
+            if open_transactions:
+                log.info("rolling back %d open transactions", open_transactions)
+            nursery.cancel_scope.cancel()
+    log.info("stopped")
+    return 0
+
+
+async def run_daemon(
+    config: Config, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve until cancelled; ``task_status.started`` gets the Daemon once it can serve.
+
+    On the way out, whatever the reason, the sessions roll back, the WAL is checkpointed,
+    the database closed, and the socket file and the locks released.
+    """
+    with hold_lock(config.db_path, "database"):
+        database = open_database(config)
+        try:
+            inherited = systemd.listen_socket()
+            if inherited is not None:
+                await _serve_socket(Daemon(config, database), inherited, task_status)
+                return
+            with hold_lock(config.socket_path, "socket"):
+                sock = open_unix_listener(config.socket_path, config.listen_backlog)
+                try:
+                    await _serve_socket(Daemon(config, database), sock, task_status)
+                finally:
+                    remove_socket(config.socket_path)
+        finally:
+            _checkpoint(database)
+            database.close()
+
+
+async def _serve_socket(
+    daemon: Daemon, sock: socket.socket, task_status: trio.TaskStatus[Daemon]
+) -> None:
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    async with listener, trio.open_nursery() as nursery:
+        nursery.start_soon(_accept, daemon, listener, nursery)
+        interval = systemd.watchdog_interval()
+        if interval is not None:
+            nursery.start_soon(_watchdog, interval)
+        config = daemon.config
+        log.info(
+            "serving %s on %s (omkd %s, schema %d, pid %d)",
+            config.db_path,
+            config.socket_path,
+            daemon.version,
+            daemon.db.schema_version,
+            os.getpid(),
+        )
+        systemd.notify_ready(f"serving {config.db_path}")
+        task_status.started(daemon)
+
+
+async def _accept(daemon: Daemon, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+    ids = itertools.count(1)
+    uid = os.getuid()
+    while True:
+        try:
+            stream = await listener.accept()
+        except OSError as exc:  # out of file descriptors, mostly: wait, keep serving
+            log.error("accept failed: %s", exc)
+            await trio.sleep(daemon.config.accept_retry_delay)
+            continue
+        peer = peer_uid(stream.socket)
+        if peer != uid:
+            log.warning("refused a connection from uid %s (only uid %d may connect)", peer, uid)
+            await stream.aclose()
+            continue
+        nursery.start_soon(serve_connection, daemon, stream, next(ids))
+
+
+async def _watchdog(interval: float) -> None:
+    # From the event loop itself, so that a stuck loop stops the pings and systemd notices.
+    while True:
+        systemd.notify_watchdog()
+        await trio.sleep(interval)
+
+
+def _checkpoint(database: db.Database) -> None:
+    try:
+        database.checkpoint("TRUNCATE")
+    except db.DbError as exc:
+        log.error("WAL checkpoint at shutdown failed: %s", exc)
