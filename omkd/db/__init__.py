@@ -1,0 +1,73 @@
+"""omkd's storage layer: SQLite in WAL mode behind six repositories.
+
+Synchronous, thread-safe and unaware of trio or the wire. Start with :meth:`Database.open`;
+see ``omkd.db.database`` for how reads, writes and transactions share the file.
+"""
+
+from omkd_client.records import (
+    ArtifactRecord,
+    BudgetCheckpoint,
+    EventInput,
+    EventRecord,
+    GoalFilter,
+    GoalRecord,
+    GoalSummary,
+    ProofRecord,
+    TaskRecord,
+)
+
+from omkd.db.database import BUSY_TIMEOUT_MS, Database, Transaction, check_database, migrate
+from omkd.db.errors import (
+    Busy,
+    Conflict,
+    DatabaseClosed,
+    DbError,
+    GoalNotFound,
+    Interrupted,
+    InvalidData,
+    MigrationFailed,
+    MigrationMismatch,
+    NotFound,
+    SchemaTooNew,
+    StorageFailure,
+    TaskNotFound,
+    TransactionClosed,
+    VersionConflict,
+)
+from omkd.db.migrate import Migration, default_migrations_dir, load_migrations, pending_migrations
+
+__all__ = [
+    "BUSY_TIMEOUT_MS",
+    "ArtifactRecord",
+    "BudgetCheckpoint",
+    "Busy",
+    "Conflict",
+    "Database",
+    "DatabaseClosed",
+    "DbError",
+    "EventInput",
+    "EventRecord",
+    "GoalFilter",
+    "GoalNotFound",
+    "GoalRecord",
+    "GoalSummary",
+    "Interrupted",
+    "InvalidData",
+    "Migration",
+    "MigrationFailed",
+    "MigrationMismatch",
+    "NotFound",
+    "ProofRecord",
+    "SchemaTooNew",
+    "StorageFailure",
+    "TaskNotFound",
+    "TaskRecord",
+    "Transaction",
+    "TransactionClosed",
+    "VersionConflict",
+    "check_database",
+    "default_migrations_dir",
+    "load_migrations",
+    "migrate",
+    "pending_migrations",
+]

@@ -1,0 +1,92 @@
+"""Between records and rows: validation, JSON fields and booleans, driven by the record types.
+
+A :class:`RowCodec` knows a table's column list (the same text its SQL statements use) and the
+record type; it finds the record's JSON fields (typed ``Any``) and bool fields from the type,
+so a new field needs a column and nothing else here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+
+import msgspec
+
+from omkd.db import _json
+from omkd.db.errors import InvalidData
+
+__all__ = ["RowCodec", "field_of", "named_params", "validate"]
+
+R = TypeVar("R", bound=msgspec.Struct)
+
+_PATH_FIELD = re.compile(r"at `\$\.([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def field_of(exc: msgspec.ValidationError, default: str = "record") -> str:
+    """Return the top-level field a msgspec validation error points at, else ``default``."""
+    match = _PATH_FIELD.search(str(exc))
+    return match.group(1) if match else default
+
+
+def validate(record: R) -> R:
+    """Return ``record`` after checking every field against its declared type, strictly.
+
+    Records built in Python are not type-checked by msgspec, so a float where money (int)
+    belongs would otherwise reach the table. Raises InvalidData naming the field.
+    """
+    try:
+        msgspec.convert(msgspec.structs.asdict(record), type(record), strict=True)
+    except msgspec.ValidationError as exc:
+        raise InvalidData(field_of(exc), str(exc)) from exc
+    return record
+
+
+def named_params(columns: str) -> str:
+    """Return ``:a, :b`` for the column list ``a, b`` (used to build constant statements)."""
+    return ", ".join(f":{name}" for name in _names(columns))
+
+
+def _names(columns: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in columns.split(","))
+
+
+class RowCodec(Generic[R]):
+    """Turns records of one type into statement parameters and rows back into records."""
+
+    def __init__(self, record_type: type[R], columns: str) -> None:
+        self.record_type = record_type
+        self.names = _names(columns)
+        info = msgspec.inspect.type_info(record_type)
+        assert isinstance(info, msgspec.inspect.StructType)
+        types = {f.name: f.type for f in info.fields}
+        missing = set(types) ^ set(self.names)
+        if missing:
+            raise ValueError(f"{record_type.__name__} columns and fields differ: {missing}")
+        self.json_fields = frozenset(
+            n for n, t in types.items() if isinstance(t, msgspec.inspect.AnyType)
+        )
+        self.bool_fields = frozenset(
+            n for n, t in types.items() if isinstance(t, msgspec.inspect.BoolType)
+        )
+
+    def params(self, record: R) -> dict[str, Any]:
+        """Return the named parameters for ``record`` after validating it (InvalidData)."""
+        validate(record)
+        values = msgspec.structs.asdict(record)
+        for name in self.json_fields:
+            values[name] = _json.encode(values[name], name)
+        return values
+
+    def record(self, row: Sequence[Any]) -> R:
+        """Return the record for a row whose columns are in this codec's order."""
+        values = dict(zip(self.names, row, strict=True))
+        for name in self.json_fields:
+            values[name] = _json.decode(values[name], name)
+        for name in self.bool_fields:
+            values[name] = bool(values[name])
+        return self.record_type(**values)
+
+    def records(self, rows: Sequence[Sequence[Any]]) -> list[R]:
+        """Return the records for ``rows``."""
+        return [self.record(row) for row in rows]

@@ -1,0 +1,197 @@
+"""The one funnel every SQL statement goes through, and the scope repositories run in.
+
+:class:`Conn` wraps a ``sqlite3.Connection``; its ``execute``/``query`` methods are the only
+place that runs SQL and the only place ``sqlite3.Error`` becomes a :class:`DbError` (chained
+with ``from exc``). A :class:`Scope` hands a repository the connection to read or write with:
+the Database's scope makes each write its own transaction, a Transaction's scope makes each
+call a savepoint inside it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, Protocol
+
+from omkd.db.errors import (
+    Busy,
+    Conflict,
+    DatabaseClosed,
+    DbError,
+    GoalNotFound,
+    Interrupted,
+    StorageFailure,
+)
+
+__all__ = ["Conn", "Params", "Row", "Scope", "connect", "rollback_quietly", "translate"]
+
+Params = Sequence[Any] | dict[str, Any]
+Row = tuple[Any, ...]
+
+# Primary result codes (the low byte of an extended code) that mean the storage itself failed.
+_STORAGE_CODES = {
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CORRUPT,
+    sqlite3.SQLITE_NOTADB,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_PERM,
+}
+_DUPLICATE_NAMES = {"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"}
+_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def translate(
+    exc: sqlite3.Error, *, goal_id: str | None = None, subject: tuple[str, Any] | None = None
+) -> Exception:
+    """Return the DbError for a sqlite3 error (the caller raises it ``from exc``).
+
+    ``goal_id`` is the parent goal of a row being inserted: a foreign-key failure then means
+    that goal is missing. ``subject`` is (kind, id) of the row written, named in a Conflict.
+    Programming errors (bad SQL, wrong parameter count) are bugs and come back unchanged.
+    """
+    code = getattr(exc, "sqlite_errorcode", None)
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    message = str(exc)
+    details: dict[str, Any] = {"sqlite_error": name} if name else {}
+    if subject is not None:
+        details.update(kind=subject[0], id=subject[1])
+    if code is None:
+        if isinstance(exc, sqlite3.ProgrammingError) and "closed" in message:
+            return DatabaseClosed()
+        return exc
+    primary = code & 0xFF
+    if name == "SQLITE_CONSTRAINT_FOREIGNKEY" and goal_id is not None:
+        return GoalNotFound(goal_id)
+    if primary == sqlite3.SQLITE_CONSTRAINT:
+        if subject and name in _DUPLICATE_NAMES:
+            return Conflict(f"{subject[0]} {subject[1]!r} exists already", **details)
+        return Conflict(f"the write was refused: {message}", **details)
+    if primary in _BUSY_CODES:
+        return Busy(f"the database is locked by another process: {message}", **details)
+    if primary == sqlite3.SQLITE_INTERRUPT:
+        return Interrupted(f"the statement was interrupted: {message}", **details)
+    if primary in _STORAGE_CODES:
+        return StorageFailure(f"storage failure: {message}", **details)
+    if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):
+        return exc
+    return DbError(f"SQLite error: {message}", **details)
+
+
+def connect(database: str, *, uri: bool = False) -> Conn:
+    """Return a new connection in autocommit mode, usable from any thread (guard it).
+
+    Raises StorageFailure when the file cannot be opened.
+    """
+    try:
+        raw = sqlite3.connect(database, uri=uri, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise translate(exc) from exc
+    return Conn(raw)
+
+
+def rollback_quietly(conn: Conn) -> None:
+    """Roll back the open transaction, if any, ignoring errors.
+
+    Used on a path that is already failing: the error that led here is the one to report.
+    """
+    if conn.raw.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            conn.raw.execute("ROLLBACK")
+
+
+class Conn:
+    """A sqlite3 connection seen through the funnel; ``raw`` is the connection itself."""
+
+    __slots__ = ("raw",)
+
+    def close(self) -> None:
+        """Close the connection."""
+        self.raw.close()
+
+    def __init__(self, raw: sqlite3.Connection) -> None:
+        self.raw = raw
+
+    def execute(
+        self,
+        sql: str,
+        params: Params = (),
+        *,
+        goal_id: str | None = None,
+        subject: tuple[str, Any] | None = None,
+    ) -> sqlite3.Cursor:
+        """Run one statement and return its cursor; raises the translated DbError."""
+        try:
+            return self.raw.execute(sql, params)
+        except sqlite3.Error as exc:
+            raise translate(exc, goal_id=goal_id, subject=subject) from exc
+
+    def executemany(
+        self,
+        sql: str,
+        rows: Iterable[Params],
+        *,
+        goal_id: str | None = None,
+        subject: tuple[str, Any] | None = None,
+    ) -> int:
+        """Run one statement for each of ``rows``; return the number of rows changed."""
+        try:
+            return self.raw.executemany(sql, rows).rowcount
+        except sqlite3.Error as exc:
+            raise translate(exc, goal_id=goal_id, subject=subject) from exc
+
+    def change(
+        self,
+        sql: str,
+        params: Params = (),
+        *,
+        goal_id: str | None = None,
+        subject: tuple[str, Any] | None = None,
+    ) -> int:
+        """Run a write statement; return the number of rows it changed."""
+        return self.execute(sql, params, goal_id=goal_id, subject=subject).rowcount
+
+    def query(
+        self,
+        sql: str,
+        params: Params = (),
+        *,
+        goal_id: str | None = None,
+        subject: tuple[str, Any] | None = None,
+    ) -> list[Row]:
+        """Run a statement and return all its rows (a RETURNING write too)."""
+        try:
+            return self.raw.execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise translate(exc, goal_id=goal_id, subject=subject) from exc
+
+    def query_one(
+        self,
+        sql: str,
+        params: Params = (),
+        *,
+        goal_id: str | None = None,
+        subject: tuple[str, Any] | None = None,
+    ) -> Row | None:
+        """Run a statement and return its first row, or None."""
+        rows = self.query(sql, params, goal_id=goal_id, subject=subject)
+        return rows[0] if rows else None
+
+    def scalar(self, sql: str, params: Params = ()) -> Any:
+        """Return the first column of the first row (None if there is no row)."""
+        row = self.query_one(sql, params)
+        return row[0] if row is not None else None
+
+
+class Scope(Protocol):
+    """Where a repository's calls run: ``read()`` and ``write()`` yield the connection.
+
+    A write block is atomic: it all happens or, on an exception, none of it does.
+    """
+
+    def read(self) -> AbstractContextManager[Conn]: ...
+
+    def write(self) -> AbstractContextManager[Conn]: ...

@@ -1,0 +1,561 @@
+"""The Database handle, its Transactions, and maintenance: backup, checkpoint and checks.
+
+Theory of operation: a Database holds two sqlite3 connections to one WAL file. The WRITER
+runs every write and every Transaction; one ``threading.Lock`` (the write lock) guards it, so
+writes are serialized and a Transaction holds the lock from ``BEGIN IMMEDIATE`` until it ends.
+The READER, under its own lock and with ``query_only`` on, runs the reads made on the Database
+itself: thanks to WAL they see the latest committed state and never wait for an open
+Transaction. Repositories are written once against a scope (see ``_conn.Scope``):
+
+* on the Database, each write call is its own ``BEGIN IMMEDIATE`` ... ``COMMIT``, so multi-row
+  calls are atomic on their own;
+* on a Transaction, reads and writes use the writer (a transaction sees its own writes) and
+  each call runs in a SAVEPOINT: a call that fails changes nothing and leaves the transaction
+  open. If SQLite rolled the whole transaction back itself (disk full, I/O error), the
+  Transaction closes, releases the write lock and raises StorageFailure(transaction_lost=True).
+
+One Database may be shared by threads. A thread holding an open Transaction must not call a
+write on the Database itself: it would wait for its own lock (until ``lock_timeout``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from types import TracebackType
+
+from omkd.db._conn import Conn, connect, rollback_quietly
+from omkd.db.artifacts import ArtifactRepository
+from omkd.db.budgets import BudgetRepository
+from omkd.db.errors import (
+    Busy,
+    DatabaseClosed,
+    DbError,
+    InvalidData,
+    StorageFailure,
+    TransactionClosed,
+)
+from omkd.db.events import EventRepository
+from omkd.db.goals import GoalRepository
+from omkd.db.migrate import Migration, apply_migrations, load_migrations
+from omkd.db.proofs import ProofRepository
+from omkd.db.tasks import TaskRepository
+
+__all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "check_database", "migrate"]
+
+BUSY_TIMEOUT_MS = 5000
+"""How long SQLite waits for a lock held by another process before answering Busy."""
+
+DIR_MODE = 0o700
+"""Mode of the directories created for a new database file (state is private)."""
+
+SET_BUSY_TIMEOUT = "PRAGMA busy_timeout = {ms:d}"
+GET_BUSY_TIMEOUT = "PRAGMA busy_timeout"
+SET_FOREIGN_KEYS = "PRAGMA foreign_keys = ON"
+GET_FOREIGN_KEYS = "PRAGMA foreign_keys"
+SET_WAL = "PRAGMA journal_mode = WAL"
+SET_QUERY_ONLY = "PRAGMA query_only = ON"
+SET_SYNCHRONOUS = {"NORMAL": "PRAGMA synchronous = NORMAL", "FULL": "PRAGMA synchronous = FULL"}
+SYNCHRONOUS_VALUES = {"NORMAL": 1, "FULL": 2}
+GET_SYNCHRONOUS = "PRAGMA synchronous"
+GET_USER_VERSION = "PRAGMA user_version"
+CHECKPOINT = {
+    mode: f"PRAGMA wal_checkpoint({mode})" for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
+}
+QUICK_CHECK = "PRAGMA quick_check"
+INTEGRITY_CHECK = "PRAGMA integrity_check"
+FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
+VACUUM_INTO = "VACUUM INTO ?"
+BEGIN = "BEGIN IMMEDIATE"
+COMMIT = "COMMIT"
+ROLLBACK = "ROLLBACK"
+SAVEPOINT = "SAVEPOINT omkd_call"
+RELEASE = "RELEASE omkd_call"
+ROLLBACK_TO = "ROLLBACK TO omkd_call"
+
+
+def _expect(conn: Conn, sql: str, expected: object, what: str) -> None:
+    actual = conn.scalar(sql)
+    if isinstance(actual, str):
+        actual = actual.lower()
+    if actual != expected:
+        raise StorageFailure(f"could not set {what}: SQLite reports {actual!r}", setting=what)
+
+
+def _configure(conn: Conn, *, busy_timeout_ms: int, synchronous: str | None) -> None:
+    """Set and check the pragmas; ``synchronous`` None marks the read-only reader."""
+    conn.execute(SET_BUSY_TIMEOUT.format(ms=busy_timeout_ms))
+    _expect(conn, GET_BUSY_TIMEOUT, busy_timeout_ms, "busy_timeout")
+    conn.execute(SET_FOREIGN_KEYS)
+    _expect(conn, GET_FOREIGN_KEYS, 1, "foreign_keys")
+    if synchronous is None:
+        conn.execute(SET_QUERY_ONLY)
+        return
+    _expect(conn, SET_WAL, "wal", "journal_mode=WAL")
+    conn.execute(SET_SYNCHRONOUS[synchronous])
+    _expect(conn, GET_SYNCHRONOUS, SYNCHRONOUS_VALUES[synchronous], "synchronous")
+
+
+def _commit(conn: Conn) -> None:
+    """COMMIT, or roll back and raise StorageFailure: nothing of the transaction stays."""
+    try:
+        conn.execute(COMMIT)
+    except DbError as exc:
+        rollback_quietly(conn)
+        raise StorageFailure(
+            f"the commit failed and nothing was written: {exc}", transaction_lost=True
+        ) from exc
+
+
+class Database:
+    """One SQLite database in WAL mode, shared by threads; see the module's docstring.
+
+    Open it with :meth:`open`; close it with :meth:`close` or a ``with`` block.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        writer: Conn,
+        reader: Conn,
+        *,
+        lock_timeout: float | None,
+        migrations_applied: list[Migration],
+    ) -> None:
+        self._path = path
+        self._writer = writer
+        self._reader = reader
+        self._write_lock = threading.Lock()
+        self._read_lock = threading.Lock()
+        self._lock_timeout = lock_timeout
+        self._closed = False
+        self._transaction: Transaction | None = None
+        self.migrations_applied = migrations_applied
+        """The migrations this open applied (empty when the schema was current)."""
+        scope = _DatabaseScope(self)
+        self.goals = GoalRepository(scope)
+        self.tasks = TaskRepository(scope)
+        self.events = EventRepository(scope)
+        self.proofs = ProofRepository(scope)
+        self.budgets = BudgetRepository(scope)
+        self.artifacts = ArtifactRepository(scope)
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        synchronous: str = "NORMAL",
+        migrations_dir: Path | None = None,
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        lock_timeout: float | None = None,
+    ) -> Database:
+        """Open (creating it and its directory if needed) and migrate the database at ``path``.
+
+        Sets and checks journal_mode=WAL, foreign_keys=ON, ``synchronous`` ("NORMAL" or
+        "FULL") and busy_timeout. ``lock_timeout`` bounds how long a write or ``transaction()``
+        waits for the write lock (None: as long as it takes) before raising Busy.
+
+        Raises InvalidData (bad option), SchemaTooNew, MigrationMismatch, MigrationFailed,
+        Busy, StorageFailure (not a database, unwritable, ...). Nothing stays open on error.
+        """
+        if synchronous not in SET_SYNCHRONOUS:
+            raise InvalidData("synchronous", "must be NORMAL or FULL")
+        path = Path(path).expanduser()
+        try:
+            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageFailure(f"cannot create {path.parent}: {exc}") from exc
+        path = path.resolve()
+        migrations = load_migrations(migrations_dir)
+        with contextlib.ExitStack() as stack:
+            writer = connect(str(path))
+            stack.callback(writer.close)
+            _configure(writer, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
+            applied = apply_migrations(writer, migrations)
+            reader = connect(str(path))
+            stack.callback(reader.close)
+            _configure(reader, busy_timeout_ms=busy_timeout_ms, synchronous=None)
+            stack.pop_all()
+        return cls(path, writer, reader, lock_timeout=lock_timeout, migrations_applied=applied)
+
+    @property
+    def path(self) -> Path:
+        """The database file's resolved path."""
+        return self._path
+
+    @property
+    def schema_version(self) -> int:
+        """The schema version (``PRAGMA user_version``)."""
+        with _DatabaseScope(self).read() as conn:
+            return int(conn.scalar(GET_USER_VERSION))
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    @property
+    def transaction_active(self) -> bool:
+        """Whether a Transaction is open on this Database."""
+        tx = self._transaction
+        return tx is not None and tx.active
+
+    def transaction(self, timeout: float | None = None) -> Transaction:
+        """Begin a Transaction holding the write lock until its commit or rollback.
+
+        Waits for the write lock up to ``timeout`` seconds (default: the Database's
+        lock_timeout; None waits as long as it takes). Raises Busy, DatabaseClosed.
+        """
+        self._acquire_write(self._lock_timeout if timeout is None else timeout)
+        try:
+            self._writer.execute(BEGIN)
+        except BaseException:
+            self._write_lock.release()
+            raise
+        tx = Transaction(self, self._writer)
+        self._transaction = tx
+        return tx
+
+    def backup_to(self, dest: str | os.PathLike[str]) -> int:
+        """Copy the committed database to ``dest`` (absolute); return the bytes written.
+
+        Runs ``VACUUM INTO`` on a connection of its own, so other threads keep reading and
+        writing meanwhile; the copy goes to a temporary file in dest's directory, is synced,
+        then renamed onto dest: dest is never a partial file, and the temporary file is removed
+        on any failure. Raises InvalidData (relative path, the live database or its -wal/-shm,
+        a directory, a missing directory), StorageFailure.
+        """
+        self._check_open()
+        target = _backup_target(dest, self._path)
+        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        conn = connect(str(self._path))
+        try:
+            conn.execute(SET_BUSY_TIMEOUT.format(ms=BUSY_TIMEOUT_MS))
+            conn.execute(VACUUM_INTO, (str(temporary),))
+            _sync_and_rename(temporary, target)
+            return target.stat().st_size
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        finally:
+            conn.close()
+
+    def checkpoint(self, mode: str = "TRUNCATE") -> tuple[int, int, int]:
+        """Checkpoint the WAL; return SQLite's (busy, log frames, checkpointed frames).
+
+        Waits for the write lock like a write. Raises InvalidData for an unknown mode.
+        """
+        if mode not in CHECKPOINT:
+            raise InvalidData("mode", f"must be one of {', '.join(CHECKPOINT)}")
+        self._acquire_write(self._lock_timeout)
+        try:
+            row = self._writer.query_one(CHECKPOINT[mode])
+        finally:
+            self._write_lock.release()
+        assert row is not None
+        return (int(row[0]), int(row[1]), int(row[2]))
+
+    def quick_check(self) -> list[str]:
+        """Return the problems ``PRAGMA quick_check`` finds (empty when the file is fine)."""
+        with _DatabaseScope(self).read() as conn:
+            return [r[0] for r in conn.query(QUICK_CHECK) if r[0] != "ok"]
+
+    def interrupt(self) -> None:
+        """Interrupt the statement running on the writer (it raises Interrupted)."""
+        if not self._closed:
+            self._writer.raw.interrupt()
+
+    def close(self) -> None:
+        """Roll back an open Transaction, then close both connections. Idempotent."""
+        if self._closed:
+            return
+        tx = self._transaction
+        if tx is not None:
+            with contextlib.suppress(TransactionClosed):
+                tx.rollback()
+        with self._write_lock, self._read_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._writer.close()
+            self._reader.close()
+
+    def __enter__(self) -> Database:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        return f"<Database {str(self._path)!r} {state}>"
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise DatabaseClosed()
+
+    def _acquire_write(self, timeout: float | None) -> None:
+        """Take the write lock, waiting up to ``timeout`` s (None: forever); Busy if not had."""
+        if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise Busy(
+                f"the database was busy for {timeout} s: another transaction holds it",
+                timeout=timeout,
+            )
+        if self._closed:
+            self._write_lock.release()
+            raise DatabaseClosed()
+
+    def _end_transaction(self, tx: Transaction) -> None:
+        if self._transaction is tx:
+            self._transaction = None
+        self._write_lock.release()
+
+
+class _DatabaseScope:
+    """Reads on the reader; each write its own transaction on the writer."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Conn]:
+        db = self._db
+        with db._read_lock:
+            db._check_open()
+            yield db._reader
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Conn]:
+        db = self._db
+        db._acquire_write(db._lock_timeout)
+        try:
+            conn = db._writer
+            conn.execute(BEGIN)
+            try:
+                yield conn
+            except BaseException:
+                rollback_quietly(conn)
+                raise
+            _commit(conn)
+        finally:
+            db._write_lock.release()
+
+
+class Transaction:
+    """A write transaction that may stay open across many calls and threads.
+
+    Has the Database's repositories (``tx.goals``, ``tx.events``, ...), which read and write
+    inside it. Calls on one Transaction are serialized. ``commit()`` or ``rollback()`` end it
+    and release the write lock; as a context manager it commits on success and rolls back on
+    an exception. Any use after its end raises TransactionClosed.
+    """
+
+    def __init__(self, db: Database, conn: Conn) -> None:
+        self._db = db
+        self._conn = conn
+        self._lock = threading.Lock()
+        self._active = True
+        scope = _TransactionScope(self)
+        self.goals = GoalRepository(scope)
+        self.tasks = TaskRepository(scope)
+        self.events = EventRepository(scope)
+        self.proofs = ProofRepository(scope)
+        self.budgets = BudgetRepository(scope)
+        self.artifacts = ArtifactRepository(scope)
+
+    @property
+    def active(self) -> bool:
+        """Whether the transaction is still open."""
+        return self._active
+
+    def commit(self) -> None:
+        """Commit and end the transaction.
+
+        Raises TransactionClosed if it has ended; StorageFailure (transaction_lost) if the
+        commit failed, in which case it was rolled back and has ended too.
+        """
+        with self._use() as conn:
+            try:
+                _commit(conn)
+            finally:
+                self._finish()
+
+    def rollback(self) -> None:
+        """Roll back and end the transaction. Raises TransactionClosed if it has ended."""
+        with self._use() as conn:
+            try:
+                conn.execute(ROLLBACK)
+            except DbError:
+                # SQLite undoes an unfinished transaction when the statement fails or the
+                # connection closes; ending ours is what matters here.
+                rollback_quietly(conn)
+            finally:
+                self._finish()
+
+    def __enter__(self) -> Transaction:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if not self._active:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.rollback()
+
+    def __repr__(self) -> str:
+        return f"<Transaction {'active' if self._active else 'closed'}>"
+
+    @contextlib.contextmanager
+    def _use(self) -> Iterator[Conn]:
+        with self._lock:
+            if not self._active:
+                raise TransactionClosed()
+            yield self._conn
+
+    def _finish(self) -> None:
+        self._active = False
+        self._db._end_transaction(self)
+
+    def _lose(self, exc: BaseException) -> StorageFailure:
+        """End the transaction SQLite rolled back; return the error to raise from ``exc``."""
+        rollback_quietly(self._conn)
+        self._finish()
+        return StorageFailure(
+            f"the transaction was rolled back by SQLite and nothing of it was written: {exc}",
+            transaction_lost=True,
+        )
+
+    def _undo_call(self, exc: BaseException) -> None:
+        """Undo a failed call's savepoint; raise StorageFailure if the transaction is gone."""
+        if self._conn.raw.in_transaction:
+            try:
+                self._conn.execute(ROLLBACK_TO)
+                self._conn.execute(RELEASE)
+                return
+            except DbError:
+                pass
+        raise self._lose(exc) from exc
+
+
+class _TransactionScope:
+    """Reads and writes on the writer, inside the transaction; each call a savepoint."""
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[Conn]:
+        tx = self._tx
+        with tx._use() as conn:
+            try:
+                yield conn
+            except BaseException as exc:
+                if not conn.raw.in_transaction:
+                    raise tx._lose(exc) from exc
+                raise
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[Conn]:
+        tx = self._tx
+        with tx._use() as conn:
+            try:
+                conn.execute(SAVEPOINT)
+            except DbError as exc:
+                if not conn.raw.in_transaction:
+                    raise tx._lose(exc) from exc
+                raise
+            try:
+                yield conn
+            except BaseException as exc:
+                tx._undo_call(exc)
+                raise
+            try:
+                conn.execute(RELEASE)
+            except DbError as exc:
+                tx._undo_call(exc)
+                raise
+
+
+def _backup_target(dest: object, live: Path) -> Path:
+    """Return the resolved backup destination; InvalidData if it is not an acceptable one."""
+    if not isinstance(dest, str | os.PathLike):
+        raise InvalidData("dest", "expected a path")
+    path = Path(dest)
+    if not path.is_absolute():
+        raise InvalidData("dest", f"{str(dest)!r} is not an absolute path", dest=str(dest))
+    target = path.resolve()
+    forbidden = {live, *(live.with_name(live.name + s) for s in ("-wal", "-shm", "-journal"))}
+    if target in forbidden:
+        raise InvalidData("dest", f"{target} is the live database", dest=str(dest))
+    if target.is_dir():
+        raise InvalidData("dest", f"{target} is a directory", dest=str(dest))
+    if not target.parent.is_dir():
+        raise InvalidData("dest", f"directory {target.parent} does not exist", dest=str(dest))
+    return target
+
+
+def _sync_and_rename(temporary: Path, target: Path) -> None:
+    """fsync the file, rename it onto ``target`` and fsync the directory: OSError translated."""
+    try:
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise StorageFailure(f"cannot write the backup {target}: {exc}", dest=str(target)) from exc
+
+
+def check_database(path: str | os.PathLike[str]) -> list[str]:
+    """Return the problems of the database file at ``path``: empty when it is fine.
+
+    Runs ``PRAGMA integrity_check`` and ``PRAGMA foreign_key_check`` on a read-only
+    connection; a missing or unreadable file is reported as a problem, not raised.
+    """
+    file = Path(path)
+    if not file.is_file():
+        return [f"no database file at {file}"]
+    try:
+        conn = connect(file.resolve().as_uri() + "?mode=ro", uri=True)
+    except DbError as exc:
+        return [f"cannot open {file}: {exc}"]
+    try:
+        problems = [r[0] for r in conn.query(INTEGRITY_CHECK) if r[0] != "ok"]
+        for table, rowid, parent, _ in conn.query(FOREIGN_KEY_CHECK):
+            problems.append(f"{table} row {rowid} references a missing row of {parent}")
+        return problems
+    except DbError as exc:
+        return [f"cannot check {file}: {exc}"]
+    finally:
+        conn.close()
+
+
+def migrate(path: str | os.PathLike[str], *, migrations_dir: Path | None = None) -> list[Migration]:
+    """Open the database at ``path`` (creating it if needed), migrate it, close it.
+
+    Returns the migrations applied (empty if it was current). Raises what ``open`` raises.
+    """
+    with Database.open(path, migrations_dir=migrations_dir) as db:
+        return db.migrations_applied

@@ -1,0 +1,226 @@
+"""The events repository: an append-only log per goal, with cursors by event_id.
+
+event_id is an AUTOINCREMENT key: strictly increasing and never reused, so ``after_event_id``
+is a stable cursor for pages and subscriptions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from omkd_client.records import EventInput, EventRecord, now
+
+from omkd.db import _json
+from omkd.db._codec import RowCodec, validate
+from omkd.db._conn import Scope
+from omkd.db.errors import GoalNotFound, InvalidData
+
+__all__ = ["DEFAULT_TAIL_LIMIT", "EventRepository"]
+
+DEFAULT_TAIL_LIMIT = 1000
+
+COLUMNS = "event_id, event_uuid, run_id, goal_id, schema_version, kind, actor, payload, created_at"
+
+GOAL_EXISTS = "SELECT count(*) FROM goals WHERE goal_id = ?"
+INSERT = (
+    "INSERT INTO events (event_uuid, run_id, goal_id, schema_version, kind, actor, payload, "
+    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+LAST_INSERT_ID = "SELECT last_insert_rowid()"
+_PAGE = (
+    "FROM events WHERE goal_id = ? AND (? IS NULL OR created_at >= ?) "
+    "AND (? IS NULL OR event_id > ?) ORDER BY event_id LIMIT coalesce(?, -1)"
+)
+SELECT_PAGE = f"SELECT {COLUMNS} {_PAGE}"
+# The page as one JSON array built by SQLite: no Python object per row. json(payload)
+# embeds the stored text as JSON (integers beyond 64 bits keep their digits).
+SELECT_PAGE_JSON = (
+    "SELECT coalesce(json_group_array(json_object('event_id', event_id, "
+    "'event_uuid', event_uuid, 'run_id', run_id, 'goal_id', goal_id, "
+    "'schema_version', schema_version, 'kind', kind, 'actor', actor, "
+    "'payload', json(payload), 'created_at', created_at)), '[]') "
+    f"FROM (SELECT {COLUMNS} {_PAGE})"
+)
+TAIL_ALL = f"SELECT {COLUMNS} FROM events WHERE event_id > ? ORDER BY event_id LIMIT ?"
+TAIL_GOAL = (
+    f"SELECT {COLUMNS} FROM events WHERE goal_id = ? AND event_id > ? ORDER BY event_id LIMIT ?"
+)
+LAST_EVENT_ID = "SELECT coalesce(max(event_id), 0) FROM events"
+DELETE_BY_GOAL = "DELETE FROM events WHERE goal_id = ?"
+
+_codec = RowCodec(EventRecord, COLUMNS)
+
+
+class EventRepository:
+    """Events, on a Database (each call its own transaction) or inside a Transaction."""
+
+    def __init__(self, scope: Scope) -> None:
+        self._scope = scope
+
+    def append(
+        self,
+        goal_id: str,
+        kind: str,
+        payload: Any,
+        *,
+        event_uuid: str | None = None,
+        run_id: str | None = None,
+        actor: str | None = None,
+        schema_version: int = 1,
+    ) -> EventRecord:
+        """Append one event (created_at now); return it with its new event_id.
+
+        Raises GoalNotFound, InvalidData.
+        """
+        _check_str(goal_id, "goal_id")
+        _check_str(kind, "kind")
+        for field, value in (("event_uuid", event_uuid), ("run_id", run_id), ("actor", actor)):
+            if value is not None:
+                _check_str(value, field)
+        _check_int(schema_version, "schema_version")
+        created_at = now()
+        params = (
+            event_uuid,
+            run_id,
+            goal_id,
+            schema_version,
+            kind,
+            actor,
+            _json.encode(payload, "payload"),
+            created_at,
+        )
+        with self._scope.write() as conn:
+            event_id = conn.execute(INSERT, params, goal_id=goal_id).lastrowid
+        assert event_id is not None
+        return EventRecord(
+            event_id=event_id,
+            goal_id=goal_id,
+            kind=kind,
+            payload=payload,
+            created_at=created_at,
+            event_uuid=event_uuid,
+            run_id=run_id,
+            actor=actor,
+            schema_version=schema_version,
+        )
+
+    def append_batch(self, goal_id: str, events: list[EventInput]) -> list[int]:
+        """Append ``events`` to the goal, all or nothing; return their event_ids in order.
+
+        Raises GoalNotFound, InvalidData (data names the field and the index).
+        """
+        _check_str(goal_id, "goal_id")
+        created_at = now()
+        rows = [_batch_row(goal_id, index, event, created_at) for index, event in enumerate(events)]
+        with self._scope.write() as conn:
+            if not conn.scalar(GOAL_EXISTS, (goal_id,)):
+                raise GoalNotFound(goal_id)
+            if not rows:
+                return []
+            conn.executemany(INSERT, rows, goal_id=goal_id)
+            last = int(conn.scalar(LAST_INSERT_ID))
+        # The write lock is held for the whole batch, so AUTOINCREMENT gave consecutive ids.
+        return list(range(last - len(rows) + 1, last + 1))
+
+    def get_by_goal(
+        self,
+        goal_id: str,
+        *,
+        since: int | None = None,
+        after_event_id: int | None = None,
+        limit: int | None = None,
+    ) -> list[EventRecord]:
+        """Return the goal's events by event_id ascending ([] for an unknown goal).
+
+        ``since`` keeps created_at >= it, ``after_event_id`` event_id > it, ``limit`` caps the
+        count. Raises InvalidData.
+        """
+        params = _page_params(goal_id, since, after_event_id, limit)
+        with self._scope.read() as conn:
+            return _codec.records(conn.query(SELECT_PAGE, params))
+
+    def get_by_goal_json(
+        self,
+        goal_id: str,
+        *,
+        since: int | None = None,
+        after_event_id: int | None = None,
+        limit: int | None = None,
+    ) -> bytes:
+        """Return the page ``get_by_goal`` would return, as a UTF-8 JSON array built by SQLite.
+
+        Each element has the Event fields with payload embedded as JSON. Raises InvalidData.
+        """
+        params = _page_params(goal_id, since, after_event_id, limit)
+        with self._scope.read() as conn:
+            text = conn.scalar(SELECT_PAGE_JSON, params)
+        return str(text).encode()
+
+    def tail(
+        self, after_event_id: int, goal_id: str | None = None, limit: int = DEFAULT_TAIL_LIMIT
+    ) -> list[EventRecord]:
+        """Return events with event_id > ``after_event_id``, of one goal or (None) all goals.
+
+        By event_id ascending, at most ``limit``. Raises InvalidData.
+        """
+        _check_int(after_event_id, "after_event_id")
+        _check_int(limit, "limit")
+        with self._scope.read() as conn:
+            if goal_id is None:
+                rows = conn.query(TAIL_ALL, (after_event_id, limit))
+            else:
+                _check_str(goal_id, "goal_id")
+                rows = conn.query(TAIL_GOAL, (goal_id, after_event_id, limit))
+        return _codec.records(rows)
+
+    def last_event_id(self) -> int:
+        """Return the newest event_id, or 0 if there is no event."""
+        with self._scope.read() as conn:
+            return int(conn.scalar(LAST_EVENT_ID))
+
+    def delete_by_goal(self, goal_id: str) -> int:
+        """Delete the goal's events; return how many were deleted."""
+        with self._scope.write() as conn:
+            return conn.change(DELETE_BY_GOAL, (goal_id,))
+
+
+def _check_str(value: object, field: str) -> None:
+    if not isinstance(value, str):
+        raise InvalidData(field, f"expected a string, got {type(value).__name__}")
+
+
+def _check_int(value: object, field: str) -> None:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InvalidData(field, f"expected an integer, got {type(value).__name__}")
+
+
+def _page_params(
+    goal_id: str, since: int | None, after_event_id: int | None, limit: int | None
+) -> tuple[Any, ...]:
+    _check_str(goal_id, "goal_id")
+    for field, value in (("since", since), ("after_event_id", after_event_id), ("limit", limit)):
+        if value is not None:
+            _check_int(value, field)
+    if limit is not None and limit < 0:
+        raise InvalidData("limit", "must not be negative")
+    return (goal_id, since, since, after_event_id, after_event_id, limit)
+
+
+def _batch_row(goal_id: str, index: int, event: EventInput, created_at: int) -> tuple[Any, ...]:
+    if not isinstance(event, EventInput):
+        raise InvalidData("events", f"item {index} is not an EventInput", index=index)
+    try:
+        validate(event)
+        payload = _json.encode(event.payload, "payload")
+    except InvalidData as exc:
+        raise InvalidData(exc.field, f"event {index}: {exc.message}", index=index) from exc
+    return (
+        event.event_uuid,
+        event.run_id,
+        goal_id,
+        event.schema_version,
+        event.kind,
+        event.actor,
+        payload,
+        created_at,
+    )
