@@ -24,6 +24,7 @@ from jsonrpcserver.async_dispatcher import dispatch_request
 from jsonrpcserver.dispatcher import to_response
 from jsonrpcserver.request import Request
 from jsonrpcserver.sentinels import NODATA, NOID
+from oslash.either import Left
 
 from omkd.rpc.errors import InvalidParams, InvalidRequest, TransactionAborted, error_body
 from omkd.rpc.methods import METHODS, Access, Method, SessionLike
@@ -126,7 +127,7 @@ class Dispatcher:
             envelope = _ENVELOPE.decode(message)
             if envelope.jsonrpc != "2.0":
                 raise InvalidRequest('"jsonrpc" must be "2.0"', {"field": "jsonrpc"})
-            if envelope.id and envelope.id[0] not in _ID_FIRST_BYTES:
+            if envelope.id and memoryview(envelope.id)[0] not in _ID_FIRST_BYTES:
                 raise InvalidRequest("id must be a string, a number or null", {"field": "id"})
         except msgspec.ValidationError as exc:
             return encode_error(ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
@@ -141,7 +142,7 @@ class Dispatcher:
         if request.id is NOID:
             return None
         response = to_response(request, result)
-        if response.is_left:  # MethodNotFound from jsonrpcserver, or one of ours
+        if isinstance(response, Left):  # MethodNotFound from jsonrpcserver, or one of ours
             failure = response._error
             data = None if failure.data is NODATA else failure.data
             if failure.code == ErrorCode.METHOD_NOT_FOUND:
