@@ -19,13 +19,17 @@ import re
 from typing import Any, Final, Protocol
 
 import msgspec
-from jsonrpcserver import Error, Success
-from jsonrpcserver.async_dispatcher import dispatch_request
-from jsonrpcserver.dispatcher import to_response
-from jsonrpcserver.request import Request
-from jsonrpcserver.sentinels import NODATA, NOID
-from oslash.either import Left
 
+from omkd.rpc._jsonrpcserver import (
+    NODATA,
+    NOID,
+    Error,
+    Left,
+    Request,
+    Success,
+    dispatch_request,
+    to_response,
+)
 from omkd.rpc.errors import InvalidParams, InvalidRequest, TransactionAborted, error_body
 from omkd.rpc.methods import METHODS, Access, Method, SessionLike
 from omkd_client.codes import ErrorCode

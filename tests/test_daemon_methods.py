@@ -1,0 +1,278 @@
+"""Every method of the contract over a real socket, with its results and error codes."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from rpc_helpers import RawClient, RpcError, goal, running_daemon, short_tempdir
+
+from omkd.rpc.methods import METHODS
+from omkd.server import Daemon
+from omkd_client.codes import ErrorCode
+
+
+@pytest.fixture
+async def daemon() -> AsyncIterator[Daemon]:
+    with short_tempdir() as directory:
+        async with running_daemon(directory) as d:
+            yield d
+
+
+@pytest.fixture
+async def client(daemon: Daemon) -> AsyncIterator[RawClient]:
+    c = await RawClient.connect(daemon.config.socket_path)
+    yield c
+    await c.aclose()
+
+
+async def test_ping_status_discover(client: RawClient, daemon: Daemon) -> None:
+    assert await client.call("daemon.ping") == "pong"
+    status = await client.call("daemon.status")
+    assert status["db_path"] == daemon.config.db_path
+    assert status["socket_path"] == daemon.config.socket_path
+    assert status["schema_version"] == 1
+    assert status["sessions"] == 1 and status["active_transactions"] == 0
+    assert status["uptime_s"] >= 0 and status["pid"] > 0
+    doc = await client.call("rpc.discover")
+    assert doc["openrpc"].startswith("1.")
+    assert sorted(m["name"] for m in doc["methods"]) == sorted(METHODS)
+    create = next(m for m in doc["methods"] if m["name"] == "goal.create")
+    required = {p["name"] for p in create["params"] if p["required"]}
+    assert required == {"goal_id", "status", "phase", "goal_text", "project_dir"}
+
+
+async def test_goal_lifecycle(client: RawClient) -> None:
+    created = await client.call("goal.create", **goal("g1", budget_usd=1250))
+    assert created["version"] == 1 and created["budget_usd"] == 1250
+    assert (await client.error("goal.create", **goal("g1")))["code"] == ErrorCode.CONFLICT
+    assert await client.call("goal.get", goal_id="g1") == created
+    assert await client.call("goal.get", goal_id="nope") is None
+
+    updated = await client.call("goal.update_status", goal_id="g1", status="done", phase="end")
+    assert (updated["status"], updated["phase"], updated["version"]) == ("done", "end", 2)
+    changed = await client.call(
+        "goal.update", goal_id="g1", expected_version=2, changes={"max_agents": 4}
+    )
+    assert changed["max_agents"] == 4 and changed["version"] == 3
+    stale = await client.error(
+        "goal.update", goal_id="g1", expected_version=2, changes={"max_agents": 5}
+    )
+    assert stale["code"] == ErrorCode.VERSION_CONFLICT
+    beat = await client.call("goal.heartbeat", goal_id="g1")
+    assert beat["version"] == 3 and beat["updated_at"] >= changed["updated_at"]
+    upserted = await client.call("goal.upsert", **goal("g1", version=1, phase="again"))
+    assert upserted["version"] == 4 and upserted["phase"] == "again"
+
+    for method, params in [
+        ("goal.update_status", {"goal_id": "x", "status": "a", "phase": "b"}),
+        ("goal.update", {"goal_id": "x", "expected_version": 1, "changes": {}}),
+        ("goal.heartbeat", {"goal_id": "x"}),
+        ("goal.delete", {"goal_id": "x"}),
+    ]:
+        error = await client.error(method, **params)
+        assert error["code"] == ErrorCode.NOT_FOUND, method
+        assert error["data"]["id"] == "x"
+    assert await client.call("goal.delete", goal_id="g1") == {"deleted": True}
+    assert await client.call("goal.get", goal_id="g1") is None
+
+
+async def test_goal_list_filters_and_order(client: RawClient) -> None:
+    for i, status in enumerate(["active", "done", "active"]):
+        await client.call("goal.create", **goal(f"g{i}", status=status, updated_at=100 + i))
+    listed = await client.call("goal.list")
+    assert [g["goal_id"] for g in listed] == ["g2", "g1", "g0"]
+    assert set(listed[0]) == {"goal_id", "status", "phase", "goal_text", "created_at",
+                              "updated_at"}
+    active = await client.call("goal.list", status="active")
+    assert [g["goal_id"] for g in active] == ["g2", "g0"]
+    assert [g["goal_id"] for g in await client.call("goal.list", older_than=102)] == ["g1", "g0"]
+    assert len(await client.call("goal.list", limit=1)) == 1
+
+
+async def test_tasks(client: RawClient) -> None:
+    await client.call("goal.create", **goal("g1"))
+    tasks = [{"task_id": f"t{i}", "kind": "code"} for i in range(3)]
+    assert await client.call("task.create_batch", goal_id="g1", tasks=tasks) == {"created": 3}
+    got = await client.call("task.get_by_goal", goal_id="g1")
+    assert [t["task_id"] for t in got] == ["t0", "t1", "t2"]
+    assert all(t["goal_id"] == "g1" and t["status"] == "pending" for t in got)
+    assert (await client.call("task.get", task_id="t1"))["kind"] == "code"
+    assert await client.call("task.get", task_id="nope") is None
+    done = await client.call("task.update_status", task_id="t1", status="done")
+    assert done["status"] == "done"
+    assert (await client.error("task.update_status", task_id="x", status="a"))["code"] == (
+        ErrorCode.NOT_FOUND
+    )
+    dup = await client.error("task.create_batch", goal_id="g1", tasks=[tasks[0]])
+    assert dup["code"] == ErrorCode.CONFLICT
+    other = [{"task_id": "t9", "kind": "k", "goal_id": "g2"}]
+    assert (await client.error("task.create_batch", goal_id="g1", tasks=other))["code"] == (
+        ErrorCode.INVALID_PARAMS
+    )
+    missing = await client.error("task.create_batch", goal_id="nope", tasks=[tasks[0]])
+    assert missing["code"] == ErrorCode.NOT_FOUND
+    # All or nothing: the second task of this batch collides, so the first is not kept.
+    mixed = [{"task_id": "new", "kind": "k"}, tasks[1]]
+    assert (await client.error("task.create_batch", goal_id="g1", tasks=mixed))["code"] == (
+        ErrorCode.CONFLICT
+    )
+    assert await client.call("task.get", task_id="new") is None
+    graph = [{"task_id": "a", "kind": "k"}, {"task_id": "b", "kind": "k", "depends_on": ["a"]}]
+    assert await client.call("task.update_task_graph", goal_id="g1", tasks=graph) == {
+        "replaced": 2
+    }
+    got = await client.call("task.get_by_goal", goal_id="g1")
+    assert [(t["task_id"], t["depends_on"]) for t in got] == [("a", None), ("b", ["a"])]
+    assert await client.call("task.delete_by_goal", goal_id="g1") == {"deleted": 2}
+
+
+async def test_events(client: RawClient) -> None:
+    await client.call("goal.create", **goal("g1"))
+    payload = {"text": "héllo ✓", "deep": [[[{"n": 2**70}]]], "neg": -(2**80)}
+    first = await client.call("event.append", goal_id="g1", kind="note", payload=payload,
+                              actor="me", run_id="r1", event_uuid="u-1")
+    assert first["payload"] == payload and first["actor"] == "me"
+    batch = [{"kind": "step", "payload": i} for i in range(5)]
+    ids = (await client.call("event.append_batch", goal_id="g1", events=batch))["event_ids"]
+    assert ids == sorted(ids) and ids[0] > first["event_id"] and len(ids) == 5
+    page = await client.call("event.get_by_goal", goal_id="g1")
+    assert [e["event_id"] for e in page] == [first["event_id"], *ids]
+    assert page[0]["payload"] == payload
+    after = await client.call("event.get_by_goal", goal_id="g1", after_event_id=ids[1], limit=2)
+    assert [e["event_id"] for e in after] == ids[2:4]
+    since = await client.call("event.get_by_goal", goal_id="g1", since=first["created_at"] + 10)
+    assert since == []
+    assert await client.call("event.get_by_goal", goal_id="nope") == []
+    missing = await client.error("event.append", goal_id="nope", kind="k", payload=None)
+    assert missing["code"] == ErrorCode.NOT_FOUND
+    bad_batch = [{"kind": "ok", "payload": 1}, {"kind": 5, "payload": 1}]
+    error = await client.error("event.append_batch", goal_id="g1", events=bad_batch)
+    assert error["code"] == ErrorCode.INVALID_PARAMS
+    assert len(await client.call("event.get_by_goal", goal_id="g1")) == 6
+    assert await client.call("event.delete_by_goal", goal_id="g1") == {"deleted": 6}
+
+
+async def test_proofs_budgets_artifacts(client: RawClient) -> None:
+    await client.call("goal.create", **goal("g1"))
+    proof = await client.call("proof.upsert", goal_id="g1", status="ready", gates_passed=2,
+                              gates_total=3, changed_files=["a.py"])
+    assert proof["changed_files"] == ["a.py"] and proof["post_mutation_gates_ran"] is False
+    again = await client.call("proof.upsert", goal_id="g1", status="final", gates_total=3)
+    assert (await client.call("proof.get", goal_id="g1"))["status"] == again["status"] == "final"
+    assert (await client.error("proof.upsert", goal_id="nope", status="x"))["code"] == (
+        ErrorCode.NOT_FOUND
+    )
+    assert await client.call("proof.delete", goal_id="g1") == {"deleted": 1}
+    assert await client.call("proof.delete", goal_id="g1") == {"deleted": 0}
+    assert await client.call("proof.get", goal_id="g1") is None
+
+    for i in range(3):
+        cp = await client.call("budget.append_checkpoint", goal_id="g1", label=f"c{i}",
+                               estimated_cost_usd=100 * i)
+        assert isinstance(cp["checkpoint_id"], int)
+    cps = await client.call("budget.get_by_goal", goal_id="g1")
+    assert [c["label"] for c in cps] == ["c0", "c1", "c2"]
+    float_money = await client.error("budget.append_checkpoint", goal_id="g1",
+                                     estimated_cost_usd=1.5)
+    assert float_money["code"] == ErrorCode.INVALID_PARAMS
+    assert float_money["data"]["field"] == "estimated_cost_usd"
+    assigned = await client.error("budget.append_checkpoint", goal_id="g1", checkpoint_id=7)
+    assert assigned["code"] == ErrorCode.INVALID_PARAMS
+    assert await client.call("budget.delete_by_goal", goal_id="g1") == {"deleted": 3}
+
+    a = await client.call("artifact.register", goal_id="g1", kind="log", path="/a.log")
+    await client.call("artifact.register", goal_id="g1", kind="diff", path="/b.diff",
+                      mime_type="text/x-diff")
+    assert [x["path"] for x in await client.call("artifact.get_by_goal", goal_id="g1")] == [
+        "/a.log", "/b.diff"]
+    logs = await client.call("artifact.get_by_goal", goal_id="g1", kind="log")
+    assert [x["artifact_id"] for x in logs] == [a["artifact_id"]]
+    assert await client.call("artifact.delete", artifact_id=a["artifact_id"]) == {"deleted": True}
+    assert await client.call("artifact.delete", artifact_id=a["artifact_id"]) == {
+        "deleted": False}
+    assert await client.call("artifact.delete_by_goal", goal_id="g1") == {"deleted": 1}
+
+
+async def test_goal_delete_cascades(client: RawClient) -> None:
+    await client.call("goal.create", **goal("g1"))
+    await client.call("task.create_batch", goal_id="g1", tasks=[{"task_id": "t", "kind": "k"}])
+    await client.call("event.append", goal_id="g1", kind="k", payload=1)
+    await client.call("proof.upsert", goal_id="g1", status="s")
+    await client.call("budget.append_checkpoint", goal_id="g1")
+    await client.call("artifact.register", goal_id="g1", kind="k", path="/p")
+    await client.call("goal.delete", goal_id="g1")
+    assert await client.call("task.get", task_id="t") is None
+    assert await client.call("event.get_by_goal", goal_id="g1") == []
+    assert await client.call("proof.get", goal_id="g1") is None
+    assert await client.call("budget.get_by_goal", goal_id="g1") == []
+    assert await client.call("artifact.get_by_goal", goal_id="g1") == []
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"goal_id": "g", "unknown": 1}, "unknown"),
+        ({}, "goal_id"),
+        ({"goal_id": 5}, "goal_id"),
+    ],
+)
+async def test_invalid_params_name_the_field(
+    client: RawClient, params: dict[str, Any], field: str
+) -> None:
+    error = await client.error("goal.get", **params)
+    assert error["code"] == ErrorCode.INVALID_PARAMS
+    assert error["data"]["field"] == field
+
+
+async def test_positional_params_refused(client: RawClient) -> None:
+    reply = await client.request("goal.get", ["g1"])
+    assert reply["error"]["code"] == ErrorCode.INVALID_PARAMS
+
+
+async def test_money_as_float_refused(client: RawClient) -> None:
+    error = await client.error("goal.create", **goal("g1", budget_usd=10.5))
+    assert error["code"] == ErrorCode.INVALID_PARAMS and error["data"]["field"] == "budget_usd"
+    assert await client.call("goal.get", goal_id="g1") is None
+
+
+async def test_sql_text_is_stored_literally(client: RawClient) -> None:
+    nasty = "x'); DROP TABLE goals; --"
+    await client.call("goal.create", **goal(nasty, goal_text=nasty))
+    assert (await client.call("goal.get", goal_id=nasty))["goal_text"] == nasty
+    assert [g["goal_id"] for g in await client.call("goal.list")] == [nasty]
+
+
+async def test_backup(client: RawClient, tmp_path: Path) -> None:
+    await client.call("goal.create", **goal("g1"))
+    dest = tmp_path / "copy.db"
+    result = await client.call("db.backup", dest=str(dest))
+    assert result == {"path": str(dest), "bytes": dest.stat().st_size}
+    import sqlite3
+
+    with sqlite3.connect(dest) as copy:
+        assert copy.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        assert copy.execute("SELECT goal_id FROM goals").fetchall() == [("g1",)]
+    relative = await client.error("db.backup", dest="relative.db")
+    assert relative["code"] == ErrorCode.INVALID_PARAMS
+    status = await client.call("daemon.status")
+    live = await client.error("db.backup", dest=status["db_path"])
+    assert live["code"] == ErrorCode.INVALID_PARAMS
+
+
+async def test_unknown_subscription(client: RawClient) -> None:
+    error = await client.error("event.unsubscribe", subscription=999)
+    assert error["code"] == ErrorCode.NOT_FOUND
+
+
+def test_every_method_is_documented() -> None:
+    protocol = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text()
+    missing = [name for name in METHODS if f"`{name}`" not in protocol]
+    assert missing == []
+
+
+def test_rpc_error_raised_for_errors() -> None:
+    err = RpcError({"code": -32001, "message": "x"})
+    assert err.code == -32001
