@@ -1,0 +1,240 @@
+"""Sessions and transactions (contract, section 5), over real sockets in one trio run."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from rpc_helpers import RawClient, RpcError, goal, running_daemon, short_tempdir
+
+from omkd.server import Daemon
+from omkd_client.codes import ErrorCode
+
+
+@pytest.fixture
+async def daemon() -> AsyncIterator[Daemon]:
+    with short_tempdir() as directory:
+        async with running_daemon(directory, lock_timeout=0.2, tx_idle_timeout=0.6) as d:
+            yield d
+
+
+_open: list[RawClient] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    yield
+    while _open:
+        await _open.pop().aclose()
+
+
+async def connect(daemon: Daemon) -> RawClient:
+    client = await RawClient.connect(daemon.config.socket_path)
+    _open.append(client)
+    return client
+
+
+async def test_commit_makes_writes_visible(daemon: Daemon) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    assert await a.call("tx.begin") == {"active": True}
+    await a.call("goal.create", **goal("g1"))
+    await a.call("event.append", goal_id="g1", kind="k", payload=1)
+    # Inside the transaction, the session sees its own writes; nobody else does, and
+    # reading does not wait for the transaction.
+    assert (await a.call("goal.get", goal_id="g1"))["goal_id"] == "g1"
+    with trio.fail_after(0.15):  # under the lock timeout: reads never queue
+        assert await b.call("goal.get", goal_id="g1") is None
+        assert await b.call("event.get_by_goal", goal_id="g1") == []
+    status = await b.call("daemon.status")
+    assert status["active_transactions"] == 1 and status["sessions"] == 2
+    assert await a.call("tx.commit") == {"committed": True}
+    assert (await b.call("goal.get", goal_id="g1"))["goal_id"] == "g1"
+    assert len(await b.call("event.get_by_goal", goal_id="g1")) == 1
+
+
+async def test_rollback_discards(daemon: Daemon) -> None:
+    a = await connect(daemon)
+    await a.call("tx.begin")
+    await a.call("goal.create", **goal("g1"))
+    assert await a.call("tx.rollback") == {"rolled_back": True}
+    assert await a.call("goal.get", goal_id="g1") is None
+
+
+async def test_transaction_state_errors(daemon: Daemon) -> None:
+    a = await connect(daemon)
+    assert (await a.error("tx.commit"))["code"] == ErrorCode.NO_TRANSACTION
+    assert (await a.error("tx.rollback"))["code"] == ErrorCode.NO_TRANSACTION
+    await a.call("tx.begin")
+    assert (await a.error("tx.begin"))["code"] == ErrorCode.TRANSACTION_ACTIVE
+    await a.call("tx.rollback")
+
+
+async def test_failed_call_keeps_the_transaction(daemon: Daemon) -> None:
+    a = await connect(daemon)
+    await a.call("tx.begin")
+    await a.call("goal.create", **goal("g1"))
+    assert (await a.error("goal.create", **goal("g1")))["code"] == ErrorCode.CONFLICT
+    tasks = [{"task_id": "t1", "kind": "k"}, {"task_id": "t1", "kind": "k"}]
+    assert (await a.error("task.create_batch", goal_id="g1", tasks=tasks))["code"] == (
+        ErrorCode.CONFLICT
+    )
+    await a.call("event.append", goal_id="g1", kind="k", payload=1)
+    await a.call("tx.commit")
+    assert await a.call("task.get", task_id="t1") is None  # the failed batch left nothing
+    assert len(await a.call("event.get_by_goal", goal_id="g1")) == 1
+
+
+async def test_writers_queue_behind_a_transaction_in_order(daemon: Daemon) -> None:
+    owner = await connect(daemon)
+    await owner.call("goal.create", **goal("g1"))
+    await owner.call("tx.begin")
+    await owner.call("event.append", goal_id="g1", kind="tx", payload=0)
+    order: list[int] = []
+
+    async def writer(i: int) -> None:
+        c = await connect(daemon)
+        await c.call("event.append", goal_id="g1", kind="queued", payload=i)
+        order.append(i)
+
+    async with trio.open_nursery() as nursery:
+        for i in range(3):
+            nursery.start_soon(writer, i)
+            await trio.sleep(0.02)  # arrive in a known order
+        await trio.sleep(0.1)
+        assert order == []  # all still waiting for the transaction
+        await owner.call("tx.commit")
+    assert order == [0, 1, 2]
+    events = await owner.call("event.get_by_goal", goal_id="g1")
+    assert [e["payload"] for e in events] == [0, 0, 1, 2]
+
+
+async def test_lock_timeout_answers_busy(daemon: Daemon) -> None:
+    owner, other = await connect(daemon), await connect(daemon)
+    await owner.call("goal.create", **goal("g1"))
+    await owner.call("tx.begin")
+    error = await other.error("event.append", goal_id="g1", kind="k", payload=1)
+    assert error["code"] == ErrorCode.BUSY
+    assert error["data"]["lock_timeout_s"] == 0.2
+    assert (await other.error("tx.begin"))["code"] == ErrorCode.BUSY
+    await owner.call("tx.commit")
+    await other.call("event.append", goal_id="g1", kind="k", payload=1)
+
+
+async def test_disconnect_rolls_back_and_frees_the_lock(daemon: Daemon) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    await a.call("tx.begin")
+    await a.call("goal.create", **goal("g1"))
+    await a.aclose()
+    await b.call("goal.create", **goal("g2"))  # not busy: the lock was freed at once
+    assert await b.call("goal.get", goal_id="g1") is None
+
+
+async def test_idle_abort_then_recovery(daemon: Daemon) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    await a.call("tx.begin")
+    await a.call("goal.create", **goal("g1"))
+    await trio.sleep(1.0)  # past the 0.6 s idle timeout
+    # The lock is free for others, and the idle transaction's write is gone.
+    await b.call("goal.create", **goal("g2"))
+    assert await b.call("goal.get", goal_id="g1") is None
+    error = await a.error("goal.get", goal_id="g2")
+    assert error["code"] == ErrorCode.TRANSACTION_ABORTED
+    assert await a.call("daemon.ping") == "pong"  # daemon.* still answer
+    assert (await a.error("tx.begin"))["code"] == ErrorCode.TRANSACTION_ABORTED
+    assert await a.call("tx.rollback") == {"rolled_back": True}
+    assert (await a.call("goal.get", goal_id="g2"))["goal_id"] == "g2"
+
+
+async def test_commit_after_idle_abort_answers_aborted_and_ends_it(daemon: Daemon) -> None:
+    a = await connect(daemon)
+    await a.call("tx.begin")
+    await trio.sleep(1.0)
+    assert (await a.error("tx.commit"))["code"] == ErrorCode.TRANSACTION_ABORTED
+    assert await a.call("goal.list") == []  # the session is usable again
+
+
+async def test_subscription_sees_only_committed_events(daemon: Daemon) -> None:
+    sub, writer = await connect(daemon), await connect(daemon)
+    await writer.call("goal.create", **goal("g1"))
+    sid = (await sub.call("event.subscribe", goal_id="g1"))["subscription"]
+    await writer.call("tx.begin")
+    await writer.call("event.append", goal_id="g1", kind="rolled-back", payload=1)
+    await writer.call("tx.rollback")
+    await writer.call("tx.begin")
+    committed = await writer.call("event.append", goal_id="g1", kind="committed", payload=2)
+    await writer.call("tx.commit")
+    with trio.fail_after(2):
+        note = await sub.notification()
+    assert note["method"] == "event.appended"
+    assert note["params"]["subscription"] == sid
+    assert note["params"]["event"] == committed
+    await writer.call("event.append", goal_id="g1", kind="single", payload=3)
+    with trio.fail_after(2):
+        assert (await sub.notification())["params"]["event"]["kind"] == "single"
+
+
+async def test_subscription_backlog_goal_filter_and_unsubscribe(daemon: Daemon) -> None:
+    sub, writer = await connect(daemon), await connect(daemon)
+    for g in ("g1", "g2"):
+        await writer.call("goal.create", **goal(g))
+    first = await writer.call("event.append", goal_id="g1", kind="a", payload=1)
+    await writer.call("event.append", goal_id="g2", kind="b", payload=2)
+    await writer.call("event.append", goal_id="g1", kind="c", payload=3)
+    sid = (await sub.call("event.subscribe", goal_id="g1", after_event_id=0))["subscription"]
+    with trio.fail_after(2):
+        kinds = [(await sub.notification())["params"]["event"]["kind"] for _ in range(2)]
+    assert kinds == ["a", "c"]
+    everything = (await sub.call("event.subscribe", after_event_id=first["event_id"]))
+    with trio.fail_after(2):
+        notes = [await sub.notification() for _ in range(2)]
+    assert [n["params"]["event"]["kind"] for n in notes] == ["b", "c"]
+    assert {n["params"]["subscription"] for n in notes} == {everything["subscription"]}
+    assert await sub.call("event.unsubscribe", subscription=sid) == {"unsubscribed": True}
+    assert (await sub.error("event.unsubscribe", subscription=sid))["code"] == (
+        ErrorCode.NOT_FOUND
+    )
+
+
+async def test_sixteen_sessions_mixing_transactions_and_single_writes(daemon: Daemon) -> None:
+    setup = await connect(daemon)
+    await setup.call("goal.create", **goal("g1"))
+    expected: list[str] = []
+    rng = random.Random(7)
+
+    async def session(n: int) -> None:
+        c = await connect(daemon)
+        for round_ in range(6):
+            tag = f"s{n}-r{round_}"
+            if rng.random() < 0.5:
+                await retrying(c, "tx.begin")
+                await c.call("event.append", goal_id="g1", kind=tag, payload=1)
+                await c.call("event.append", goal_id="g1", kind=tag, payload=2)
+                if rng.random() < 0.3:
+                    await c.call("tx.rollback")
+                    continue
+                await c.call("tx.commit")
+                expected.extend([tag, tag])
+            else:
+                await retrying(c, "event.append", goal_id="g1", kind=tag, payload=0)
+                expected.append(tag)
+        await c.aclose()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(16):
+            nursery.start_soon(session, n)
+    events = await setup.call("event.get_by_goal", goal_id="g1")
+    assert sorted(e["kind"] for e in events) == sorted(expected)
+    ids = [e["event_id"] for e in events]
+    assert ids == sorted(ids) and len(set(ids)) == len(ids)
+
+
+async def retrying(client: RawClient, method: str, **params: object) -> None:
+    while True:
+        try:
+            await client.call(method, **params)
+            return
+        except RpcError as exc:
+            if exc.code != ErrorCode.BUSY:
+                raise
