@@ -1,0 +1,219 @@
+"""Opening, pragmas, migrations and maintenance of omkd.db."""
+
+from __future__ import annotations
+
+import shutil
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from omkd.db import (
+    Database,
+    DatabaseClosed,
+    GoalRecord,
+    InvalidData,
+    MigrationFailed,
+    MigrationMismatch,
+    SchemaTooNew,
+    check_database,
+    default_migrations_dir,
+    load_migrations,
+    migrate,
+    pending_migrations,
+)
+
+MakeGoal = Callable[..., GoalRecord]
+
+
+def _pragma(path: Path, name: str) -> object:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute(f"PRAGMA {name}").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def _tables(path: Path) -> set[str]:
+    conn = sqlite3.connect(path)
+    try:
+        rows = conn.execute("SELECT name FROM sqlite_schema WHERE type = 'table'").fetchall()
+    finally:
+        conn.close()
+    return {r[0] for r in rows}
+
+
+@pytest.fixture
+def migrations_dir(tmp_path: Path) -> Path:
+    """A copy of the shipped migrations that a test may extend or edit."""
+    target = tmp_path / "migrations"
+    shutil.copytree(default_migrations_dir(), target)
+    return target
+
+
+def test_open_creates_migrates_and_sets_pragmas(db_path: Path) -> None:
+    assert not db_path.parent.exists()
+    with Database.open(db_path) as db:
+        assert db.path == db_path.resolve()
+        assert db.schema_version == 1
+        assert [m.name for m in db.migrations_applied] == ["initial"]
+        conn = db._writer.raw
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 1
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
+        assert db._reader.raw.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+    assert _pragma(db_path, "journal_mode") == "wal"
+    assert _pragma(db_path, "user_version") == 1
+    assert {
+        "goals",
+        "tasks",
+        "events",
+        "proofs",
+        "budget_checkpoints",
+        "artifacts",
+        "schema_migrations",
+    } <= _tables(db_path)
+
+
+def test_synchronous_full_and_bad_value(tmp_path: Path) -> None:
+    with Database.open(tmp_path / "a.db", synchronous="FULL") as db:
+        assert db._writer.raw.execute("PRAGMA synchronous").fetchone()[0] == 2
+    with pytest.raises(InvalidData) as info:
+        Database.open(tmp_path / "b.db", synchronous="OFF")
+    assert info.value.data["field"] == "synchronous"
+
+
+def test_reopen_is_a_no_op_and_keeps_data(db_path: Path, make_goal: MakeGoal) -> None:
+    with Database.open(db_path) as db:
+        db.goals.create(make_goal())
+    with Database.open(db_path) as db:
+        assert db.migrations_applied == []
+        assert db.schema_version == 1
+        assert db.goals.get("g1") is not None
+    assert migrate(db_path) == []
+    assert pending_migrations(db_path) == []
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("SELECT version, name FROM schema_migrations").fetchall() == [
+        (1, "initial")
+    ]
+    conn.close()
+
+
+def test_migrate_helper_reports_what_it_applied(tmp_path: Path) -> None:
+    path = tmp_path / "new.db"
+    assert [m.version for m in pending_migrations(path)] == [1]
+    assert not path.exists()
+    assert [m.filename for m in migrate(path)] == ["001_initial.sql"]
+    assert migrate(path) == []
+
+
+def test_a_new_migration_is_applied_on_open(db_path: Path, migrations_dir: Path) -> None:
+    Database.open(db_path, migrations_dir=migrations_dir).close()
+    (migrations_dir / "002_notes.sql").write_text(
+        "-- a second migration\nCREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);\n"
+        "CREATE INDEX notes_body ON notes (body);\n"
+    )
+    assert [m.version for m in pending_migrations(db_path, migrations_dir)] == [2]
+    with Database.open(db_path, migrations_dir=migrations_dir) as db:
+        assert [m.version for m in db.migrations_applied] == [2]
+        assert db.schema_version == 2
+    assert "notes" in _tables(db_path)
+
+
+def test_schema_too_new_names_both_versions(db_path: Path) -> None:
+    Database.open(db_path).close()
+    conn = sqlite3.connect(db_path)
+    conn.execute("PRAGMA user_version = 7")
+    conn.close()
+    with pytest.raises(SchemaTooNew) as info:
+        Database.open(db_path)
+    assert info.value.data == {"db_version": 7, "code_version": 1}
+    assert "7" in str(info.value) and "1" in str(info.value)
+
+
+def test_failed_migration_keeps_the_old_version(db_path: Path, migrations_dir: Path) -> None:
+    Database.open(db_path, migrations_dir=migrations_dir).close()
+    (migrations_dir / "002_broken.sql").write_text(
+        "CREATE TABLE half_done (id INTEGER PRIMARY KEY);\nINSERT INTO no_such_table VALUES (1);\n"
+    )
+    with pytest.raises(MigrationFailed) as info:
+        Database.open(db_path, migrations_dir=migrations_dir)
+    assert info.value.data["file"] == "002_broken.sql"
+    assert "002_broken.sql" in str(info.value)
+    assert _pragma(db_path, "user_version") == 1
+    assert "half_done" not in _tables(db_path)
+    # Fixing the file lets the next open apply it.
+    (migrations_dir / "002_broken.sql").write_text("CREATE TABLE half_done (id INTEGER);\n")
+    with Database.open(db_path, migrations_dir=migrations_dir) as db:
+        assert db.schema_version == 2
+
+
+def test_failed_first_migration_leaves_an_empty_database(db_path: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "001_initial.sql").write_text("CREATE TABLE t (id INTEGER);\nNOT SQL AT ALL;\n")
+    with pytest.raises(MigrationFailed):
+        Database.open(db_path, migrations_dir=broken)
+    assert _pragma(db_path, "user_version") == 0
+    assert _tables(db_path) == set()
+
+
+def test_edited_migration_is_a_mismatch(db_path: Path, migrations_dir: Path) -> None:
+    Database.open(db_path, migrations_dir=migrations_dir).close()
+    initial = migrations_dir / "001_initial.sql"
+    initial.write_text(initial.read_text() + "\n-- edited afterwards\n")
+    with pytest.raises(MigrationMismatch) as info:
+        Database.open(db_path, migrations_dir=migrations_dir)
+    assert info.value.data["version"] == 1
+    with pytest.raises(MigrationMismatch):
+        pending_migrations(db_path, migrations_dir)
+
+
+def test_migration_statements_split_without_executescript() -> None:
+    (initial,) = load_migrations()
+    statements = initial.statements()
+    assert len(statements) > 6
+    assert all(sqlite3.complete_statement(s) for s in statements)
+    assert not any(s.upper().startswith(("BEGIN", "COMMIT")) for s in statements)
+
+
+def test_check_database(db_path: Path, db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal())
+    db.events.append("g1", "k", {})
+    assert db.quick_check() == []
+    assert check_database(db_path) == []
+    assert check_database(db_path.parent / "missing.db") == [
+        f"no database file at {db_path.parent / 'missing.db'}"
+    ]
+    garbage = db_path.parent / "garbage.db"
+    garbage.write_bytes(b"not a database at all" * 100)
+    assert check_database(garbage)
+
+
+def test_check_database_reports_dangling_rows(tmp_path: Path, make_goal: MakeGoal) -> None:
+    path = tmp_path / "dangling.db"
+    with Database.open(path) as db:
+        db.goals.create(make_goal())
+    conn = sqlite3.connect(path)  # foreign keys off: the file can be made inconsistent
+    conn.execute(
+        "INSERT INTO events (goal_id, kind, payload, created_at) VALUES ('ghost', 'k', '1', 0)"
+    )
+    conn.commit()
+    conn.close()
+    problems = check_database(path)
+    assert len(problems) == 1 and "events" in problems[0] and "goals" in problems[0]
+
+
+def test_closed_database_refuses_use(db_path: Path, make_goal: MakeGoal) -> None:
+    db = Database.open(db_path)
+    db.close()
+    db.close()  # idempotent
+    assert db.closed
+    with pytest.raises(DatabaseClosed):
+        db.goals.get("g1")
+    with pytest.raises(DatabaseClosed):
+        db.goals.create(make_goal())
+    with pytest.raises(DatabaseClosed):
+        db.transaction()

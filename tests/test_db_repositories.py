@@ -1,0 +1,468 @@
+"""The six repositories on a Database: each call its own transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from omkd.db import (
+    BudgetCheckpoint,
+    Conflict,
+    Database,
+    EventInput,
+    GoalFilter,
+    GoalNotFound,
+    GoalRecord,
+    InvalidData,
+    ProofRecord,
+    TaskNotFound,
+    TaskRecord,
+    VersionConflict,
+)
+
+MakeGoal = Callable[..., GoalRecord]
+
+
+def task(task_id: str, goal_id: str = "g1", **fields: object) -> TaskRecord:
+    return TaskRecord(task_id=task_id, goal_id=goal_id, kind="code", **fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def goal(db: Database, make_goal: MakeGoal) -> GoalRecord:
+    return db.goals.create(make_goal("g1"))
+
+
+# goals
+
+
+def test_goal_create_get_and_conflict(db: Database, make_goal: MakeGoal) -> None:
+    sent = make_goal("g1", kind="feature", until_ready=True, budget_usd=1250, max_agents=3)
+    stored = db.goals.create(sent)
+    assert stored == sent
+    assert db.goals.get("g1") == sent
+    assert db.goals.get("missing") is None
+    with pytest.raises(Conflict) as info:
+        db.goals.create(make_goal("g1"))
+    assert info.value.data["kind"] == "goal" and info.value.data["id"] == "g1"
+
+
+def test_goal_update_status_bumps_version(db: Database, goal: GoalRecord) -> None:
+    updated = db.goals.update_status("g1", "done", "deliver")
+    assert (updated.status, updated.phase, updated.version) == ("done", "deliver", 2)
+    assert updated.updated_at >= goal.updated_at
+    assert db.goals.get("g1") == updated
+    with pytest.raises(GoalNotFound) as info:
+        db.goals.update_status("missing", "done", "x")
+    assert info.value.data == {"kind": "goal", "id": "missing"}
+
+
+def test_goal_upsert_counts_versions_whatever_was_sent(db: Database, make_goal: MakeGoal) -> None:
+    first = db.goals.upsert(make_goal("g1", created_at=100, updated_at=100))
+    assert first.version == 1
+    second = db.goals.upsert(make_goal("g1", status="blocked", version=42, created_at=999))
+    assert (second.status, second.version, second.created_at) == ("blocked", 2, 100)
+    third = db.goals.upsert(make_goal("g1", version=1))
+    assert third.version == 3
+    heartbeat = db.goals.heartbeat("g1")
+    assert heartbeat.version == 3
+    assert db.goals.update_status("g1", "s", "p").version == 4
+    with pytest.raises(GoalNotFound):
+        db.goals.heartbeat("missing")
+
+
+def test_goal_heartbeat_only_touches_updated_at(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1", updated_at=10))
+    beat = db.goals.heartbeat("g1")
+    assert beat.updated_at > 10
+    assert beat == db.goals.get("g1")
+    assert beat.version == 1 and beat.status == "running"
+
+
+def test_goal_update_with_expected_version(db: Database, goal: GoalRecord) -> None:
+    updated = db.goals.update(
+        "g1", 1, {"status": "review", "failure": {"why": "flaky"}, "budget_usd": 500}
+    )
+    assert updated.version == 2
+    assert (updated.status, updated.failure, updated.budget_usd) == (
+        "review",
+        {"why": "flaky"},
+        500,
+    )
+    assert updated.created_at == goal.created_at
+    pinned = db.goals.update("g1", 2, {"updated_at": 5, "completed_at": 6})
+    assert (pinned.updated_at, pinned.completed_at, pinned.version) == (5, 6, 3)
+    assert db.goals.get("g1") == pinned
+
+
+def test_goal_update_version_conflict(db: Database, goal: GoalRecord) -> None:
+    db.goals.update_status("g1", "s", "p")
+    with pytest.raises(VersionConflict) as info:
+        db.goals.update("g1", 1, {"status": "stale"})
+    assert info.value.data == {"goal_id": "g1", "expected": 1, "actual": 2}
+    assert db.goals.get("g1").status == "s"  # type: ignore[union-attr]
+    with pytest.raises(GoalNotFound):
+        db.goals.update("missing", 1, {"status": "x"})
+
+
+@pytest.mark.parametrize(
+    ("changes", "field"),
+    [
+        ({"version": 9}, "version"),
+        ({"goal_id": "other"}, "goal_id"),
+        ({"created_at": 1}, "created_at"),
+        ({"no_such_field": 1}, "no_such_field"),
+        ({"budget_usd": 1.5}, "budget_usd"),
+        ({"until_ready": 1}, "until_ready"),
+        ({"status": None}, "status"),
+    ],
+)
+def test_goal_update_refuses_bad_changes(
+    db: Database, goal: GoalRecord, changes: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidData) as info:
+        db.goals.update("g1", 1, changes)
+    assert info.value.data["field"] == field
+    assert db.goals.get("g1") == goal
+
+
+def test_goal_list_filters_and_order(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("a", status="running", updated_at=30, kind="k1"))
+    db.goals.create(make_goal("b", status="done", updated_at=10))
+    db.goals.create(make_goal("c", status="running", updated_at=20, phase="verify"))
+    db.goals.create(make_goal("d", status="running", updated_at=30))
+    assert [s.goal_id for s in db.goals.list()] == ["a", "d", "c", "b"]
+    running = db.goals.list(GoalFilter(status="running"))
+    assert [s.goal_id for s in running] == ["a", "d", "c"]
+    assert running[0].goal_text == "text of a" and running[0].updated_at == 30
+    assert [s.goal_id for s in db.goals.list(GoalFilter(phase="verify"))] == ["c"]
+    assert [s.goal_id for s in db.goals.list(GoalFilter(kind="k1"))] == ["a"]
+    assert [s.goal_id for s in db.goals.list(GoalFilter(older_than=30))] == ["c", "b"]
+    assert [s.goal_id for s in db.goals.list(GoalFilter(limit=2))] == ["a", "d"]
+    assert db.goals.list(GoalFilter(status="nope")) == []
+    with pytest.raises(InvalidData):
+        db.goals.list(GoalFilter(limit=-1))
+
+
+def test_goal_delete(db: Database, goal: GoalRecord) -> None:
+    db.goals.delete("g1")
+    assert db.goals.get("g1") is None
+    with pytest.raises(GoalNotFound):
+        db.goals.delete("g1")
+
+
+def test_goal_delete_cascades_to_all_five_child_tables(db: Database, make_goal: MakeGoal) -> None:
+    for goal_id in ("g1", "g2"):
+        db.goals.create(make_goal(goal_id))
+        db.tasks.create_batch(goal_id, [task(f"{goal_id}-t", goal_id)])
+        db.events.append(goal_id, "k", {"n": 1})
+        db.proofs.upsert(ProofRecord(goal_id=goal_id, status="ok"))
+        db.budgets.append_checkpoint(BudgetCheckpoint(goal_id=goal_id))
+        db.artifacts.register(goal_id, "log", f"/tmp/{goal_id}.log")
+    db.goals.delete("g1")
+    assert db.tasks.get_by_goal("g1") == []
+    assert db.tasks.get("g1-t") is None
+    assert db.events.get_by_goal("g1") == []
+    assert db.proofs.get("g1") is None
+    assert db.budgets.get_by_goal("g1") == []
+    assert db.artifacts.get_by_goal("g1") == []
+    # The other goal keeps everything.
+    assert len(db.tasks.get_by_goal("g2")) == 1
+    assert len(db.events.get_by_goal("g2")) == 1
+    assert db.proofs.get("g2") is not None
+    assert len(db.budgets.get_by_goal("g2")) == 1
+    assert len(db.artifacts.get_by_goal("g2")) == 1
+
+
+def test_money_as_float_is_refused(db: Database, make_goal: MakeGoal) -> None:
+    import msgspec
+
+    wire = b'{"goal_id": "g1", "status": "s", "phase": "p", "goal_text": "t",'
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.json.decode(wire + b' "project_dir": "/", "budget_usd": 1.5}', type=GoalRecord)
+    with pytest.raises(InvalidData) as info:
+        db.goals.create(make_goal("g1", budget_usd=1.5))
+    assert info.value.data["field"] == "budget_usd"
+    assert db.goals.get("g1") is None
+    db.goals.create(make_goal("g1"))
+    with pytest.raises(InvalidData) as info:
+        db.budgets.append_checkpoint(BudgetCheckpoint(goal_id="g1", estimated_cost_usd=0.5))  # type: ignore[arg-type]
+    assert info.value.data["field"] == "estimated_cost_usd"
+    assert db.budgets.get_by_goal("g1") == []
+
+
+def test_wrong_types_are_refused_naming_the_field(db: Database, make_goal: MakeGoal) -> None:
+    with pytest.raises(InvalidData) as info:
+        db.goals.create(make_goal("g1", max_agents="3"))
+    assert info.value.data["field"] == "max_agents"
+    with pytest.raises(InvalidData) as info:
+        db.goals.create(make_goal("g1", failure={"x": object()}))
+    assert info.value.data["field"] == "failure"
+
+
+# tasks
+
+
+def test_task_create_batch_get_and_order(db: Database, goal: GoalRecord) -> None:
+    tasks = [task(f"t{i}", title=f"task {i}", depends_on=[f"t{i - 1}"]) for i in (3, 1, 2)]
+    assert db.tasks.create_batch("g1", tasks) == 3
+    assert db.tasks.get_by_goal("g1") == tasks
+    assert db.tasks.get("t1") == tasks[1]
+    assert db.tasks.get("missing") is None
+    assert db.tasks.get_by_goal("missing") == []
+
+
+def test_task_batch_with_a_task_of_another_goal_is_refused(
+    db: Database, make_goal: MakeGoal
+) -> None:
+    db.goals.create(make_goal("g1"))
+    db.goals.create(make_goal("g2"))
+    with pytest.raises(InvalidData) as info:
+        db.tasks.create_batch("g1", [task("t1"), task("t2", "g2")])
+    assert info.value.data["field"] == "goal_id"
+    assert db.tasks.get_by_goal("g1") == [] and db.tasks.get("t1") is None
+
+
+def test_task_batch_unknown_goal_and_duplicates(db: Database, goal: GoalRecord) -> None:
+    with pytest.raises(GoalNotFound):
+        db.tasks.create_batch("missing", [task("t1", "missing")])
+    db.tasks.create_batch("g1", [task("t1")])
+    with pytest.raises(Conflict) as info:
+        db.tasks.create_batch("g1", [task("t2"), task("t3"), task("t1")])
+    assert info.value.data["id"] == "t1"
+    with pytest.raises(Conflict) as info:
+        db.tasks.create_batch("g1", [task("t4"), task("t4")])
+    assert info.value.data["id"] == "t4"
+    # All or nothing: t2, t3 and t4 were not kept.
+    assert [t.task_id for t in db.tasks.get_by_goal("g1")] == ["t1"]
+
+
+def test_task_batch_is_atomic_when_a_row_fails_in_sqlite(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    db.goals.create(make_goal("g2"))
+    db.tasks.create_batch("g2", [task("taken", "g2")])
+    with pytest.raises(Conflict):
+        db.tasks.create_batch("g1", [task("a"), task("b"), task("taken")])
+    assert db.tasks.get_by_goal("g1") == []
+
+
+def test_task_update_status(db: Database, goal: GoalRecord) -> None:
+    db.tasks.create_batch("g1", [task("t1", updated_at=1)])
+    updated = db.tasks.update_status("t1", "running")
+    assert updated.status == "running" and updated.updated_at > 1
+    assert db.tasks.get("t1") == updated
+    with pytest.raises(TaskNotFound) as info:
+        db.tasks.update_status("missing", "running")
+    assert info.value.data == {"kind": "task", "id": "missing"}
+
+
+def test_task_graph_replace(db: Database, goal: GoalRecord) -> None:
+    db.tasks.create_batch("g1", [task("old1"), task("old2")])
+    new = [task("new1"), task("old2", title="kept id, new body")]
+    assert db.tasks.update_task_graph("g1", new) == 2
+    assert db.tasks.get_by_goal("g1") == new
+    assert db.tasks.get("old1") is None
+    assert db.tasks.update_task_graph("g1", []) == 0
+    assert db.tasks.get_by_goal("g1") == []
+    with pytest.raises(GoalNotFound):
+        db.tasks.update_task_graph("missing", [])
+
+
+def test_task_graph_replace_is_atomic(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    db.goals.create(make_goal("g2"))
+    db.tasks.create_batch("g1", [task("mine")])
+    db.tasks.create_batch("g2", [task("theirs", "g2")])
+    with pytest.raises(Conflict):
+        db.tasks.update_task_graph("g1", [task("fresh"), task("theirs")])
+    assert [t.task_id for t in db.tasks.get_by_goal("g1")] == ["mine"]
+
+
+def test_task_delete_by_goal(db: Database, goal: GoalRecord) -> None:
+    db.tasks.create_batch("g1", [task("t1"), task("t2")])
+    assert db.tasks.delete_by_goal("g1") == 2
+    assert db.tasks.delete_by_goal("g1") == 0
+    assert db.tasks.get_by_goal("g1") == []
+
+
+# events
+
+
+def test_hundred_events_in_order(db: Database, goal: GoalRecord) -> None:
+    appended = [db.events.append("g1", "step", {"n": i}, actor="agent") for i in range(100)]
+    ids = [e.event_id for e in appended]
+    assert ids == sorted(ids) and len(set(ids)) == 100
+    read = db.events.get_by_goal("g1")
+    assert read == appended
+    assert [e.payload["n"] for e in read] == list(range(100))
+    assert db.events.last_event_id() == ids[-1]
+
+
+def test_event_fields_round_trip(db: Database, goal: GoalRecord) -> None:
+    event = db.events.append(
+        "g1", "k", ["x"], event_uuid="u-1", run_id="r-1", actor="me", schema_version=2
+    )
+    (stored,) = db.events.get_by_goal("g1")
+    assert stored == event
+    assert (stored.event_uuid, stored.run_id, stored.actor, stored.schema_version) == (
+        "u-1",
+        "r-1",
+        "me",
+        2,
+    )
+
+
+def test_event_pagination(db: Database, goal: GoalRecord) -> None:
+    ids = [db.events.append("g1", "k", i).event_id for i in range(10)]
+    page = db.events.get_by_goal("g1", after_event_id=ids[2], limit=3)
+    assert [e.event_id for e in page] == ids[3:6]
+    assert [e.event_id for e in db.events.get_by_goal("g1", after_event_id=ids[-1])] == []
+    assert len(db.events.get_by_goal("g1", limit=0)) == 0
+    stamp = page[0].created_at
+    assert db.events.get_by_goal("g1", since=stamp + 1000) == []
+    assert len(db.events.get_by_goal("g1", since=stamp - 1000)) == 10
+    with pytest.raises(InvalidData):
+        db.events.get_by_goal("g1", limit=-5)
+    with pytest.raises(InvalidData):
+        db.events.get_by_goal("g1", after_event_id="3")  # type: ignore[arg-type]
+
+
+def test_event_since_uses_created_at(db: Database, goal: GoalRecord) -> None:
+    db.events.append("g1", "k", 1)
+    db._writer.raw.execute("UPDATE events SET created_at = 100")
+    db.events.append("g1", "k", 2)
+    assert [e.payload for e in db.events.get_by_goal("g1", since=101)] == [2]
+    assert [e.payload for e in db.events.get_by_goal("g1", since=100)] == [1, 2]
+
+
+def test_event_append_unknown_goal(db: Database) -> None:
+    with pytest.raises(GoalNotFound) as info:
+        db.events.append("missing", "k", {})
+    assert info.value.data == {"kind": "goal", "id": "missing"}
+    with pytest.raises(GoalNotFound):
+        db.events.append_batch("missing", [EventInput(kind="k", payload=1)])
+    assert db.events.last_event_id() == 0
+
+
+def test_event_append_batch(db: Database, goal: GoalRecord) -> None:
+    before = db.events.append("g1", "first", None).event_id
+    batch = [EventInput(kind=f"k{i}", payload={"i": i}, run_id="r") for i in range(5)]
+    ids = db.events.append_batch("g1", batch)
+    assert ids == list(range(before + 1, before + 6))
+    stored = db.events.get_by_goal("g1", after_event_id=before)
+    assert [e.event_id for e in stored] == ids
+    assert [(e.kind, e.payload, e.run_id) for e in stored] == [
+        (f"k{i}", {"i": i}, "r") for i in range(5)
+    ]
+    assert db.events.append_batch("g1", []) == []
+
+
+def test_event_append_batch_is_atomic(db: Database, goal: GoalRecord) -> None:
+    bad = [EventInput(kind="ok", payload=1), EventInput(kind=7, payload=2)]  # type: ignore[arg-type]
+    with pytest.raises(InvalidData) as info:
+        db.events.append_batch("g1", bad)
+    assert info.value.data["field"] == "kind" and info.value.data["index"] == 1
+    unencodable = [EventInput(kind="ok", payload=1), EventInput(kind="ok", payload=object())]
+    with pytest.raises(InvalidData):
+        db.events.append_batch("g1", unencodable)
+    assert db.events.get_by_goal("g1") == []
+
+
+def test_event_append_batch_rolls_back_when_sqlite_refuses_a_row(
+    db: Database, goal: GoalRecord
+) -> None:
+    db._writer.raw.execute(
+        "CREATE TRIGGER refuse_poison BEFORE INSERT ON events WHEN NEW.kind = 'poison' "
+        "BEGIN SELECT RAISE(ABORT, 'poisoned'); END"
+    )
+    batch = [EventInput(kind="ok", payload=i) for i in range(3)]
+    with pytest.raises(Conflict):
+        db.events.append_batch("g1", [*batch, EventInput(kind="poison", payload=0)])
+    assert db.events.get_by_goal("g1") == []
+    assert len(db.events.append_batch("g1", batch)) == 3
+
+
+def test_event_tail_and_last_event_id(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    db.goals.create(make_goal("g2"))
+    assert db.events.last_event_id() == 0
+    ids = [db.events.append(g, "k", i).event_id for i, g in enumerate(["g1", "g2"] * 3)]
+    assert [e.event_id for e in db.events.tail(0)] == ids
+    assert [e.event_id for e in db.events.tail(ids[1], goal_id="g1")] == [ids[2], ids[4]]
+    assert [e.event_id for e in db.events.tail(ids[0], limit=2)] == ids[1:3]
+    assert db.events.last_event_id() == ids[-1]
+
+
+def test_event_delete_by_goal_and_missing_goal_reads(db: Database, goal: GoalRecord) -> None:
+    for i in range(3):
+        db.events.append("g1", "k", i)
+    assert db.events.delete_by_goal("g1") == 3
+    assert db.events.get_by_goal("g1") == []
+    assert db.events.get_by_goal("missing") == []
+    assert db.events.get_by_goal_json("missing") == b"[]"
+    assert db.events.delete_by_goal("missing") == 0
+    # ids are never reused after deletion
+    assert db.events.append("g1", "k", 0).event_id == 4
+
+
+# proofs, budgets, artifacts
+
+
+def test_proof_upsert_twice_get_delete(db: Database, goal: GoalRecord) -> None:
+    first = db.proofs.upsert(
+        ProofRecord(goal_id="g1", status="draft", gates={"lint": True}, gates_total=2)
+    )
+    assert db.proofs.get("g1") == first
+    second = db.proofs.upsert(
+        ProofRecord(
+            goal_id="g1",
+            status="ready",
+            version=2,
+            gates_passed=2,
+            gates_total=2,
+            post_mutation_gates_ran=True,
+            changed_files=["a.py", "b.py"],
+        )
+    )
+    assert db.proofs.get("g1") == second
+    assert (second.status, second.gates, second.post_mutation_gates_ran) == ("ready", None, True)
+    assert db.proofs.delete("g1") == 1
+    assert db.proofs.delete("g1") == 0
+    assert db.proofs.get("g1") is None
+    with pytest.raises(GoalNotFound):
+        db.proofs.upsert(ProofRecord(goal_id="missing", status="x"))
+
+
+def test_five_budget_checkpoints_in_order(db: Database, goal: GoalRecord) -> None:
+    stored = [
+        db.budgets.append_checkpoint(
+            BudgetCheckpoint(goal_id="g1", label=f"cp{i}", used_tokens=i * 100, budget_usd=900)
+        )
+        for i in range(5)
+    ]
+    ids = [cp.checkpoint_id or 0 for cp in stored]
+    assert 0 not in ids and ids == sorted(ids)
+    assert db.budgets.get_by_goal("g1") == stored
+    assert [cp.label for cp in db.budgets.get_by_goal("g1")] == [f"cp{i}" for i in range(5)]
+    assert db.budgets.get_by_goal("missing") == []
+    with pytest.raises(GoalNotFound):
+        db.budgets.append_checkpoint(BudgetCheckpoint(goal_id="missing"))
+    assert db.budgets.delete_by_goal("g1") == 5
+    assert db.budgets.get_by_goal("g1") == []
+
+
+def test_artifacts_by_kind_and_delete(db: Database, goal: GoalRecord) -> None:
+    log = db.artifacts.register("g1", "log", "/tmp/a.log", "text/plain")
+    diff = db.artifacts.register("g1", "diff", "/tmp/a.diff")
+    log2 = db.artifacts.register("g1", "log", "/tmp/b.log")
+    assert db.artifacts.get_by_goal("g1") == [log, diff, log2]
+    assert db.artifacts.get_by_goal("g1", "log") == [log, log2]
+    assert db.artifacts.get_by_goal("g1", kind="diff") == [diff]
+    assert db.artifacts.get_by_goal("g1", "none") == []
+    assert log.mime_type == "text/plain" and diff.mime_type is None
+    assert log.artifact_id is not None
+    assert db.artifacts.delete(log.artifact_id) is True
+    assert db.artifacts.delete(log.artifact_id) is False
+    assert db.artifacts.delete_by_goal("g1") == 2
+    with pytest.raises(GoalNotFound):
+        db.artifacts.register("missing", "log", "/x")

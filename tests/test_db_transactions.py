@@ -1,0 +1,338 @@
+"""Transactions, threads and online backup."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from omkd.db import (
+    Busy,
+    Conflict,
+    Database,
+    EventInput,
+    GoalNotFound,
+    GoalRecord,
+    InvalidData,
+    TaskRecord,
+    TransactionClosed,
+    check_database,
+)
+
+MakeGoal = Callable[..., GoalRecord]
+WAIT = 10.0  # seconds; only reached when a test is about to fail
+
+
+def test_commit_makes_writes_visible(db: Database, make_goal: MakeGoal) -> None:
+    tx = db.transaction()
+    assert tx.active and db.transaction_active
+    tx.goals.create(make_goal("g1"))
+    tx.events.append("g1", "k", 1)
+    assert tx.goals.get("g1") is not None  # the transaction sees its own writes
+    assert db.goals.get("g1") is None  # others do not, and do not wait
+    assert db.events.get_by_goal("g1") == []
+    tx.commit()
+    assert not tx.active and not db.transaction_active
+    assert db.goals.get("g1") is not None
+    assert len(db.events.get_by_goal("g1")) == 1
+
+
+def test_rollback_discards_writes(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    tx = db.transaction()
+    tx.events.append("g1", "k", 1)
+    tx.goals.update_status("g1", "x", "y")
+    tx.rollback()
+    assert db.events.get_by_goal("g1") == []
+    assert db.goals.get("g1").version == 1  # type: ignore[union-attr]
+    db.events.append("g1", "after", 2)  # the write lock was released
+
+
+def test_context_manager_commits_or_rolls_back(db: Database, make_goal: MakeGoal) -> None:
+    with db.transaction() as tx:
+        tx.goals.create(make_goal("kept"))
+    with pytest.raises(RuntimeError), db.transaction() as tx:
+        tx.goals.create(make_goal("dropped"))
+        raise RuntimeError("boom")
+    assert db.goals.get("kept") is not None
+    assert db.goals.get("dropped") is None
+    assert not tx.active
+
+
+def test_closed_transaction_refuses_use(db: Database, make_goal: MakeGoal) -> None:
+    tx = db.transaction()
+    tx.commit()
+    with pytest.raises(TransactionClosed):
+        tx.goals.create(make_goal())
+    with pytest.raises(TransactionClosed):
+        tx.goals.get("g1")
+    with pytest.raises(TransactionClosed):
+        tx.commit()
+    with pytest.raises(TransactionClosed):
+        tx.rollback()
+    tx2 = db.transaction()
+    tx2.rollback()
+    with pytest.raises(TransactionClosed):
+        tx2.events.append("g1", "k", 1)
+
+
+def test_failing_call_changes_nothing_and_keeps_the_transaction(
+    db: Database, make_goal: MakeGoal
+) -> None:
+    tx = db.transaction()
+    tx.goals.create(make_goal("g1"))
+    tx.tasks.create_batch("g1", [TaskRecord(task_id="t0", goal_id="g1", kind="k")])
+    batch = [TaskRecord(task_id=f"t{i}", goal_id="g1", kind="k") for i in (1, 2, 0)]
+    with pytest.raises(Conflict):
+        tx.tasks.create_batch("g1", batch)
+    with pytest.raises(Conflict):
+        tx.goals.create(make_goal("g1"))
+    with pytest.raises(GoalNotFound):
+        tx.events.append("missing", "k", 1)
+    with pytest.raises(InvalidData):
+        tx.events.append_batch("g1", [EventInput(kind="k", payload=object())])
+    assert tx.active
+    assert [t.task_id for t in tx.tasks.get_by_goal("g1")] == ["t0"]
+    tx.events.append("g1", "k", 1)
+    tx.commit()
+    assert [t.task_id for t in db.tasks.get_by_goal("g1")] == ["t0"]
+    assert len(db.events.get_by_goal("g1")) == 1
+
+
+def test_transaction_spans_threads(db: Database, make_goal: MakeGoal) -> None:
+    tx = db.transaction()
+    tx.goals.create(make_goal("g1"))
+
+    def more() -> None:
+        tx.events.append("g1", "from another thread", 1)
+        tx.commit()
+
+    worker = threading.Thread(target=more)
+    worker.start()
+    worker.join(WAIT)
+    assert not tx.active
+    assert len(db.events.get_by_goal("g1")) == 1
+
+
+def test_writers_wait_for_an_open_transaction(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    tx = db.transaction()
+    tx.events.append("g1", "in tx", 1)
+    done = threading.Event()
+
+    def writer() -> None:
+        db.events.append("g1", "outside", 2)
+        done.set()
+
+    worker = threading.Thread(target=writer)
+    worker.start()
+    assert not done.wait(0.2)  # blocked on the write lock
+    with pytest.raises(Busy):
+        db.transaction(timeout=0.05)
+    tx.commit()
+    assert done.wait(WAIT)
+    worker.join(WAIT)
+    assert [e.kind for e in db.events.get_by_goal("g1")] == ["in tx", "outside"]
+
+
+def test_lock_timeout_raises_busy(db_path: Path, make_goal: MakeGoal) -> None:
+    with Database.open(db_path, lock_timeout=0.05) as db:
+        db.goals.create(make_goal("g1"))
+        tx = db.transaction()
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                db.events.append("g1", "k", 1)
+            except Busy as exc:
+                errors.append(exc)
+
+        worker = threading.Thread(target=writer)
+        worker.start()
+        worker.join(WAIT)
+        tx.rollback()
+        assert len(errors) == 1
+
+
+def test_reads_from_another_thread_do_not_wait_for_a_transaction(
+    db: Database, make_goal: MakeGoal
+) -> None:
+    db.goals.create(make_goal("g1"))
+    tx = db.transaction()
+    tx.goals.update_status("g1", "changed", "p")
+    seen: list[str] = []
+
+    def reader() -> None:
+        goal = db.goals.get("g1")
+        assert goal is not None
+        seen.append(goal.status)
+
+    worker = threading.Thread(target=reader)
+    worker.start()
+    worker.join(WAIT)
+    assert not worker.is_alive()
+    assert seen == ["running"]
+    tx.commit()
+    assert db.goals.get("g1").status == "changed"  # type: ignore[union-attr]
+
+
+def test_a_second_handle_reads_while_a_transaction_is_open(
+    db_path: Path, make_goal: MakeGoal
+) -> None:
+    with Database.open(db_path) as first, Database.open(db_path) as second:
+        first.goals.create(make_goal("g1"))
+        tx = first.transaction()
+        tx.events.append("g1", "k", 1)
+        assert second.goals.get("g1") is not None
+        assert second.events.get_by_goal("g1") == []
+        tx.commit()
+        assert len(second.events.get_by_goal("g1")) == 1
+
+
+def test_another_process_holding_the_lock_is_busy(db_path: Path, make_goal: MakeGoal) -> None:
+    with Database.open(db_path, busy_timeout_ms=50) as db:
+        other = sqlite3.connect(db_path, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(Busy):
+                db.goals.create(make_goal("g1"))
+            with pytest.raises(Busy):
+                db.transaction()
+        finally:
+            other.execute("ROLLBACK")
+            other.close()
+        db.goals.create(make_goal("g1"))
+
+
+def test_ten_threads_ten_appends_each(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    start = threading.Barrier(10)
+    ids: list[int] = []
+    lock = threading.Lock()
+
+    def appender(n: int) -> None:
+        start.wait(WAIT)
+        for i in range(10):
+            event = db.events.append("g1", "k", {"thread": n, "i": i})
+            with lock:
+                ids.append(event.event_id)
+
+    threads = [threading.Thread(target=appender, args=(n,)) for n in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    stored = db.events.get_by_goal("g1")
+    assert len(stored) == 100 and len(set(ids)) == 100
+    assert [e.event_id for e in stored] == sorted(ids)
+    for n in range(10):
+        mine = [e.payload["i"] for e in stored if e.payload["thread"] == n]
+        assert mine == list(range(10))
+
+
+def test_concurrent_transactions_are_serialized(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+
+    def bump() -> None:
+        for _ in range(10):
+            with db.transaction() as tx:
+                goal = tx.goals.get("g1")
+                assert goal is not None
+                tx.goals.update("g1", goal.version, {"max_agents": goal.version})
+
+    threads = [threading.Thread(target=bump) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(WAIT)
+    assert db.goals.get("g1").version == 41  # type: ignore[union-attr]
+
+
+def test_backup_and_restore(db: Database, make_goal: MakeGoal, tmp_path: Path) -> None:
+    db.goals.create(make_goal("g1", failure={"deep": [1, {"x": 2**70}]}))
+    db.events.append_batch("g1", [EventInput(kind="k", payload=i) for i in range(50)])
+    dest = tmp_path / "backups" / "copy.db"
+    dest.parent.mkdir()
+    written = db.backup_to(dest)
+    assert written == dest.stat().st_size > 0
+    assert check_database(dest) == []
+    assert list(dest.parent.iterdir()) == [dest]  # no temporary file left
+    db.goals.delete("g1")
+    with Database.open(dest) as restored:
+        assert restored.goals.get("g1") == make_goal("g1", failure={"deep": [1, {"x": 2**70}]})
+        assert [e.payload for e in restored.events.get_by_goal("g1")] == list(range(50))
+    # Backing up again replaces the file.
+    db.backup_to(str(dest))
+    with Database.open(dest) as restored:
+        assert restored.goals.get("g1") is None
+
+
+def test_backup_while_another_thread_keeps_writing(
+    db: Database, make_goal: MakeGoal, tmp_path: Path
+) -> None:
+    db.goals.create(make_goal("g1"))
+    stop = threading.Event()
+    written: list[int] = []
+
+    def writer() -> None:
+        while not stop.is_set():
+            written.append(db.events.append("g1", "k", "x" * 200).event_id)
+
+    worker = threading.Thread(target=writer)
+    worker.start()
+    try:
+        while len(written) < 200:
+            threading.Event().wait(0.005)
+        sizes = [db.backup_to(tmp_path / f"b{i}.db") for i in range(3)]
+    finally:
+        stop.set()
+        worker.join(WAIT)
+    assert all(size > 0 for size in sizes)
+    for i in range(3):
+        assert check_database(tmp_path / f"b{i}.db") == []
+    with Database.open(tmp_path / "b2.db") as copy:
+        copied = copy.events.get_by_goal("g1")
+    assert len(copied) >= 200
+    assert [e.event_id for e in copied] == written[: len(copied)]
+
+
+def test_backup_refuses_bad_destinations(db: Database, tmp_path: Path) -> None:
+    live = db.path
+    for dest in (
+        "relative.db",
+        live,
+        str(live) + "-wal",
+        Path(str(live) + "-shm"),
+        tmp_path,
+        tmp_path / "missing-dir" / "x.db",
+    ):
+        with pytest.raises(InvalidData) as info:
+            db.backup_to(dest)
+        assert info.value.data["field"] == "dest"
+    link = tmp_path / "link.db"
+    link.symlink_to(live)
+    with pytest.raises(InvalidData):
+        db.backup_to(link)
+
+
+def test_checkpoint_truncates_the_wal(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    db.events.append_batch("g1", [EventInput(kind="k", payload=i) for i in range(100)])
+    busy, _, _ = db.checkpoint()
+    assert busy == 0
+    assert Path(str(db.path) + "-wal").stat().st_size == 0
+    with pytest.raises(InvalidData):
+        db.checkpoint("SOMETIMES")
+
+
+def test_close_rolls_back_an_open_transaction(db_path: Path, make_goal: MakeGoal) -> None:
+    db = Database.open(db_path)
+    tx = db.transaction()
+    tx.goals.create(make_goal("g1"))
+    db.close()
+    assert not tx.active
+    with Database.open(db_path) as again:
+        assert again.goals.get("g1") is None
