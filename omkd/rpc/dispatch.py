@@ -30,7 +30,13 @@ from omkd.rpc._jsonrpcserver import (
     dispatch_request,
     to_response,
 )
-from omkd.rpc.errors import InvalidParams, InvalidRequest, TransactionAborted, error_body
+from omkd.rpc.errors import (
+    InvalidParams,
+    InvalidRequest,
+    ParseError,
+    TransactionAborted,
+    error_body,
+)
 from omkd.rpc.methods import METHODS, Access, Method, SessionLike
 from omkd_client.codes import ErrorCode
 
@@ -119,7 +125,7 @@ class Dispatcher:
             items = _BATCH.decode(message)
         except msgspec.ValidationError:
             return encode_error(ErrorCode.INVALID_REQUEST, "a batch must be an array")
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             return encode_error(ErrorCode.PARSE_ERROR, f"parse error: {exc}")
         if not items:
             return encode_error(ErrorCode.INVALID_REQUEST, "an empty batch is not a request")
@@ -135,7 +141,7 @@ class Dispatcher:
                 raise InvalidRequest("id must be a string, a number or null", {"field": "id"})
         except msgspec.ValidationError as exc:
             return encode_error(ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             return encode_error(ErrorCode.PARSE_ERROR, f"parse error: {exc}")
         except InvalidRequest as exc:
             return encode_error(ErrorCode.INVALID_REQUEST, str(exc), exc.data)
@@ -209,3 +215,5 @@ def _decode_params(name: str, decoder: msgspec.json.Decoder[Any], raw: msgspec.R
             f"invalid params for {name}: {detail}",
             {"method": name, "field": field, "detail": detail},
         ) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ParseError(f"params of {name} are not valid JSON: {exc}", {"method": name}) from exc

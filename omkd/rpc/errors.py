@@ -18,6 +18,7 @@ __all__ = [
     "InvalidParams",
     "InvalidRequest",
     "NoTransaction",
+    "ParseError",
     "RpcError",
     "TransactionAborted",
     "TransactionActive",
@@ -32,6 +33,10 @@ class RpcError(Exception):
     def __init__(self, message: str, data: dict[str, Any] | None = None) -> None:
         super().__init__(message)
         self.data: dict[str, Any] = data or {}
+
+
+class ParseError(RpcError):
+    """The message is not valid JSON (or not valid UTF-8)."""
 
 
 class InvalidRequest(RpcError):
@@ -59,6 +64,7 @@ class Busy(RpcError):
 
 
 ERROR_CODES: Final[dict[type[Exception], ErrorCode]] = {
+    ParseError: ErrorCode.PARSE_ERROR,
     InvalidRequest: ErrorCode.INVALID_REQUEST,
     InvalidParams: ErrorCode.INVALID_PARAMS,
     TransactionActive: ErrorCode.TRANSACTION_ACTIVE,

@@ -1,0 +1,247 @@
+"""The wire over a real socket: framings, JSON-RPC 2.0 corners, limits and hostile input."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import struct
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from rpc_helpers import RawClient, goal, running_daemon, short_tempdir
+
+from omkd.rpc.dispatch import Dispatcher
+from omkd.rpc.framing import Framing
+from omkd.server import Daemon
+from omkd_client.codes import ErrorCode
+
+PING = {"jsonrpc": "2.0", "method": "daemon.ping", "id": 1}
+LIMIT = 64 * 1024
+
+
+@pytest.fixture
+async def daemon() -> AsyncIterator[Daemon]:
+    with short_tempdir() as directory:
+        async with running_daemon(directory, max_message_bytes=LIMIT) as d:
+            yield d
+
+
+@pytest.fixture
+async def client(daemon: Daemon) -> AsyncIterator[RawClient]:
+    c = await RawClient.connect(daemon.config.socket_path)
+    yield c
+    await c.aclose()
+
+
+async def test_socket_and_directory_modes(daemon: Daemon) -> None:
+    path = daemon.config.socket_path
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert stat.S_ISSOCK(os.stat(path).st_mode)
+
+
+async def test_created_directories_are_private() -> None:
+    with short_tempdir() as directory:
+        nested = directory / "a" / "b"
+        async with running_daemon(directory, socket_path=str(nested / "omkd.sock")):
+            for d in (directory / "a", nested):
+                assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700  # mkdtemp's, untouched
+
+
+async def test_line_mode(daemon: Daemon) -> None:
+    c = await RawClient.connect(daemon.config.socket_path, Framing.LINE)
+    try:
+        await c.send_bytes(b'{"jsonrpc":"2.0","method":"daemon.ping","id":"a"}\n'
+                           b'[{"jsonrpc":"2.0","method":"daemon.ping","id":1},'
+                           b'{"jsonrpc":"2.0","method":"daemon.ping"}]\n')
+        raw = await c.recv_raw()
+        assert raw == b'{"jsonrpc":"2.0","result":"pong","id":"a"}'
+        assert json.loads(await c.recv_raw() or b"") == [
+            {"jsonrpc": "2.0", "result": "pong", "id": 1}
+        ]
+        await c.send_bytes(b"this is not json\n")
+        assert (await c.recv())["error"]["code"] == ErrorCode.PARSE_ERROR
+        await c.send(PING)
+        assert (await c.recv())["result"] == "pong"
+    finally:
+        await c.aclose()
+
+
+@pytest.mark.parametrize("request_id", ["s", 0, -5, 2**62, 1.5, None])
+async def test_any_id_type_echoed(client: RawClient, request_id: object) -> None:
+    await client.send({**PING, "id": request_id})
+    assert (await client.recv()) == {"jsonrpc": "2.0", "result": "pong", "id": request_id}
+
+
+async def test_invalid_id_type(client: RawClient) -> None:
+    await client.send({**PING, "id": {"no": 1}})
+    reply = await client.recv()
+    assert reply["error"]["code"] == ErrorCode.INVALID_REQUEST and reply["id"] is None
+
+
+async def test_notifications_get_no_reply(client: RawClient) -> None:
+    await client.send({"jsonrpc": "2.0", "method": "goal.create", "params": goal("g1")})
+    await client.send({"jsonrpc": "2.0", "method": "no.such.method"})
+    await client.send([{"jsonrpc": "2.0", "method": "daemon.ping"}])  # a batch of notifications
+    await client.send(PING)
+    assert (await client.recv()) == {"jsonrpc": "2.0", "result": "pong", "id": 1}
+    assert (await client.call("goal.get", goal_id="g1"))["goal_id"] == "g1"
+
+
+async def test_batch_with_bad_elements(client: RawClient) -> None:
+    await client.send([
+        {"jsonrpc": "2.0", "method": "daemon.ping", "id": 1},
+        5,
+        {"jsonrpc": "2.0", "method": "nope", "id": 2},
+        {"jsonrpc": "2.0", "method": "daemon.ping"},
+        {"jsonrpc": "1.0", "method": "daemon.ping", "id": 3},
+        {"jsonrpc": "2.0", "method": "goal.get", "params": {"goal_id": 1}, "id": 4},
+    ])
+    replies = await client.recv()
+    assert [r.get("id") for r in replies] == [1, None, 2, None, 4]
+    codes = [r["error"]["code"] if "error" in r else None for r in replies]
+    assert codes == [None, ErrorCode.INVALID_REQUEST, ErrorCode.METHOD_NOT_FOUND,
+                     ErrorCode.INVALID_REQUEST, ErrorCode.INVALID_PARAMS]
+
+
+async def test_empty_batch(client: RawClient) -> None:
+    await client.send(b"[]")
+    assert (await client.recv())["error"]["code"] == ErrorCode.INVALID_REQUEST
+
+
+@pytest.mark.parametrize(
+    ("payload", "code"),
+    [
+        (b"", ErrorCode.PARSE_ERROR),
+        (b"{", ErrorCode.PARSE_ERROR),
+        (b"\xff\xfe{}", ErrorCode.PARSE_ERROR),
+        (b'{"jsonrpc":"2.0","method":"goal.get","id":null,"params":{"goal_id":"\xff"}}',
+         ErrorCode.PARSE_ERROR),
+        (b"1e999", ErrorCode.INVALID_REQUEST),  # valid JSON, too big for a float, no request
+        (b'"just a string"', ErrorCode.INVALID_REQUEST),
+        (b'{"method":"daemon.ping","id":1}', ErrorCode.INVALID_REQUEST),
+        (b'{"jsonrpc":"2.0","method":"daemon.ping","id":1,"extra":true}',
+         ErrorCode.INVALID_REQUEST),
+    ],
+)
+async def test_malformed_messages_keep_the_connection(
+    client: RawClient, payload: bytes, code: int
+) -> None:
+    await client.send(payload)
+    reply = await client.recv()
+    assert reply["error"]["code"] == code and reply["id"] is None
+    await client.send(PING)
+    assert (await client.recv())["result"] == "pong"
+
+
+async def test_oversize_frame_answers_then_closes(client: RawClient) -> None:
+    await client.send(PING)
+    await client.send_bytes(struct.pack(">I", LIMIT + 1))
+    assert (await client.recv())["result"] == "pong"  # earlier requests are answered first
+    reply = await client.recv()
+    assert reply["error"]["code"] == ErrorCode.INVALID_REQUEST and reply["id"] is None
+    assert reply["error"]["data"] == {"size": LIMIT + 1, "limit": LIMIT}
+    assert await client.recv_raw() is None  # closed
+
+
+async def test_oversize_line_closes(daemon: Daemon) -> None:
+    c = await RawClient.connect(daemon.config.socket_path, Framing.LINE)
+    try:
+        await c.send_bytes(b"{" + b" " * (LIMIT + 10))
+        assert (await c.recv())["error"]["code"] == ErrorCode.INVALID_REQUEST
+        assert await c.recv_raw() is None
+    finally:
+        await c.aclose()
+
+
+async def test_deep_nesting_and_huge_values(client: RawClient) -> None:
+    await client.call("goal.create", **goal("g1"))
+    for depth in (100, 20_000):  # 20,000 levels fit in the 64 KiB limit
+        deep = b"[" * depth + b"1" + b"]" * depth
+        await client.send(b'{"jsonrpc":"2.0","method":"event.append","id":7,"params":'
+                          b'{"goal_id":"g1","kind":"deep","payload":' + deep + b"}}")
+        reply = await client.recv()
+        if depth == 100:
+            assert reply["result"]["kind"] == "deep"
+        else:
+            assert reply["error"]["code"] in (ErrorCode.PARSE_ERROR, ErrorCode.INVALID_PARAMS)
+    huge = {"n": 10**300, "s": "x" * 40_000, "f": 1e308}
+    stored = await client.call("event.append", goal_id="g1", kind="k", payload=huge)
+    assert stored["payload"] == huge
+    await client.send(b'{"jsonrpc":"2.0","method":"goal.get","params":{"goal_id":"g1"},"id":'
+                      + b"9" * 400 + b"}")
+    reply = await client.recv()
+    assert "error" in reply or reply["result"]["goal_id"] == "g1"
+    assert await client.call("daemon.ping") == "pong"
+
+
+async def test_half_sent_message_does_not_delay_others(daemon: Daemon) -> None:
+    slow = await RawClient.connect(daemon.config.socket_path)
+    fast = await RawClient.connect(daemon.config.socket_path)
+    try:
+        await slow.send_bytes(struct.pack(">I", 100) + b'{"jsonrpc"')
+        with trio.fail_after(1):
+            assert await fast.call("daemon.ping") == "pong"
+            await fast.call("goal.create", **goal("g1"))
+    finally:
+        await slow.aclose()
+        await fast.aclose()
+
+
+async def test_random_bytes_never_kill_the_daemon(daemon: Daemon) -> None:
+    rng = __import__("random").Random(1)
+    for _ in range(30):
+        c = await RawClient.connect(daemon.config.socket_path)
+        await c.send_bytes(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))))
+        await c.aclose()
+    c = await RawClient.connect(daemon.config.socket_path)
+    assert await c.call("daemon.ping") == "pong"
+    await c.aclose()
+
+
+class _NullSession:
+    """A session for the bare dispatcher: reads and writes answer from nothing."""
+
+    aborted = False
+
+    def run_read(self, method: object, params: object) -> None:
+        return None
+
+    async def run_write(self, method: object, params: object) -> None:
+        return None
+
+    def __getattr__(self, name: str) -> object:  # tx_begin, subscribe, status, ...
+        async def session_method(*args: object) -> None:
+            return None
+
+        return session_method
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()),
+                 st.builds(lambda m, p, i: json.dumps({"jsonrpc": "2.0", "method": m,
+                                                       "params": p, "id": i}).encode(),
+                           st.sampled_from(sorted(Dispatcher().methods)),
+                           json_values, st.integers() | st.text() | st.none())))
+def test_dispatcher_answers_anything_well_formed(message: bytes) -> None:
+    reply = trio.run(Dispatcher().handle, message, _NullSession())
+    if reply is None:
+        return
+    decoded = json.loads(reply)
+    for item in decoded if isinstance(decoded, list) else [decoded]:
+        assert item["jsonrpc"] == "2.0" and "id" in item
+        assert ("result" in item) != ("error" in item)
+        if "error" in item:
+            assert item["error"]["code"] in {int(c) for c in ErrorCode}
+            assert item["error"]["code"] != ErrorCode.INTERNAL_ERROR, item
