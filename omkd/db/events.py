@@ -18,6 +18,8 @@ from omkd.db.errors import GoalNotFound, InvalidData
 __all__ = ["DEFAULT_TAIL_LIMIT", "EventRepository"]
 
 DEFAULT_TAIL_LIMIT = 1000
+NO_CURSOR = 0
+"""The cursor of "from the start": event ids begin at 1."""
 
 COLUMNS = "event_id, event_uuid, run_id, goal_id, schema_version, kind, actor, payload, created_at"
 
@@ -27,9 +29,11 @@ INSERT = (
     "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 LAST_INSERT_ID = "SELECT last_insert_rowid()"
+# The cursor is a plain range (no cursor: 0, below every event_id) so the (goal_id, event_id)
+# index serves it; "(? IS NULL OR event_id > ?)" would scan the goal's whole log.
 _PAGE = (
-    "FROM events WHERE goal_id = ? AND (? IS NULL OR created_at >= ?) "
-    "AND (? IS NULL OR event_id > ?) ORDER BY event_id LIMIT coalesce(?, -1)"
+    "FROM events WHERE goal_id = ? AND event_id > ? AND (? IS NULL OR created_at >= ?) "
+    "ORDER BY event_id LIMIT coalesce(?, -1)"
 )
 SELECT_PAGE = f"SELECT {COLUMNS} {_PAGE}"
 # The page as one JSON array built by SQLite: no Python object per row. json(payload)
@@ -203,7 +207,8 @@ def _page_params(
             _check_int(value, field)
     if limit is not None and limit < 0:
         raise InvalidData("limit", "must not be negative")
-    return (goal_id, since, since, after_event_id, after_event_id, limit)
+    cursor = NO_CURSOR if after_event_id is None else after_event_id
+    return (goal_id, cursor, since, since, limit)
 
 
 def _batch_row(goal_id: str, index: int, event: EventInput, created_at: int) -> tuple[Any, ...]:

@@ -64,6 +64,9 @@ class Migration:
     sql: str = field(repr=False)
     sha256: str
 
+    def __str__(self) -> str:
+        return self.filename
+
     @property
     def filename(self) -> str:
         """Return the file's name, e.g. ``001_initial.sql``."""
