@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import time
+from collections.abc import Callable
 from typing import Final
 
 import msgspec
@@ -66,36 +67,66 @@ class Daemon:
 
 def open_database(config: Config) -> db.Database:
     """Open and migrate the database; refuse a damaged file with what to do about it."""
+    advice = (
+        f"run `omkd check --db {config.db_path}` for a report, and restore the file from a "
+        f"backup (`omkd backup` writes one)"
+    )
     try:
         database = db.Database.open(config.db_path, synchronous=config.synchronous)
+    except db.StorageFailure as exc:
+        raise StartupError(f"database {config.db_path} is unusable ({exc}); {advice}") from exc
     except db.DbError as exc:
         raise StartupError(f"cannot open database {config.db_path}: {exc}") from exc
     problems = database.quick_check()
     if problems:
         database.close()
         raise StartupError(
-            f"database {config.db_path} is damaged ({'; '.join(problems[:3])}); "
-            f"run `omkd check --db {config.db_path}` for a report and restore it from a "
-            f"backup (`omkd backup` writes one)"
+            f"database {config.db_path} is damaged ({'; '.join(problems[:3])}); {advice}"
         )
     return database
 
 
 async def serve(config: Config) -> int:
-    """Run the daemon until SIGTERM or SIGINT; return the exit status (0)."""
+    """Run the daemon until SIGTERM or SIGINT; return the exit status (0).
+
+    Raises StartupError (bare, not in a group) when the daemon cannot start.
+    """
+    try:
+        return await _serve_until_signalled(config)
+    except BaseExceptionGroup as group:
+        startup, _rest = group.split(StartupError)
+        if startup is None:
+            raise
+        raise _first_leaf(startup) from None
+
+
+def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
+    first = group.exceptions[0]
+    return first if isinstance(first, StartupError) else _first_leaf(first)
+
+
+async def _serve_until_signalled(config: Config) -> int:
     with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
             daemon: Daemon = await nursery.start(run_daemon, config)
             async for signum in signals:
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 break
-            systemd.notify_stopping()
+            _notify(systemd.notify_stopping)
             open_transactions = sum(1 for s in daemon.sessions if s.in_transaction)
             if open_transactions:
                 log.info("rolling back %d open transactions", open_transactions)
             nursery.cancel_scope.cancel()
     log.info("stopped")
     return 0
+
+
+def _notify(send: Callable[[], bool]) -> None:
+    # A notification systemd cannot take is worth a log line, never the daemon.
+    try:
+        send()
+    except (OSError, ValueError) as exc:
+        log.error("systemd notification failed: %s", exc)
 
 
 async def run_daemon(
@@ -109,7 +140,10 @@ async def run_daemon(
     with hold_lock(config.db_path, "database"):
         database = open_database(config)
         try:
-            inherited = systemd.listen_socket()
+            try:
+                inherited = systemd.listen_socket()
+            except ValueError as exc:  # fd 3 is not the listening socket systemd promised
+                raise StartupError(f"socket activation: {exc}") from exc
             if inherited is not None:
                 await _serve_socket(Daemon(config, database), inherited, task_status)
                 return
@@ -142,7 +176,7 @@ async def _serve_socket(
             daemon.db.schema_version,
             os.getpid(),
         )
-        systemd.notify_ready(f"serving {config.db_path}")
+        _notify(lambda: systemd.notify_ready(f"serving {config.db_path}"))
         task_status.started(daemon)
 
 
@@ -167,7 +201,7 @@ async def _accept(daemon: Daemon, listener: trio.SocketListener, nursery: trio.N
 async def _watchdog(interval: float) -> None:
     # From the event loop itself, so that a stuck loop stops the pings and systemd notices.
     while True:
-        systemd.notify_watchdog()
+        _notify(systemd.notify_watchdog)
         await trio.sleep(interval)
 
 

@@ -1,0 +1,154 @@
+"""The daemon as a process: signals, a second daemon, stale sockets, peers, kills."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from proc_helpers import DaemonProcess, SyncConnection, goal_params, sync_call
+from rpc_helpers import short_tempdir
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    with short_tempdir() as directory:
+        yield directory
+
+
+def test_sigterm_rolls_back_checkpoints_and_exits_zero(workdir: Path) -> None:
+    daemon = DaemonProcess(workdir).start()
+    with SyncConnection(daemon.socket_path) as conn:
+        conn.call("goal.create", **goal_params("kept"))
+        conn.call("tx.begin")
+        conn.call("goal.create", **goal_params("uncommitted"))
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0
+    log = daemon.log()
+    assert "received SIGTERM: stopping" in log and "rolling back 1 open transactions" in log
+    assert not daemon.socket_path.exists()
+    wal = Path(f"{daemon.db_path}-wal")
+    assert not wal.exists() or wal.stat().st_size == 0  # checkpointed with TRUNCATE
+    with sqlite3.connect(daemon.db_path) as db:
+        assert db.execute("SELECT goal_id FROM goals").fetchall() == [("kept",)]
+
+
+def test_sigint_also_stops_cleanly(workdir: Path) -> None:
+    daemon = DaemonProcess(workdir).start()
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait() == 0
+
+
+def test_second_daemon_refused(workdir: Path) -> None:
+    with DaemonProcess(workdir) as first:
+        same_socket = DaemonProcess(workdir, db_path=workdir / "other.db").start(wait=False)
+        assert same_socket.wait() != 0
+        assert "already" in same_socket.log() and str(first.socket_path) in same_socket.log()
+        same_db = DaemonProcess(workdir, socket_path=workdir / "other.sock").start(wait=False)
+        assert same_db.wait() != 0
+        assert f"database {first.db_path}" in same_db.log() and "already" in same_db.log()
+        assert sync_call(first.socket_path, "daemon.ping")["result"] == "pong"
+
+
+def test_stale_socket_of_a_killed_daemon_is_replaced(workdir: Path) -> None:
+    first = DaemonProcess(workdir).start()
+    first.signal(signal.SIGKILL)
+    first.wait()
+    assert first.socket_path.exists()  # left behind
+    with DaemonProcess(workdir) as second:
+        assert sync_call(second.socket_path, "daemon.ping")["result"] == "pong"
+
+
+def test_killed_client_frees_the_write_lock_at_once(workdir: Path) -> None:
+    with DaemonProcess(workdir, "--lock-timeout", "30") as daemon:
+        script = textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {str(Path(__file__).parent)!r})
+            from proc_helpers import SyncConnection, goal_params
+            conn = SyncConnection({str(daemon.socket_path)!r})
+            conn.call("tx.begin")
+            conn.call("goal.create", **goal_params("from-killed-client"))
+            print("in transaction", flush=True)
+            sys.stdin.read()
+        """)
+        client = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE)
+        assert client.stdout is not None
+        assert client.stdout.readline() == b"in transaction\n"
+        client.kill()
+        client.wait()
+        started = time.monotonic()
+        with SyncConnection(daemon.socket_path) as conn:
+            conn.call("goal.create", **goal_params("after"))
+            # Well under the 30 s lock timeout: the lock was freed when the client died.
+            assert time.monotonic() - started < 5
+            assert conn.call("goal.get", goal_id="from-killed-client") is None
+        assert client.stdin is not None
+        client.stdin.close()
+        client.stdout.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching to another uid with setpriv needs root")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
+def test_another_uid_is_refused_even_with_loose_modes(workdir: Path) -> None:
+    with DaemonProcess(workdir) as daemon:
+        os.chmod(workdir, 0o755)
+        os.chmod(daemon.socket_path, 0o777)  # someone loosened the modes
+        probe = textwrap.dedent(f"""
+            import socket, struct, json
+            s = socket.socket(socket.AF_UNIX)
+            s.connect({str(daemon.socket_path)!r})
+            body = json.dumps({{"jsonrpc": "2.0", "method": "daemon.ping", "id": 1}}).encode()
+            s.sendall(struct.pack(">I", len(body)) + body)
+            print("reply:", s.recv(100))
+        """)
+        result = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             sys.executable, "-c", probe],
+            capture_output=True, timeout=30, cwd="/",
+        )
+        out = result.stdout.decode() + result.stderr.decode()
+        assert "pong" not in out
+        assert "reply: b''" in out or "Connection reset" in out or "Broken pipe" in out, out
+        assert "refused a connection from uid 65534" in daemon.log()
+        assert sync_call(daemon.socket_path, "daemon.ping")["result"] == "pong"
+
+
+def test_damaged_database_refused_with_advice(workdir: Path) -> None:
+    db_path = workdir / "omk.db"
+    with DaemonProcess(workdir) as daemon:
+        with SyncConnection(daemon.socket_path) as conn:
+            for i in range(200):
+                conn.call("goal.create", **goal_params(f"g{i}"))
+    with open(db_path, "r+b") as f:  # clobber pages past the header
+        f.seek(4096)
+        f.write(os.urandom(8192))
+    broken = DaemonProcess(workdir).start(wait=False)
+    assert broken.wait() != 0
+    log = broken.log()
+    assert "omkd check" in log and "backup" in log
+    assert "Traceback" not in log
+
+
+def test_socket_path_too_long(workdir: Path) -> None:
+    long_path = workdir / ("x" * 120) / "omkd.sock"
+    daemon = DaemonProcess(workdir, socket_path=long_path).start(wait=False)
+    assert daemon.wait() != 0
+    assert "longer than 107 bytes" in daemon.log()
+
+
+def test_unix_socket_peer_check_helper() -> None:
+    from omkd.listen import peer_uid
+
+    a, b = socket.socketpair(socket.AF_UNIX)
+    with a, b:
+        assert peer_uid(a) == os.getuid()
