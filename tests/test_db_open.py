@@ -217,3 +217,16 @@ def test_closed_database_refuses_use(db_path: Path, make_goal: MakeGoal) -> None
         db.goals.create(make_goal())
     with pytest.raises(DatabaseClosed):
         db.transaction()
+
+
+def test_storage_layer_imports_without_trio_or_the_wire() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "for name in ('trio', 'jsonrpcserver', 'omkd.rpc'):\n"
+        "    sys.modules[name] = None\n"
+        "import omkd.db\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)

@@ -466,3 +466,13 @@ def test_artifacts_by_kind_and_delete(db: Database, goal: GoalRecord) -> None:
     assert db.artifacts.delete_by_goal("g1") == 2
     with pytest.raises(GoalNotFound):
         db.artifacts.register("missing", "log", "/x")
+
+
+def test_event_cursor_reads_use_the_index(db: Database) -> None:
+    from omkd.db import events
+
+    for sql in (events.SELECT_PAGE, events.SELECT_PAGE_JSON, events.TAIL_GOAL):
+        params = ("g1",) + (1,) * (sql.count("?") - 1)
+        plan = db._reader.raw.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
+        details = " | ".join(str(row[-1]) for row in plan)
+        assert "events_goal (goal_id=? AND event_id>?)" in details, details

@@ -16,7 +16,7 @@ from omkd_client.records import (
     TaskRecord,
 )
 
-from omkd.db.database import BUSY_TIMEOUT_MS, Database, Transaction, check_database, migrate
+from omkd.db.database import BUSY_TIMEOUT_MS, Database, Transaction, migrate
 from omkd.db.errors import (
     Busy,
     Conflict,
@@ -34,6 +34,7 @@ from omkd.db.errors import (
     TransactionClosed,
     VersionConflict,
 )
+from omkd.db.maintenance import check_database
 from omkd.db.migrate import Migration, default_migrations_dir, load_migrations, pending_migrations
 
 __all__ = [

@@ -41,11 +41,12 @@ from omkd.db.errors import (
 )
 from omkd.db.events import EventRepository
 from omkd.db.goals import GoalRepository
+from omkd.db.maintenance import backup_target, sync_and_rename
 from omkd.db.migrate import Migration, apply_migrations, load_migrations
 from omkd.db.proofs import ProofRepository
 from omkd.db.tasks import TaskRepository
 
-__all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "check_database", "migrate"]
+__all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "migrate"]
 
 BUSY_TIMEOUT_MS = 5000
 """How long SQLite waits for a lock held by another process before answering Busy."""
@@ -67,8 +68,6 @@ CHECKPOINT = {
     mode: f"PRAGMA wal_checkpoint({mode})" for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
 }
 QUICK_CHECK = "PRAGMA quick_check"
-INTEGRITY_CHECK = "PRAGMA integrity_check"
-FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
 VACUUM_INTO = "VACUUM INTO ?"
 BEGIN = "BEGIN IMMEDIATE"
 COMMIT = "COMMIT"
@@ -231,13 +230,13 @@ class Database:
         a directory, a missing directory), StorageFailure.
         """
         self._check_open()
-        target = _backup_target(dest, self._path)
+        target = backup_target(dest, self._path)
         temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
         conn = connect(str(self._path))
         try:
             conn.execute(SET_BUSY_TIMEOUT.format(ms=BUSY_TIMEOUT_MS))
             conn.execute(VACUUM_INTO, (str(temporary),))
-            _sync_and_rename(temporary, target)
+            sync_and_rename(temporary, target)
             return target.stat().st_size
         except BaseException:
             temporary.unlink(missing_ok=True)
@@ -490,66 +489,6 @@ class _TransactionScope:
             except DbError as exc:
                 tx._undo_call(exc)
                 raise
-
-
-def _backup_target(dest: object, live: Path) -> Path:
-    """Return the resolved backup destination; InvalidData if it is not an acceptable one."""
-    if not isinstance(dest, str | os.PathLike):
-        raise InvalidData("dest", "expected a path")
-    path = Path(dest)
-    if not path.is_absolute():
-        raise InvalidData("dest", f"{str(dest)!r} is not an absolute path", dest=str(dest))
-    target = path.resolve()
-    forbidden = {live, *(live.with_name(live.name + s) for s in ("-wal", "-shm", "-journal"))}
-    if target in forbidden:
-        raise InvalidData("dest", f"{target} is the live database", dest=str(dest))
-    if target.is_dir():
-        raise InvalidData("dest", f"{target} is a directory", dest=str(dest))
-    if not target.parent.is_dir():
-        raise InvalidData("dest", f"directory {target.parent} does not exist", dest=str(dest))
-    return target
-
-
-def _sync_and_rename(temporary: Path, target: Path) -> None:
-    """fsync the file, rename it onto ``target`` and fsync the directory: OSError translated."""
-    try:
-        fd = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, target)
-        dir_fd = os.open(target.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as exc:
-        raise StorageFailure(f"cannot write the backup {target}: {exc}", dest=str(target)) from exc
-
-
-def check_database(path: str | os.PathLike[str]) -> list[str]:
-    """Return the problems of the database file at ``path``: empty when it is fine.
-
-    Runs ``PRAGMA integrity_check`` and ``PRAGMA foreign_key_check`` on a read-only
-    connection; a missing or unreadable file is reported as a problem, not raised.
-    """
-    file = Path(path)
-    if not file.is_file():
-        return [f"no database file at {file}"]
-    try:
-        conn = connect(file.resolve().as_uri() + "?mode=ro", uri=True)
-    except DbError as exc:
-        return [f"cannot open {file}: {exc}"]
-    try:
-        problems = [r[0] for r in conn.query(INTEGRITY_CHECK) if r[0] != "ok"]
-        for table, rowid, parent, _ in conn.query(FOREIGN_KEY_CHECK):
-            problems.append(f"{table} row {rowid} references a missing row of {parent}")
-        return problems
-    except DbError as exc:
-        return [f"cannot check {file}: {exc}"]
-    finally:
-        conn.close()
 
 
 def migrate(path: str | os.PathLike[str], *, migrations_dir: Path | None = None) -> list[Migration]:

@@ -1,0 +1,74 @@
+"""Maintenance helpers: backup destinations, durable renames, and checking a database file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from omkd.db._conn import connect
+from omkd.db.errors import DbError, InvalidData, StorageFailure
+
+__all__ = ["backup_target", "check_database", "sync_and_rename"]
+
+INTEGRITY_CHECK = "PRAGMA integrity_check"
+FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
+
+
+def backup_target(dest: object, live: Path) -> Path:
+    """Return the resolved backup destination; InvalidData if it is not an acceptable one."""
+    if not isinstance(dest, str | os.PathLike):
+        raise InvalidData("dest", "expected a path")
+    path = Path(dest)
+    if not path.is_absolute():
+        raise InvalidData("dest", f"{str(dest)!r} is not an absolute path", dest=str(dest))
+    target = path.resolve()
+    forbidden = {live, *(live.with_name(live.name + s) for s in ("-wal", "-shm", "-journal"))}
+    if target in forbidden:
+        raise InvalidData("dest", f"{target} is the live database", dest=str(dest))
+    if target.is_dir():
+        raise InvalidData("dest", f"{target} is a directory", dest=str(dest))
+    if not target.parent.is_dir():
+        raise InvalidData("dest", f"directory {target.parent} does not exist", dest=str(dest))
+    return target
+
+
+def sync_and_rename(temporary: Path, target: Path) -> None:
+    """fsync the file, rename it onto ``target`` and fsync the directory: OSError translated."""
+    try:
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, target)
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as exc:
+        raise StorageFailure(f"cannot write the backup {target}: {exc}", dest=str(target)) from exc
+
+
+def check_database(path: str | os.PathLike[str]) -> list[str]:
+    """Return the problems of the database file at ``path``: empty when it is fine.
+
+    Runs ``PRAGMA integrity_check`` and ``PRAGMA foreign_key_check`` on a read-only
+    connection; a missing or unreadable file is reported as a problem, not raised.
+    """
+    file = Path(path)
+    if not file.is_file():
+        return [f"no database file at {file}"]
+    try:
+        conn = connect(file.resolve().as_uri() + "?mode=ro", uri=True)
+    except DbError as exc:
+        return [f"cannot open {file}: {exc}"]
+    try:
+        problems = [r[0] for r in conn.query(INTEGRITY_CHECK) if r[0] != "ok"]
+        for table, rowid, parent, _ in conn.query(FOREIGN_KEY_CHECK):
+            problems.append(f"{table} row {rowid} references a missing row of {parent}")
+        return problems
+    except DbError as exc:
+        return [f"cannot check {file}: {exc}"]
+    finally:
+        conn.close()
