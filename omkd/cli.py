@@ -45,20 +45,42 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"omkd {omkd.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="run the daemon", epilog=_EXAMPLES,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    serve.add_argument("--socket", help="Unix socket path (default: $OMKD_SOCKET, "
-                       "$XDG_RUNTIME_DIR/omk/omkd.sock, /tmp/omk-UID/omkd.sock)")
+    serve = commands.add_parser(
+        "serve",
+        help="run the daemon",
+        epilog=_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    serve.add_argument(
+        "--socket",
+        help="Unix socket path (default: $OMKD_SOCKET, "
+        "$XDG_RUNTIME_DIR/omk/omkd.sock, /tmp/omk-UID/omkd.sock)",
+    )
     _db_flag(serve)
     serve.add_argument("--config", help="TOML file with any Config field (docs/PROTOCOL.md)")
-    serve.add_argument("--lock-timeout", type=float, metavar="S",
-                       help="seconds a writer waits for another's transaction (default 5)")
-    serve.add_argument("--tx-idle-timeout", type=float, metavar="S",
-                       help="seconds an idle transaction lives (default 60)")
-    serve.add_argument("--max-message-bytes", type=int, metavar="N",
-                       help="largest message accepted (default 16 MiB)")
-    serve.add_argument("--synchronous", choices=["NORMAL", "FULL"],
-                       help="SQLite durability: FULL also survives power loss (default NORMAL)")
+    serve.add_argument(
+        "--lock-timeout",
+        type=float,
+        metavar="S",
+        help="seconds a writer waits for another's transaction (default 5)",
+    )
+    serve.add_argument(
+        "--tx-idle-timeout",
+        type=float,
+        metavar="S",
+        help="seconds an idle transaction lives (default 60)",
+    )
+    serve.add_argument(
+        "--max-message-bytes",
+        type=int,
+        metavar="N",
+        help="largest message accepted (default 16 MiB)",
+    )
+    serve.add_argument(
+        "--synchronous",
+        choices=["NORMAL", "FULL"],
+        help="SQLite durability: FULL also survives power loss (default NORMAL)",
+    )
     serve.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     migrate = commands.add_parser("migrate", help="apply pending schema migrations")
@@ -69,15 +91,22 @@ def _parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="integrity and foreign-key check")
     _db_flag(check)
     units = commands.add_parser("install-units", help="install the systemd user units")
-    units.add_argument("--user", action="store_true", default=True,
-                       help="install for the current user (the only mode; default)")
+    units.add_argument(
+        "--user",
+        action="store_true",
+        default=True,
+        help="install for the current user (the only mode; default)",
+    )
     units.add_argument("--dest", type=Path, help="directory (default ~/.config/systemd/user)")
     return parser
 
 
 def _db_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", help="database path (default: $OMKD_DB, "
-                        "$XDG_STATE_HOME/omk/omk.db, ~/.local/state/omk/omk.db)")
+    parser.add_argument(
+        "--db",
+        help="database path (default: $OMKD_DB, "
+        "$XDG_STATE_HOME/omk/omk.db, ~/.local/state/omk/omk.db)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -16,8 +16,9 @@ from typing import Any
 STARTUP_TIMEOUT = 15.0
 
 
-def sync_call(path: str | Path, method: str, params: dict[str, Any] | None = None,
-              timeout: float = 5.0) -> dict[str, Any]:
+def sync_call(
+    path: str | Path, method: str, params: dict[str, Any] | None = None, timeout: float = 5.0
+) -> dict[str, Any]:
     """One request on a fresh connection, length-prefixed; the whole reply."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
@@ -46,8 +47,14 @@ def recv_frame(sock: socket.socket) -> bytes:
 class DaemonProcess:
     """``python -m omkd serve`` in a subprocess, with its stderr captured to a file."""
 
-    def __init__(self, directory: Path, *args: str, env: dict[str, str] | None = None,
-                 socket_path: Path | None = None, db_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *args: str,
+        env: dict[str, str] | None = None,
+        socket_path: Path | None = None,
+        db_path: Path | None = None,
+    ) -> None:
         self.socket_path = socket_path or directory / "omkd.sock"
         self.db_path = db_path or directory / "omk.db"
         self.log_path = directory / f"omkd-{time.monotonic_ns()}.log"
@@ -56,8 +63,17 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "omkd", "serve", "--socket", str(self.socket_path),
-                "--db", str(self.db_path), *self.args]
+        return [
+            sys.executable,
+            "-m",
+            "omkd",
+            "serve",
+            "--socket",
+            str(self.socket_path),
+            "--db",
+            str(self.db_path),
+            *self.args,
+        ]
 
     def start(self, wait: bool = True) -> DaemonProcess:
         with open(self.log_path, "wb") as log:
@@ -118,8 +134,9 @@ class SyncConnection:
 
     def request(self, method: str, **params: Any) -> dict[str, Any]:
         self.next_id += 1
-        body = json.dumps({"jsonrpc": "2.0", "method": method, "id": self.next_id,
-                           "params": params}).encode()
+        body = json.dumps(
+            {"jsonrpc": "2.0", "method": method, "id": self.next_id, "params": params}
+        ).encode()
         self.sock.sendall(struct.pack(">I", len(body)) + body)
         return json.loads(recv_frame(self.sock))  # type: ignore[no-any-return]
 
@@ -139,5 +156,10 @@ class SyncConnection:
 
 
 def goal_params(goal_id: str) -> dict[str, Any]:
-    return {"goal_id": goal_id, "status": "active", "phase": "plan", "goal_text": "t",
-            "project_dir": "/p"}
+    return {
+        "goal_id": goal_id,
+        "status": "active",
+        "phase": "plan",
+        "goal_text": "t",
+        "project_dir": "/p",
+    }

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from rpc_helpers import RawClient, RpcError, goal, running_daemon, short_tempdir
 
 from omkd.rpc.methods import METHODS
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
+
+from rpc_helpers import RawClient, RpcError, goal, running_daemon, short_tempdir
 
 
 @pytest.fixture
@@ -84,8 +85,7 @@ async def test_goal_list_filters_and_order(client: RawClient) -> None:
         await client.call("goal.create", **goal(f"g{i}", status=status, updated_at=100 + i))
     listed = await client.call("goal.list")
     assert [g["goal_id"] for g in listed] == ["g2", "g1", "g0"]
-    assert set(listed[0]) == {"goal_id", "status", "phase", "goal_text", "created_at",
-                              "updated_at"}
+    assert set(listed[0]) == {"goal_id", "status", "phase", "goal_text", "created_at", "updated_at"}
     active = await client.call("goal.list", status="active")
     assert [g["goal_id"] for g in active] == ["g2", "g0"]
     assert [g["goal_id"] for g in await client.call("goal.list", older_than=102)] == ["g1", "g0"]
@@ -121,9 +121,7 @@ async def test_tasks(client: RawClient) -> None:
     )
     assert await client.call("task.get", task_id="new") is None
     graph = [{"task_id": "a", "kind": "k"}, {"task_id": "b", "kind": "k", "depends_on": ["a"]}]
-    assert await client.call("task.update_task_graph", goal_id="g1", tasks=graph) == {
-        "replaced": 2
-    }
+    assert await client.call("task.update_task_graph", goal_id="g1", tasks=graph) == {"replaced": 2}
     got = await client.call("task.get_by_goal", goal_id="g1")
     assert [(t["task_id"], t["depends_on"]) for t in got] == [("a", None), ("b", ["a"])]
     assert await client.call("task.delete_by_goal", goal_id="g1") == {"deleted": 2}
@@ -132,8 +130,15 @@ async def test_tasks(client: RawClient) -> None:
 async def test_events(client: RawClient) -> None:
     await client.call("goal.create", **goal("g1"))
     payload = {"text": "héllo ✓", "deep": [[[{"n": 2**70}]]], "neg": -(2**80)}
-    first = await client.call("event.append", goal_id="g1", kind="note", payload=payload,
-                              actor="me", run_id="r1", event_uuid="u-1")
+    first = await client.call(
+        "event.append",
+        goal_id="g1",
+        kind="note",
+        payload=payload,
+        actor="me",
+        run_id="r1",
+        event_uuid="u-1",
+    )
     assert first["payload"] == payload and first["actor"] == "me"
     batch = [{"kind": "step", "payload": i} for i in range(5)]
     ids = (await client.call("event.append_batch", goal_id="g1", events=batch))["event_ids"]
@@ -157,8 +162,14 @@ async def test_events(client: RawClient) -> None:
 
 async def test_proofs_budgets_artifacts(client: RawClient) -> None:
     await client.call("goal.create", **goal("g1"))
-    proof = await client.call("proof.upsert", goal_id="g1", status="ready", gates_passed=2,
-                              gates_total=3, changed_files=["a.py"])
+    proof = await client.call(
+        "proof.upsert",
+        goal_id="g1",
+        status="ready",
+        gates_passed=2,
+        gates_total=3,
+        changed_files=["a.py"],
+    )
     assert proof["changed_files"] == ["a.py"] and proof["post_mutation_gates_ran"] is False
     again = await client.call("proof.upsert", goal_id="g1", status="final", gates_total=3)
     assert (await client.call("proof.get", goal_id="g1"))["status"] == again["status"] == "final"
@@ -170,13 +181,15 @@ async def test_proofs_budgets_artifacts(client: RawClient) -> None:
     assert await client.call("proof.get", goal_id="g1") is None
 
     for i in range(3):
-        cp = await client.call("budget.append_checkpoint", goal_id="g1", label=f"c{i}",
-                               estimated_cost_usd=100 * i)
+        cp = await client.call(
+            "budget.append_checkpoint", goal_id="g1", label=f"c{i}", estimated_cost_usd=100 * i
+        )
         assert isinstance(cp["checkpoint_id"], int)
     cps = await client.call("budget.get_by_goal", goal_id="g1")
     assert [c["label"] for c in cps] == ["c0", "c1", "c2"]
-    float_money = await client.error("budget.append_checkpoint", goal_id="g1",
-                                     estimated_cost_usd=1.5)
+    float_money = await client.error(
+        "budget.append_checkpoint", goal_id="g1", estimated_cost_usd=1.5
+    )
     assert float_money["code"] == ErrorCode.INVALID_PARAMS
     assert float_money["data"]["field"] == "estimated_cost_usd"
     assigned = await client.error("budget.append_checkpoint", goal_id="g1", checkpoint_id=7)
@@ -184,15 +197,17 @@ async def test_proofs_budgets_artifacts(client: RawClient) -> None:
     assert await client.call("budget.delete_by_goal", goal_id="g1") == {"deleted": 3}
 
     a = await client.call("artifact.register", goal_id="g1", kind="log", path="/a.log")
-    await client.call("artifact.register", goal_id="g1", kind="diff", path="/b.diff",
-                      mime_type="text/x-diff")
+    await client.call(
+        "artifact.register", goal_id="g1", kind="diff", path="/b.diff", mime_type="text/x-diff"
+    )
     assert [x["path"] for x in await client.call("artifact.get_by_goal", goal_id="g1")] == [
-        "/a.log", "/b.diff"]
+        "/a.log",
+        "/b.diff",
+    ]
     logs = await client.call("artifact.get_by_goal", goal_id="g1", kind="log")
     assert [x["artifact_id"] for x in logs] == [a["artifact_id"]]
     assert await client.call("artifact.delete", artifact_id=a["artifact_id"]) == {"deleted": True}
-    assert await client.call("artifact.delete", artifact_id=a["artifact_id"]) == {
-        "deleted": False}
+    assert await client.call("artifact.delete", artifact_id=a["artifact_id"]) == {"deleted": False}
     assert await client.call("artifact.delete_by_goal", goal_id="g1") == {"deleted": 1}
 
 

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from proc_helpers import DaemonProcess, SyncConnection, goal_params, sync_call
 from rpc_helpers import short_tempdir
 
@@ -80,8 +81,9 @@ def test_killed_client_frees_the_write_lock_at_once(workdir: Path) -> None:
             print("in transaction", flush=True)
             sys.stdin.read()
         """)
-        client = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE)
+        client = subprocess.Popen(
+            [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
         assert client.stdout is not None
         assert client.stdout.readline() == b"in transaction\n"
         client.kill()
@@ -112,9 +114,18 @@ def test_another_uid_is_refused_even_with_loose_modes(workdir: Path) -> None:
             print("reply:", s.recv(100))
         """)
         result = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             sys.executable, "-c", probe],
-            capture_output=True, timeout=30, cwd="/",
+            [
+                "setpriv",
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                sys.executable,
+                "-c",
+                probe,
+            ],
+            capture_output=True,
+            timeout=30,
+            cwd="/",
         )
         out = result.stdout.decode() + result.stderr.decode()
         assert "pong" not in out
@@ -125,10 +136,9 @@ def test_another_uid_is_refused_even_with_loose_modes(workdir: Path) -> None:
 
 def test_damaged_database_refused_with_advice(workdir: Path) -> None:
     db_path = workdir / "omk.db"
-    with DaemonProcess(workdir) as daemon:
-        with SyncConnection(daemon.socket_path) as conn:
-            for i in range(200):
-                conn.call("goal.create", **goal_params(f"g{i}"))
+    with DaemonProcess(workdir) as daemon, SyncConnection(daemon.socket_path) as conn:
+        for i in range(200):
+            conn.call("goal.create", **goal_params(f"g{i}"))
     with open(db_path, "r+b") as f:  # clobber pages past the header
         f.seek(4096)
         f.write(os.urandom(8192))

@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-from rpc_helpers import RawClient, RpcError, goal, running_daemon, short_tempdir
 
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
+
+from rpc_helpers import RawClient, RpcError, goal, running_daemon, short_tempdir
 
 
 @pytest.fixture
@@ -186,15 +187,13 @@ async def test_subscription_backlog_goal_filter_and_unsubscribe(daemon: Daemon) 
     with trio.fail_after(2):
         kinds = [(await sub.notification())["params"]["event"]["kind"] for _ in range(2)]
     assert kinds == ["a", "c"]
-    everything = (await sub.call("event.subscribe", after_event_id=first["event_id"]))
+    everything = await sub.call("event.subscribe", after_event_id=first["event_id"])
     with trio.fail_after(2):
         notes = [await sub.notification() for _ in range(2)]
     assert [n["params"]["event"]["kind"] for n in notes] == ["b", "c"]
     assert {n["params"]["subscription"] for n in notes} == {everything["subscription"]}
     assert await sub.call("event.unsubscribe", subscription=sid) == {"unsubscribed": True}
-    assert (await sub.error("event.unsubscribe", subscription=sid))["code"] == (
-        ErrorCode.NOT_FOUND
-    )
+    assert (await sub.error("event.unsubscribe", subscription=sid))["code"] == (ErrorCode.NOT_FOUND)
 
 
 async def test_sixteen_sessions_mixing_transactions_and_single_writes(daemon: Daemon) -> None:

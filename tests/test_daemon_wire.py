@@ -12,12 +12,13 @@ import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from rpc_helpers import RawClient, goal, running_daemon, short_tempdir
 
 from omkd.rpc.dispatch import Dispatcher
 from omkd.rpc.framing import Framing
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
+
+from rpc_helpers import RawClient, goal, running_daemon, short_tempdir
 
 PING = {"jsonrpc": "2.0", "method": "daemon.ping", "id": 1}
 LIMIT = 64 * 1024
@@ -55,9 +56,11 @@ async def test_created_directories_are_private() -> None:
 async def test_line_mode(daemon: Daemon) -> None:
     c = await RawClient.connect(daemon.config.socket_path, Framing.LINE)
     try:
-        await c.send_bytes(b'{"jsonrpc":"2.0","method":"daemon.ping","id":"a"}\n'
-                           b'[{"jsonrpc":"2.0","method":"daemon.ping","id":1},'
-                           b'{"jsonrpc":"2.0","method":"daemon.ping"}]\n')
+        await c.send_bytes(
+            b'{"jsonrpc":"2.0","method":"daemon.ping","id":"a"}\n'
+            b'[{"jsonrpc":"2.0","method":"daemon.ping","id":1},'
+            b'{"jsonrpc":"2.0","method":"daemon.ping"}]\n'
+        )
         raw = await c.recv_raw()
         assert raw == b'{"jsonrpc":"2.0","result":"pong","id":"a"}'
         assert json.loads(await c.recv_raw() or b"") == [
@@ -93,19 +96,26 @@ async def test_notifications_get_no_reply(client: RawClient) -> None:
 
 
 async def test_batch_with_bad_elements(client: RawClient) -> None:
-    await client.send([
-        {"jsonrpc": "2.0", "method": "daemon.ping", "id": 1},
-        5,
-        {"jsonrpc": "2.0", "method": "nope", "id": 2},
-        {"jsonrpc": "2.0", "method": "daemon.ping"},
-        {"jsonrpc": "1.0", "method": "daemon.ping", "id": 3},
-        {"jsonrpc": "2.0", "method": "goal.get", "params": {"goal_id": 1}, "id": 4},
-    ])
+    await client.send(
+        [
+            {"jsonrpc": "2.0", "method": "daemon.ping", "id": 1},
+            5,
+            {"jsonrpc": "2.0", "method": "nope", "id": 2},
+            {"jsonrpc": "2.0", "method": "daemon.ping"},
+            {"jsonrpc": "1.0", "method": "daemon.ping", "id": 3},
+            {"jsonrpc": "2.0", "method": "goal.get", "params": {"goal_id": 1}, "id": 4},
+        ]
+    )
     replies = await client.recv()
     assert [r.get("id") for r in replies] == [1, None, 2, None, 4]
     codes = [r["error"]["code"] if "error" in r else None for r in replies]
-    assert codes == [None, ErrorCode.INVALID_REQUEST, ErrorCode.METHOD_NOT_FOUND,
-                     ErrorCode.INVALID_REQUEST, ErrorCode.INVALID_PARAMS]
+    assert codes == [
+        None,
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.METHOD_NOT_FOUND,
+        ErrorCode.INVALID_REQUEST,
+        ErrorCode.INVALID_PARAMS,
+    ]
 
 
 async def test_empty_batch(client: RawClient) -> None:
@@ -119,13 +129,17 @@ async def test_empty_batch(client: RawClient) -> None:
         (b"", ErrorCode.PARSE_ERROR),
         (b"{", ErrorCode.PARSE_ERROR),
         (b"\xff\xfe{}", ErrorCode.PARSE_ERROR),
-        (b'{"jsonrpc":"2.0","method":"goal.get","id":null,"params":{"goal_id":"\xff"}}',
-         ErrorCode.PARSE_ERROR),
+        (
+            b'{"jsonrpc":"2.0","method":"goal.get","id":null,"params":{"goal_id":"\xff"}}',
+            ErrorCode.PARSE_ERROR,
+        ),
         (b"1e999", ErrorCode.INVALID_REQUEST),  # valid JSON, too big for a float, no request
         (b'"just a string"', ErrorCode.INVALID_REQUEST),
         (b'{"method":"daemon.ping","id":1}', ErrorCode.INVALID_REQUEST),
-        (b'{"jsonrpc":"2.0","method":"daemon.ping","id":1,"extra":true}',
-         ErrorCode.INVALID_REQUEST),
+        (
+            b'{"jsonrpc":"2.0","method":"daemon.ping","id":1,"extra":true}',
+            ErrorCode.INVALID_REQUEST,
+        ),
     ],
 )
 async def test_malformed_messages_keep_the_connection(
@@ -162,8 +176,10 @@ async def test_deep_nesting_and_huge_values(client: RawClient) -> None:
     await client.call("goal.create", **goal("g1"))
     for depth in (100, 20_000):  # 20,000 levels fit in the 64 KiB limit
         deep = b"[" * depth + b"1" + b"]" * depth
-        await client.send(b'{"jsonrpc":"2.0","method":"event.append","id":7,"params":'
-                          b'{"goal_id":"g1","kind":"deep","payload":' + deep + b"}}")
+        await client.send(
+            b'{"jsonrpc":"2.0","method":"event.append","id":7,"params":'
+            b'{"goal_id":"g1","kind":"deep","payload":' + deep + b"}}"
+        )
         reply = await client.recv()
         if depth == 100:
             assert reply["result"]["kind"] == "deep"
@@ -172,8 +188,9 @@ async def test_deep_nesting_and_huge_values(client: RawClient) -> None:
     huge = {"n": 10**300, "s": "x" * 40_000, "f": 1e308}
     stored = await client.call("event.append", goal_id="g1", kind="k", payload=huge)
     assert stored["payload"] == huge
-    await client.send(b'{"jsonrpc":"2.0","method":"goal.get","params":{"goal_id":"g1"},"id":'
-                      + b"9" * 400 + b"}")
+    await client.send(
+        b'{"jsonrpc":"2.0","method":"goal.get","params":{"goal_id":"g1"},"id":' + b"9" * 400 + b"}"
+    )
     reply = await client.recv()
     assert "error" in reply or reply["result"]["goal_id"] == "g1"
     assert await client.call("daemon.ping") == "pong"
@@ -229,11 +246,20 @@ json_values = st.recursive(
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(st.one_of(st.binary(max_size=300), json_values.map(lambda v: json.dumps(v).encode()),
-                 st.builds(lambda m, p, i: json.dumps({"jsonrpc": "2.0", "method": m,
-                                                       "params": p, "id": i}).encode(),
-                           st.sampled_from(sorted(Dispatcher().methods)),
-                           json_values, st.integers() | st.text() | st.none())))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.builds(
+            lambda m, p, i: json.dumps(
+                {"jsonrpc": "2.0", "method": m, "params": p, "id": i}
+            ).encode(),
+            st.sampled_from(sorted(Dispatcher().methods)),
+            json_values,
+            st.integers() | st.text() | st.none(),
+        ),
+    )
+)
 def test_dispatcher_answers_anything_well_formed(message: bytes) -> None:
     reply = trio.run(Dispatcher().handle, message, _NullSession())
     if reply is None:

@@ -18,8 +18,9 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
     return Path(f"/tmp/omk-{os.getuid()}") / "omkd.sock"
 
 
-def resolve_socket_path(flag: str | os.PathLike[str] | None = None,
-                        env: Mapping[str, str] | None = None) -> Path:
+def resolve_socket_path(
+    flag: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Path:
     """Return the socket path: the flag, else ``$OMKD_SOCKET``, else the default."""
     env = os.environ if env is None else env
     if flag:

@@ -17,5 +17,13 @@ with warnings.catch_warnings():
     from jsonrpcserver.sentinels import NODATA, NOID
     from oslash.either import Left
 
-__all__ = ["NODATA", "NOID", "Error", "Left", "Request", "Success", "dispatch_request",
-           "to_response"]
+__all__ = [
+    "NODATA",
+    "NOID",
+    "Error",
+    "Left",
+    "Request",
+    "Success",
+    "dispatch_request",
+    "to_response",
+]

@@ -16,7 +16,7 @@ from __future__ import annotations
 import inspect
 import logging
 import re
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, cast
 
 import msgspec
 
@@ -37,7 +37,7 @@ from omkd.rpc.errors import (
     TransactionAborted,
     error_body,
 )
-from omkd.rpc.methods import METHODS, Access, Method, SessionLike
+from omkd.rpc.methods import METHODS, Access, Method, SessionFn, SessionLike
 from omkd_client.codes import ErrorCode
 
 __all__ = ["DispatchSession", "Dispatcher", "encode_error"]
@@ -102,9 +102,7 @@ _ENCODER: Final = msgspec.json.Encoder()
 _EMPTY_OBJECT: Final = b"{}"
 
 
-def encode_error(
-    code: int, message: str, data: Any = None, id: msgspec.Raw = _NULL
-) -> bytes:
+def encode_error(code: int, message: str, data: Any = None, id: msgspec.Raw = _NULL) -> bytes:
     """Return an error reply, by default with id null."""
     return _ENCODER.encode(_Failure("2.0", _ErrorObject(code, message, data), id))
 
@@ -180,9 +178,7 @@ class Dispatcher:
         route.__signature__ = inspect.signature(route)  # type: ignore[attr-defined]
         return route
 
-    async def _invoke(
-        self, method: Method, decoder: msgspec.json.Decoder[Any], call: _Call
-    ) -> Any:
+    async def _invoke(self, method: Method, decoder: msgspec.json.Decoder[Any], call: _Call) -> Any:
         params = _decode_params(method.name, decoder, call.params)
         session = call.session
         if session.aborted and not method.when_aborted:
@@ -195,7 +191,7 @@ class Dispatcher:
             return session.run_read(method, params)
         if method.access is Access.WRITE:
             return await session.run_write(method, params)
-        return await method.run(session, params)  # type: ignore[call-arg,misc]
+        return await cast(SessionFn, method.run)(session, params)
 
 
 def _decode_params(name: str, decoder: msgspec.json.Decoder[Any], raw: msgspec.Raw) -> Any:

@@ -21,7 +21,6 @@ from omkd_client.codes import ErrorCode
 from omkd_client.records import (
     ArtifactRecord,
     BudgetCheckpoint,
-    EventInput,
     EventRecord,
     GoalFilter,
     GoalRecord,
@@ -81,6 +80,11 @@ _CONFLICT = ErrorCode.CONFLICT
 
 def _goal_list(r: Repos, p: P.GoalList) -> list[GoalSummary]:
     return r.goals.list(GoalFilter(**msgspec.structs.asdict(p)))
+
+
+def _goal_delete(r: Repos, p: P.GoalId) -> P.DeletedFlag:
+    r.goals.delete(p.goal_id)  # raises GoalNotFound
+    return P.DeletedFlag(True)
 
 
 def _task_records(p: P.TaskBatch) -> list[TaskRecord]:
@@ -149,6 +153,7 @@ def _session(
 
 R, W = Access.READ, Access.WRITE
 
+# fmt: off
 _TABLE: tuple[Method, ...] = (
     _repo("goal.create", GoalRecord, GoalRecord, W, lambda r, p: r.goals.create(p),
           "Create a goal; fails if goal_id exists.", _CONFLICT),
@@ -167,8 +172,7 @@ _TABLE: tuple[Method, ...] = (
           "Touch a goal's updated_at; its version does not change.", _NF),
     _repo("goal.list", P.GoalList, list[GoalSummary], R, _goal_list,
           "Goal summaries, newest updated_at first, filtered."),
-    _repo("goal.delete", P.GoalId, P.DeletedFlag, W,
-          lambda r, p: P.DeletedFlag(r.goals.delete(p.goal_id) is None),
+    _repo("goal.delete", P.GoalId, P.DeletedFlag, W, _goal_delete,
           "Delete a goal with its tasks, events, proof, checkpoints and artifacts.", _NF),
     _repo("task.create_batch", P.TaskBatch, P.Created, W,
           lambda r, p: P.Created(r.tasks.create_batch(p.goal_id, _task_records(p))),
@@ -243,7 +247,8 @@ _TABLE: tuple[Method, ...] = (
              "The daemon's version, paths, pid, uptime and live counts.", when_aborted=True),
     _session("rpc.discover", P.NoParams, dict[str, Any], lambda s, p: s.discover(),
              "An OpenRPC document of every method.", when_aborted=True),
-)  # fmt: skip
+)
+# fmt: on
 
 
 async def _pong() -> str:
@@ -251,6 +256,3 @@ async def _pong() -> str:
 
 
 METHODS: Mapping[str, Method] = {m.name: m for m in _TABLE}
-
-# Keep the imports the table needs for its result types visible to linters.
-_ = EventInput

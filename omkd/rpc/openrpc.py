@@ -52,6 +52,7 @@ def _method(
             for name, schema in params_schema.get("properties", {}).items()
         ],
         "result": {"name": "result", "schema": result},
-        "errors": [{"code": int(code), "message": ErrorCode(code).name.lower()}
-                   for code in method.errors],
+        "errors": [
+            {"code": int(code), "message": ErrorCode(code).name.lower()} for code in method.errors
+        ],
     }

@@ -33,7 +33,7 @@ import trio
 
 from omkd import db
 from omkd.rpc import params as P
-from omkd.rpc.errors import Busy, NoTransaction, TransactionActive, TransactionAborted
+from omkd.rpc.errors import Busy, NoTransaction, TransactionAborted, TransactionActive
 from omkd.rpc.methods import Method
 from omkd.rpc.outbox import Outbox
 from omkd_client.records import EventRecord
