@@ -4,18 +4,6 @@ Synchronous, thread-safe and unaware of trio or the wire. Start with :meth:`Data
 see ``omkd.db.database`` for how reads, writes and transactions share the file.
 """
 
-from omkd_client.records import (
-    ArtifactRecord,
-    BudgetCheckpoint,
-    EventInput,
-    EventRecord,
-    GoalFilter,
-    GoalRecord,
-    GoalSummary,
-    ProofRecord,
-    TaskRecord,
-)
-
 from omkd.db.database import BUSY_TIMEOUT_MS, Database, Transaction, migrate
 from omkd.db.errors import (
     Busy,
@@ -36,6 +24,17 @@ from omkd.db.errors import (
 )
 from omkd.db.maintenance import check_database
 from omkd.db.migrate import Migration, default_migrations_dir, load_migrations, pending_migrations
+from omkd_client.records import (
+    ArtifactRecord,
+    BudgetCheckpoint,
+    EventInput,
+    EventRecord,
+    GoalFilter,
+    GoalRecord,
+    GoalSummary,
+    ProofRecord,
+    TaskRecord,
+)
 
 __all__ = [
     "BUSY_TIMEOUT_MS",

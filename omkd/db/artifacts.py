@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from omkd_client.records import ArtifactRecord
-
 from omkd.db._codec import RowCodec, validate
 from omkd.db._conn import Scope
 from omkd.db.errors import InvalidData
+from omkd_client.records import ArtifactRecord
 
 __all__ = ["ArtifactRepository"]
 

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from omkd_client.records import BudgetCheckpoint
-
 from omkd.db._codec import RowCodec, named_params
 from omkd.db._conn import Scope
+from omkd_client.records import BudgetCheckpoint
 
 __all__ = ["BudgetRepository"]
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from omkd_client.records import EventInput, EventRecord, now
-
 from omkd.db import _json
 from omkd.db._codec import RowCodec, validate
 from omkd.db._conn import Scope
 from omkd.db.errors import GoalNotFound, InvalidData
+from omkd_client.records import EventInput, EventRecord, now
 
 __all__ = ["DEFAULT_TAIL_LIMIT", "EventRepository"]
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 from typing import Any
 
 import msgspec
-from omkd_client.records import GoalFilter, GoalRecord, GoalSummary, now
 
 from omkd.db._codec import RowCodec, field_of, named_params
 from omkd.db._conn import Scope
 from omkd.db.errors import GoalNotFound, InvalidData, VersionConflict
+from omkd_client.records import GoalFilter, GoalRecord, GoalSummary, now
 
 __all__ = ["GoalRepository"]
 

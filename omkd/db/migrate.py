@@ -19,11 +19,10 @@ import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omkd_client.records import now
-
 import omkd
 from omkd.db._conn import Conn, connect, rollback_quietly
 from omkd.db.errors import DbError, MigrationFailed, MigrationMismatch, SchemaTooNew
+from omkd_client.records import now
 
 __all__ = [
     "Migration",

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from omkd_client.records import TaskRecord, now
-
 from omkd.db import _json
 from omkd.db._codec import RowCodec, named_params
 from omkd.db._conn import Conn, Scope
 from omkd.db.errors import Conflict, GoalNotFound, InvalidData, TaskNotFound
+from omkd_client.records import TaskRecord, now
 
 __all__ = ["TaskRepository"]
 
