@@ -78,10 +78,6 @@ _NF = ErrorCode.NOT_FOUND
 _CONFLICT = ErrorCode.CONFLICT
 
 
-def _goal_list(r: Repos, p: P.GoalList) -> list[GoalSummary]:
-    return r.goals.list(GoalFilter(**msgspec.structs.asdict(p)))
-
-
 def _goal_delete(r: Repos, p: P.GoalId) -> P.DeletedFlag:
     r.goals.delete(p.goal_id)  # raises GoalNotFound
     return P.DeletedFlag(True)
@@ -170,7 +166,7 @@ _TABLE: tuple[Method, ...] = (
           _NF, ErrorCode.VERSION_CONFLICT),
     _repo("goal.heartbeat", P.GoalId, GoalRecord, W, lambda r, p: r.goals.heartbeat(p.goal_id),
           "Touch a goal's updated_at; its version does not change.", _NF),
-    _repo("goal.list", P.GoalList, list[GoalSummary], R, _goal_list,
+    _repo("goal.list", GoalFilter, list[GoalSummary], R, lambda r, p: r.goals.list(p),
           "Goal summaries, newest updated_at first, filtered."),
     _repo("goal.delete", P.GoalId, P.DeletedFlag, W, _goal_delete,
           "Delete a goal with its tasks, events, proof, checkpoints and artifacts.", _NF),

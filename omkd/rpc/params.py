@@ -72,14 +72,6 @@ class GoalUpdate(Params):
     changes: dict[str, Any]
 
 
-class GoalList(Params):
-    status: str | None = None
-    phase: str | None = None
-    kind: str | None = None
-    older_than: int | None = None
-    limit: int | None = None
-
-
 class TaskBatch(Params):
     goal_id: str
     tasks: list[TaskItem]
