@@ -41,6 +41,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     inbox_messages: int = 16
     # Seconds a subscriber may leave its outbox full before it is cut off.
     subscriber_stall_timeout: float = 30.0
+    # Seconds a client may leave its replies unread (outbox full) before it is disconnected;
+    # until then it holds whatever it holds, its transaction and the write lock included.
+    reply_stall_timeout: float = 30.0
     # Events fetched per query when feeding a subscription.
     page_size: int = 500
     # Pending connections the kernel may hold before accept().
@@ -49,7 +52,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     accept_retry_delay: float = 0.1
 
     def __post_init__(self) -> None:
-        for name in ("lock_timeout", "tx_idle_timeout", "subscriber_stall_timeout"):
+        for name in (
+            "lock_timeout",
+            "tx_idle_timeout",
+            "subscriber_stall_timeout",
+            "reply_stall_timeout",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
         for name in ("max_message_bytes", "outbox_bytes", "inbox_messages", "page_size"):

@@ -237,3 +237,22 @@ async def retrying(client: RawClient, method: str, **params: object) -> None:
         except RpcError as exc:
             if exc.code != ErrorCode.BUSY:
                 raise
+
+
+async def test_client_that_stops_reading_is_disconnected_and_frees_the_lock() -> None:
+    with short_tempdir() as directory:
+        async with running_daemon(
+            directory, outbox_bytes=64 * 1024, reply_stall_timeout=0.3, lock_timeout=5
+        ) as daemon:
+            hog = await connect(daemon)
+            await hog.call("goal.create", **goal("g1", goal_text="x" * 60_000))
+            await hog.call("tx.begin")
+            await hog.call("goal.create", **goal("uncommitted"))
+            request = b'{"jsonrpc":"2.0","method":"goal.get","params":{"goal_id":"g1"},"id":1}'
+            for _ in range(200):  # ~12 MB of replies, never read
+                await hog.send(request)
+            other = await connect(daemon)
+            with trio.fail_after(4):  # under the lock timeout: the hog was cut off
+                await other.call("tx.begin")
+            assert await other.call("goal.get", goal_id="uncommitted") is None
+            await other.call("tx.rollback")

@@ -65,9 +65,13 @@ class _Connection:
             nursery.start_soon(self._read)
             nursery.start_soon(self._write, nursery.cancel_scope)
             try:
-                await self._work()
+                finished = await self._work()
             finally:
                 self.outbox.close()
+            # The writer sends what is queued and ends the connection; a client that will not
+            # read it gets the stall timeout, and one that stalled already gets nothing more.
+            stall = self.daemon.config.reply_stall_timeout if finished else 0
+            nursery.cancel_scope.deadline = trio.current_time() + stall
 
     async def _read(self) -> None:
         async with self.inbox_send:
@@ -91,7 +95,8 @@ class _Connection:
                         break
                     await self.inbox_send.send(message)
 
-    async def _work(self) -> None:
+    async def _work(self) -> bool:
+        """Answer messages until the client is done (True) or stopped reading (False)."""
         session = self.session
         idle_timeout = self.daemon.config.tx_idle_timeout
         while True:
@@ -101,26 +106,33 @@ class _Connection:
                 try:
                     message = await self.inbox.receive()
                 except trio.EndOfChannel:
-                    return
+                    return True
             if message is None:
                 session.idle_abort()
             elif isinstance(message, _Oversize):
-                await self._refuse_oversize(message.error)
-                return
+                self._refuse_oversize(message.error)
+                return True
             else:
                 reply = await self.daemon.dispatcher.handle(message, session)
-                if reply is not None:
-                    await self.outbox.put(self._frame(reply))
+                if reply is not None and not await self.outbox.put_before(
+                    self._frame(reply), self.daemon.config.reply_stall_timeout
+                ):
+                    log.warning(
+                        "session %d: client left its replies unread for %g s; disconnected",
+                        session.id,
+                        self.daemon.config.reply_stall_timeout,
+                    )
+                    return False
                 session.start_pending()
 
-    async def _refuse_oversize(self, error: FrameTooLarge) -> None:
+    def _refuse_oversize(self, error: FrameTooLarge) -> None:
         log.warning("session %d: %s; closing", self.session.id, error)
         reply = encode_error(
             ErrorCode.INVALID_REQUEST,
             f"{error}; the connection is closed (raise --max-message-bytes if this is needed)",
             {"size": error.size, "limit": error.limit},
         )
-        await self.outbox.put(self._frame(reply))
+        self.outbox.force(self._frame(reply))  # small, and the last: past the bound is fine
 
     async def _write(self, cancel_scope: trio.CancelScope) -> None:
         try:
