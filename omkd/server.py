@@ -145,6 +145,7 @@ async def run_daemon(
             except ValueError as exc:  # fd 3 is not the listening socket systemd promised
                 raise StartupError(f"socket activation: {exc}") from exc
             if inherited is not None:
+                config = _activated_config(config, inherited)
                 await _serve_socket(Daemon(config, database), inherited, task_status)
                 return
             with hold_lock(config.socket_path, "socket"):
@@ -156,6 +157,14 @@ async def run_daemon(
         finally:
             _checkpoint(database)
             database.close()
+
+
+def _activated_config(config: Config, sock: socket.socket) -> Config:
+    # systemd chose the socket: report and log its path, not the one --socket would bind.
+    name = sock.getsockname()
+    if isinstance(name, str) and name:
+        return msgspec.structs.replace(config, socket_path=name)
+    return config
 
 
 async def _serve_socket(
