@@ -98,6 +98,7 @@ def _parser() -> argparse.ArgumentParser:
         help="install for the current user (the only mode; default)",
     )
     units.add_argument("--dest", type=Path, help="directory (default ~/.config/systemd/user)")
+    _db_flag(units)
     return parser
 
 
@@ -181,7 +182,9 @@ def _check(args: argparse.Namespace) -> int:
 def _install_units(args: argparse.Namespace) -> int:
     from omkd import units
 
-    for written in units.install_units(args.dest):
+    # The database serve would use here, pinned in ExecStart: the service sees no $OMKD_DB.
+    db_path = resolve_db_path(args.db)
+    for written in units.install_units(args.dest, db_path=db_path):
         print(f"wrote {written}")
     print(units.enable_instructions())
     return 0

@@ -6,12 +6,12 @@ The canonical units live in ``systemd/`` at the repository root; the wheel ships
 - ``ExecStart=`` runs the omkd of this installation by absolute path, since a user manager's
   ``$PATH`` rarely includes a virtualenv or ``~/.local/bin``.
 - ``--db`` names the database the other omkd commands find by default (``$OMKD_DB``, else
-  ``$XDG_STATE_HOME/omk/omk.db``, else ``~/.local/state/omk/omk.db``), with
-  ``ReadWritePaths=`` on its directory in place of ``StateDirectory=omk``. The shipped
-  ``%S/omk`` agrees with that default only on systemd 254 and later: before, ``%S`` is
-  ``~/.config``.
+  ``$XDG_STATE_HOME/omk/omk.db``, else ``~/.local/state/omk/omk.db``: the rule of
+  ``omkd.config.resolve_db_path``), with ``ReadWritePaths=`` on its directory in place of
+  ``StateDirectory=omk``. The shipped ``%S/omk`` agrees with that default only on systemd
+  254 and later: before, ``%S`` is ``~/.config``.
 
-Stdlib only; the ``omkd install-units`` command wraps install_units() and
+No trio: the ``omkd install-units`` command wraps install_units() and
 enable_instructions().
 """
 
@@ -25,9 +25,10 @@ from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
+from omkd.config import resolve_db_path
+
 __all__ = [
     "UNIT_NAMES",
-    "default_db_path",
     "enable_instructions",
     "install_units",
     "omkd_command",
@@ -130,13 +131,6 @@ def _xdg_dir(env: Mapping[str, str], name: str, fallback: str) -> Path:
     return Path(env.get("HOME") or Path.home()) / fallback
 
 
-def default_db_path(env: Mapping[str, str] = os.environ) -> Path:
-    """Return the database ``omkd serve`` uses without ``--db``: absolute, not created."""
-    if env.get("OMKD_DB"):
-        return Path(env["OMKD_DB"]).absolute()
-    return _xdg_dir(env, "XDG_STATE_HOME", ".local/state") / "omk" / "omk.db"
-
-
 def unit_dir(env: Mapping[str, str] = os.environ) -> Path:
     """Return where the user manager looks for units: ``$XDG_CONFIG_HOME/systemd/user``."""
     return _xdg_dir(env, "XDG_CONFIG_HOME", ".config") / "systemd" / "user"
@@ -171,7 +165,8 @@ def install_units(
 ) -> list[Path]:
     """Write omkd.socket and omkd.service for this installation; return the paths written.
 
-    ``dest_dir`` defaults to unit_dir(); ``db_path`` to default_db_path(). ``ExecStart``
+    ``dest_dir`` defaults to unit_dir(); ``db_path`` to the database ``omkd serve`` would
+    use without ``--db`` (``omkd.config.resolve_db_path``), made absolute. ``ExecStart``
     runs omkd_command(). The database directory is created (mode 0700, with its parents)
     when missing, since ``ReadWritePaths=`` needs it to exist; an existing directory keeps
     its mode. Each unit is written to a temporary file and renamed into place, so a reader
@@ -180,9 +175,9 @@ def install_units(
     Raises OSError when a directory or file cannot be written.
     """
     dest = dest_dir if dest_dir is not None else unit_dir(env)
-    db = db_path if db_path is not None else default_db_path(env)
-    units = render_units(omkd_command(), extra_args, db_path=str(db.absolute()))
-    db.absolute().parent.mkdir(mode=DB_DIR_MODE, parents=True, exist_ok=True)
+    db = (db_path if db_path is not None else resolve_db_path(None, env)).absolute()
+    units = render_units(omkd_command(), extra_args, db_path=str(db))
+    db.parent.mkdir(mode=DB_DIR_MODE, parents=True, exist_ok=True)
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in units.items():

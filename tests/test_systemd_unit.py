@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shlex
 import shutil
 import socket
 import stat
@@ -24,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from omkd import systemd, units
+from omkd import cli, systemd, units
+from omkd.config import load_config
 
 REPO = Path(__file__).resolve().parent.parent
 CHILD_TIMEOUT_S = 20.0
@@ -389,11 +391,62 @@ def test_install_units_defaults_follow_xdg(tmp_path: Path) -> None:
     written = units.install_units(env=env)
     assert written[0].parent == tmp_path / "config" / "systemd" / "user"
     assert (tmp_path / "state" / "omk").is_dir()
-    assert units.default_db_path(env) == tmp_path / "state" / "omk" / "omk.db"
-    assert units.default_db_path({"HOME": "/h", "XDG_STATE_HOME": "rel"}) == Path(
-        "/h/.local/state/omk/omk.db"
+    [exec_start] = service_line(written[1].read_text(), "ExecStart")
+    assert exec_start.endswith(f" serve --db {tmp_path / 'state' / 'omk' / 'omk.db'}")
+
+
+def test_install_units_default_db_is_the_one_serve_uses(tmp_path: Path) -> None:
+    env = {"HOME": str(tmp_path / "home"), "OMKD_DB": str(tmp_path / "srv" / "x.db")}
+    written = units.install_units(tmp_path / "user", env=env)
+    [exec_start] = service_line(written[1].read_text(), "ExecStart")
+    assert exec_start.endswith(f" --db {load_config(env=env).db_path}")
+    assert (tmp_path / "srv").is_dir()
+
+
+# --- omkd install-units -----------------------------------------------------------------------
+
+
+def exec_start_words(service: Path) -> list[str]:
+    [line] = service_line(service.read_text(), "ExecStart")
+    return shlex.split(line.removeprefix("ExecStart="))
+
+
+def test_cli_install_units_uses_the_database_serve_finds(
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("OMKD_DB", str(short_dir / "state" / "omk.db"))
+    assert cli.main(["install-units", "--dest", str(short_dir / "user")]) == 0
+    words = exec_start_words(short_dir / "user" / "omkd.service")
+    assert words[words.index("--db") + 1] == load_config().db_path
+    assert f"wrote {short_dir / 'user' / 'omkd.service'}" in capsys.readouterr().out
+
+
+def test_cli_install_units_writes_absolute_exec_start_and_prints_commands(
+    short_dir: Path,
+) -> None:
+    dest, db = short_dir / "user", short_dir / "state" / "omk.db"
+    proc = subprocess.run(
+        [sys.executable, "-m", "omkd", "install-units", "--dest", str(dest), "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        cwd=REPO,
+        check=False,
     )
-    assert units.default_db_path({"OMKD_DB": "/srv/x.db"}) == Path("/srv/x.db")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in dest.iterdir()) == ["omkd.service", "omkd.socket"]
+    words = exec_start_words(dest / "omkd.service")
+    assert os.path.isabs(words[0]) and os.access(words[0], os.X_OK), words
+    assert words[words.index("serve") :] == ["serve", "--db", str(db)]
+    for command in [
+        "systemctl --user daemon-reload",
+        "systemctl --user enable --now omkd.socket",
+        "systemctl --user status omkd",
+        "journalctl --user -u omkd",
+    ]:
+        assert command in proc.stdout.splitlines()
+    if shutil.which("systemd-analyze") is not None:
+        verify([dest / name for name in units.UNIT_NAMES], short_dir)
 
 
 def test_enable_instructions() -> None:
