@@ -1,0 +1,481 @@
+"""The sync client against a real daemon in a subprocess, and against fake servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import omkd_client
+from omkd_client import (
+    BudgetCheckpoint,
+    Busy,
+    CallTimeout,
+    Client,
+    CommitOutcomeUnknown,
+    Conflict,
+    ConnectionLost,
+    DaemonNotRunning,
+    ErrorCode,
+    EventInput,
+    InvalidParams,
+    MethodNotFound,
+    NotFound,
+    NoTransaction,
+    ProofRecord,
+    SubscriptionClosed,
+    TaskRecord,
+    TransactionAborted,
+    TransactionActive,
+    VersionConflict,
+)
+from omkd_client.errors import ERRORS, DaemonError, error_from_wire
+from omkd_client.protocol import NEED_DATA, ClientProtocol, FrameDecoder, encode_frame
+
+from client_helpers import (
+    CLOSE,
+    SILENT,
+    Daemon,
+    daemon_process,
+    fake_server,
+    make_goal,
+    result,
+    short_dir,
+    unique,
+)
+
+TIGHT_LOCK_TIMEOUT = 0.2
+TIGHT_IDLE_TIMEOUT = 0.3
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with daemon_process() as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def tight_daemon() -> Iterator[Daemon]:
+    """A daemon with tiny lock and idle timeouts, to reach Busy and TransactionAborted."""
+    with daemon_process(
+        "--lock-timeout", str(TIGHT_LOCK_TIMEOUT), "--tx-idle-timeout", str(TIGHT_IDLE_TIMEOUT)
+    ) as d:
+        yield d
+
+
+@pytest.fixture
+def client(daemon: Daemon) -> Iterator[Client]:
+    with Client.connect(daemon.socket_path) as c:
+        yield c
+
+
+# -- the protocol core and the error table, without sockets
+
+
+def test_error_table_matches_the_contract_codes() -> None:
+    assert set(ERRORS) == set(ErrorCode)
+    for code, cls in ERRORS.items():
+        error = error_from_wire({"code": int(code), "message": "m", "data": {"id": 1}})
+        assert type(error) is cls and error.code == code and error.data == {"id": 1}
+    unknown = error_from_wire({"code": -32099, "message": "new"})
+    assert type(unknown) is DaemonError and unknown.code == -32099
+
+
+def test_frame_decoder_at_every_split() -> None:
+    stream = b"".join(encode_frame(m) for m in (b'{"a":1}', b"[]", b'"x"'))
+    for cut in range(len(stream) + 1):
+        decoder = FrameDecoder()
+        decoder.receive_data(stream[:cut])
+        decoder.receive_data(stream[cut:])
+        messages = []
+        while (m := decoder.next_message()) is not NEED_DATA:
+            messages.append(m)
+        assert messages == [b'{"a":1}', b"[]", b'"x"']
+
+
+def test_protocol_matches_replies_out_of_order_and_routes_notifications() -> None:
+    protocol = ClientProtocol()
+    first, _ = protocol.send_request("goal.get", {"goal_id": "a"})
+    second, _ = protocol.send_request("event.subscribe", {})
+    protocol.receive_data(encode_frame(b'{"jsonrpc":"2.0","id":%d,"result":7}' % second))
+    protocol.receive_data(encode_frame(b'{"jsonrpc":"2.0","id":%d,"result":null}' % first))
+    replies = [protocol.next_event(), protocol.next_event()]
+    assert [r.id for r in replies] == [second, first]  # type: ignore[union-attr]
+    queue = protocol.subscriptions.open(7)
+    event = b'{"event_id":1,"goal_id":"g","kind":"k","payload":null,"created_at":1}'
+    protocol.receive_data(encode_frame(
+        b'{"jsonrpc":"2.0","method":"event.appended","params":{"subscription":7,"event":%s}}'
+        % event
+    ))  # fmt: skip
+    protocol.next_event()
+    assert queue[0].event_id == 1  # type: ignore[union-attr]
+
+
+def test_client_imports_neither_trio_nor_the_daemon() -> None:
+    code = (
+        "import sys, omkd_client, omkd_client.cli, omkd_client.protocol;"
+        "bad = [m for m in sys.modules if m == 'trio' or m.split('.')[0] in "
+        "('omkd', 'jsonrpcserver')]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- repositories
+
+
+def test_goals(client: Client) -> None:
+    goal = make_goal(kind="feature")
+    stored = client.goals.create(goal)
+    assert stored.goal_id == goal.goal_id and stored.version == 1
+    assert client.goals.get(goal.goal_id) == stored
+    assert client.goals.get(unique()) is None
+    moved = client.goals.update_status(goal.goal_id, "review", "verify")
+    assert (moved.status, moved.phase, moved.version) == ("review", "verify", 2)
+    changed = client.goals.update(goal.goal_id, 2, {"goal_text": "new text", "max_agents": 3})
+    assert changed.goal_text == "new text" and changed.max_agents == 3 and changed.version == 3
+    assert client.goals.heartbeat(goal.goal_id).version == 3
+    upserted = client.goals.upsert(make_goal(goal.goal_id, status="done", kind="feature"))
+    assert upserted.status == "done" and upserted.version == 4
+    summaries = client.goals.list(status="done", kind="feature")
+    assert goal.goal_id in [s.goal_id for s in summaries]
+    filtered = client.goals.list(omkd_client.GoalFilter(status="done"), limit=1)
+    assert len(filtered) == 1
+    assert client.goals.delete(goal.goal_id) is True
+    with pytest.raises(NotFound) as caught:
+        client.goals.delete(goal.goal_id)
+    assert caught.value.code == ErrorCode.NOT_FOUND and caught.value.data
+
+
+def test_tasks(client: Client) -> None:
+    goal = client.goals.create(make_goal())
+    gid = goal.goal_id
+    tasks = [TaskRecord(task_id=unique("t"), goal_id=gid, kind="code", title=f"t{i}")
+             for i in range(3)]  # fmt: skip
+    assert client.tasks.create_batch(gid, tasks) == 3
+    assert client.tasks.get(tasks[0].task_id).title == "t0"  # type: ignore[union-attr]
+    assert client.tasks.get(unique("t")) is None
+    assert [t.task_id for t in client.tasks.get_by_goal(gid)] == [t.task_id for t in tasks]
+    assert client.tasks.update_status(tasks[1].task_id, "done").status == "done"
+    with pytest.raises(Conflict):
+        client.tasks.create_batch(gid, tasks[:1])
+    with pytest.raises(NotFound):
+        client.tasks.update_status(unique("t"), "done")
+    graph = [TaskRecord(task_id=unique("t"), goal_id=gid, kind="review")]
+    assert client.tasks.update_task_graph(gid, graph) == 1
+    assert [t.task_id for t in client.tasks.get_by_goal(gid)] == [graph[0].task_id]
+    assert client.tasks.delete_by_goal(gid) == 1
+
+
+def test_events(client: Client) -> None:
+    gid = client.goals.create(make_goal()).goal_id
+    first = client.events.append(gid, "started", {"n": 1}, actor="me", run_id="r1")
+    assert first.actor == "me" and first.payload == {"n": 1}
+    ids = client.events.append_batch(gid, [EventInput(kind="step", payload=i) for i in range(3)])
+    assert len(ids) == 3 and ids[0] > first.event_id
+    events = client.events.get_by_goal(gid)
+    assert [e.event_id for e in events] == [first.event_id, *ids]
+    page = client.events.get_by_goal(gid, after_event_id=ids[0], limit=1)
+    assert [e.event_id for e in page] == [ids[1]]
+    assert client.events.get_by_goal(unique()) == []
+    with pytest.raises(NotFound):
+        client.events.append(unique(), "k", None)
+    assert client.events.delete_by_goal(gid) == 4
+
+
+def test_proofs_budgets_artifacts(client: Client) -> None:
+    gid = client.goals.create(make_goal()).goal_id
+    proof = client.proofs.upsert(ProofRecord(goal_id=gid, status="ready", gates_passed=2))
+    assert proof.gates_passed == 2
+    assert client.proofs.get(gid) == proof
+    assert client.proofs.delete(gid) == 1
+    assert client.proofs.get(gid) is None
+
+    checkpoint = client.budgets.append_checkpoint(
+        BudgetCheckpoint(goal_id=gid, label="half", used_tokens=50, estimated_cost_usd=125)
+    )
+    assert checkpoint.checkpoint_id is not None and checkpoint.estimated_cost_usd == 125
+    assert client.budgets.get_by_goal(gid) == [checkpoint]
+    assert client.budgets.delete_by_goal(gid) == 1
+
+    artifact = client.artifacts.register(gid, "log", "/tmp/a.log", mime_type="text/plain")
+    other = client.artifacts.register(gid, "diff", "/tmp/a.diff")
+    assert client.artifacts.get_by_goal(gid, kind="log") == [artifact]
+    assert client.artifacts.delete(artifact.artifact_id or 0) is True
+    assert client.artifacts.delete(artifact.artifact_id or 0) is False
+    assert client.artifacts.get_by_goal(gid) == [other]
+    assert client.artifacts.delete_by_goal(gid) == 1
+
+
+def test_daemon_backup_discover_and_generic_call(client: Client, daemon: Daemon) -> None:
+    assert client.daemon.ping() == "pong"
+    status = client.daemon.status()
+    assert status.socket_path == str(daemon.socket_path) and status.sessions >= 1
+    dest = daemon.directory / "copy.db"
+    backup = client.backup(dest)
+    assert backup.path == str(dest) and backup.bytes == dest.stat().st_size
+    names = {m["name"] for m in client.discover()["methods"]}
+    assert {"goal.create", "event.subscribe", "tx.commit"} <= names
+    assert client.call("daemon.ping") == "pong"
+    assert client.call("goal.get", goal_id=unique()) is None
+
+
+# -- errors
+
+
+def test_daemon_errors_decode_to_their_classes(client: Client) -> None:
+    goal = client.goals.create(make_goal())
+    with pytest.raises(Conflict):
+        client.goals.create(goal)
+    with pytest.raises(VersionConflict) as version:
+        client.goals.update(goal.goal_id, 99, {"status": "x"})
+    assert version.value.data
+    with pytest.raises(InvalidParams) as invalid:
+        client.call("goal.get", goal_idx="x")
+    assert invalid.value.data["field"] == "goal_idx"
+    with pytest.raises(MethodNotFound):
+        client.call("goal.frobnicate")
+    with pytest.raises(NoTransaction):
+        client.call("tx.commit")
+    with client.transaction(), pytest.raises(TransactionActive):
+        client.call("tx.begin")
+    assert client.daemon.ping() == "pong"  # the connection survives every error
+
+
+def test_daemon_not_running_names_the_path_and_how_to_start() -> None:
+    with short_dir() as directory:
+        path = directory / "none.sock"
+        with pytest.raises(DaemonNotRunning) as caught:
+            Client.connect(path)
+    message = str(caught.value)
+    assert str(path) in message and "omkd serve" in message and "systemctl" in message
+
+
+def test_busy_after_the_lock_timeout(tight_daemon: Daemon) -> None:
+    with (
+        Client.connect(tight_daemon.socket_path) as a,
+        Client.connect(tight_daemon.socket_path) as b,
+    ):
+        gid = a.goals.create(make_goal()).goal_id
+        with a.transaction() as tx:
+            tx.goals.heartbeat(gid)
+            started = time.monotonic()
+            with pytest.raises(Busy):
+                b.goals.heartbeat(gid)
+            assert time.monotonic() - started >= TIGHT_LOCK_TIMEOUT * 0.9
+            assert b.goals.get(gid) is not None  # reads do not wait
+
+
+def test_transaction_aborted_after_the_idle_timeout(tight_daemon: Daemon) -> None:
+    with Client.connect(tight_daemon.socket_path) as c:
+        gid = c.goals.create(make_goal()).goal_id
+        with pytest.raises(TransactionAborted), c.transaction() as tx:
+            tx.goals.update_status(gid, "lost", "lost")
+            time.sleep(TIGHT_IDLE_TIMEOUT * 2)
+            tx.goals.get(gid)
+        assert not c.in_transaction
+        assert c.goals.get(gid).status == "running"  # type: ignore[union-attr]
+        with c.transaction() as tx:  # the session is usable again
+            tx.goals.update_status(gid, "kept", "kept")
+        assert c.goals.get(gid).status == "kept"  # type: ignore[union-attr]
+
+
+# -- transactions
+
+
+def test_transaction_commits_on_success(client: Client, daemon: Daemon) -> None:
+    gid = client.goals.create(make_goal()).goal_id
+    with Client.connect(daemon.socket_path) as other, client.transaction() as tx:
+        tx.goals.update_status(gid, "inside", "tx")
+        tx.events.append(gid, "k", 1)
+        assert client.in_transaction
+        assert other.goals.get(gid).status == "running"  # type: ignore[union-attr]
+    assert not client.in_transaction
+    assert client.goals.get(gid).status == "inside"  # type: ignore[union-attr]
+    assert len(client.events.get_by_goal(gid)) == 1
+
+
+def test_transaction_rolls_back_on_exception(client: Client) -> None:
+    gid = client.goals.create(make_goal()).goal_id
+    with pytest.raises(RuntimeError), client.transaction() as tx:
+        tx.goals.update_status(gid, "inside", "tx")
+        raise RuntimeError("boom")
+    assert client.goals.get(gid).status == "running"  # type: ignore[union-attr]
+    with client.transaction() as tx:
+        tx.goals.update_status(gid, "inside", "tx")
+        tx.rollback()
+    assert client.goals.get(gid).status == "running"  # type: ignore[union-attr]
+
+
+def test_a_failed_call_leaves_the_transaction_open(client: Client) -> None:
+    gid = client.goals.create(make_goal()).goal_id
+    with client.transaction() as tx:
+        tx.goals.update_status(gid, "a", "b")
+        with pytest.raises(NotFound):
+            tx.goals.heartbeat(unique())
+    assert client.goals.get(gid).status == "a"  # type: ignore[union-attr]
+
+
+# -- subscriptions
+
+
+def test_subscription_iterates_committed_events(client: Client, daemon: Daemon) -> None:
+    gid = client.goals.create(make_goal()).goal_id
+    backlog = client.events.append(gid, "before", 0)
+    with Client.connect(daemon.socket_path) as writer:
+        with client.events.subscribe(gid, after_event_id=backlog.event_id - 1) as sub:
+            writer.events.append(gid, "after", 1)
+            with writer.transaction() as tx:
+                tx.events.append(gid, "in-tx", 2)
+                assert sub.get(timeout=0.2) is not None  # the backlog
+                assert sub.get(timeout=0.2) is not None  # the event after
+                assert sub.get(timeout=0.2) is None  # not committed yet
+            kinds = [next(sub).kind]
+            assert kinds == ["in-tx"] and sub.last_event_id is not None
+            assert client.daemon.ping() == "pong"  # calls while subscribed
+        writer.events.append(gid, "unsubscribed", 3)
+        assert client.daemon.ping() == "pong"
+
+
+def test_subscription_closed_by_the_daemon_raises() -> None:
+    event = {"event_id": 5, "goal_id": "g", "kind": "k", "payload": None, "created_at": 1}
+
+    def handler(request: dict[str, Any]) -> Any:
+        if request["method"] == "event.subscribe":
+            return [
+                result(request, {"subscription": 9}),
+                {"jsonrpc": "2.0", "method": "event.appended",
+                 "params": {"subscription": 9, "event": event}},
+                {"jsonrpc": "2.0", "method": "event.subscription_closed",
+                 "params": {"subscription": 9, "reason": "too slow"}},
+            ]  # fmt: skip
+        return SILENT
+
+    with fake_server(handler) as server, Client.connect(server.socket_path) as c:
+        sub = c.events.subscribe()
+        assert next(sub).event_id == 5
+        with pytest.raises(SubscriptionClosed) as caught:
+            next(sub)
+    assert caught.value.reason == "too slow" and caught.value.last_event_id == 5
+
+
+# -- pipelining
+
+
+def test_call_many_and_pipeline(client: Client) -> None:
+    gid = client.goals.create(make_goal()).goal_id
+    results = client.call_many([("event.append", {"goal_id": gid, "kind": "k", "payload": i})
+                                for i in range(20)])  # fmt: skip
+    assert [r["payload"] for r in results] == list(range(20))
+    mixed = client.call_many(
+        [("daemon.ping", None), ("goal.heartbeat", {"goal_id": unique()})],
+        return_exceptions=True,
+    )
+    assert mixed[0] == "pong" and isinstance(mixed[1], NotFound)
+    with pytest.raises(NotFound):
+        client.call_many([("goal.heartbeat", {"goal_id": unique()})])
+    with client.pipeline() as p:
+        ping = p.call("daemon.ping")
+        goal = p.call("goal.get", goal_id=gid)
+        missing = p.call("goal.delete", goal_id=unique())
+    assert ping.result() == "pong" and goal.result()["goal_id"] == gid
+    with pytest.raises(NotFound):
+        missing.result()
+
+
+def test_pipelined_requests_are_all_sent_before_any_reply_and_matched_by_id() -> None:
+    held: list[dict[str, Any]] = []
+
+    def handler(request: dict[str, Any]) -> Any:
+        held.append(request)
+        if len(held) < 3:
+            return SILENT
+        return [result(r, r["params"]["n"]) for r in reversed(held)]  # answers out of order
+
+    with fake_server(handler) as server, Client.connect(server.socket_path, call_timeout=5) as c:
+        assert c.call_many([("echo", {"n": n}) for n in range(3)]) == [0, 1, 2]
+
+
+# -- failures of the connection
+
+
+def test_call_timeout_against_a_server_that_never_answers() -> None:
+    with (
+        fake_server(lambda r: SILENT) as server,
+        Client.connect(server.socket_path, call_timeout=0.2) as c,
+    ):
+        started = time.monotonic()
+        with pytest.raises(CallTimeout) as caught:
+            c.daemon.ping()
+        assert 0.15 < time.monotonic() - started < 2
+        assert "daemon.ping" in str(caught.value)
+
+
+def test_late_reply_after_a_timeout_is_dropped() -> None:
+    release = threading.Event()
+
+    def handler(request: dict[str, Any]) -> Any:
+        if request["params"]["n"] == 0:
+            release.wait(5)  # answers only once the client has given up
+        return result(request, request["params"]["n"])
+
+    with fake_server(handler) as server, Client.connect(server.socket_path, call_timeout=0.2) as c:
+        with pytest.raises(CallTimeout):
+            c.call("echo", n=0)
+        release.set()
+        c.call_timeout = 5
+        assert c.call("echo", n=1) == 1
+
+
+def test_commit_outcome_unknown_when_the_connection_drops_during_commit() -> None:
+    def handler(request: dict[str, Any]) -> Any:
+        if request["method"] == "tx.commit":
+            return CLOSE
+        return result(request, {"active": True} if request["method"] == "tx.begin" else "ok")
+
+    with fake_server(handler) as server, Client.connect(server.socket_path) as c:
+        with pytest.raises(CommitOutcomeUnknown), c.transaction() as tx:
+            tx.call("goal.heartbeat", goal_id="g")
+        methods = [r["method"] for r in server.requests]
+        assert methods.count("tx.commit") == 1  # never retried
+        assert c.call("daemon.ping") == "ok"  # reconnected outside the transaction
+
+
+def test_reconnect_after_a_daemon_restart() -> None:
+    with short_dir() as directory:
+        daemon = Daemon(directory).start()
+        try:
+            with Client.connect(daemon.socket_path) as c:
+                gid = c.goals.create(make_goal()).goal_id
+                daemon.stop()
+                daemon.start()
+                assert c.goals.heartbeat(gid).goal_id == gid  # a write: never delivered
+                assert c.daemon.ping() == "pong"
+                with pytest.raises(ConnectionLost), c.transaction() as tx:
+                    tx.goals.heartbeat(gid)
+                    daemon.stop()
+                    daemon.start()
+                    tx.goals.heartbeat(gid)
+                assert c.goals.get(gid) is not None
+        finally:
+            daemon.stop()
+
+
+def test_results_decode_into_the_shared_records(client: Client) -> None:
+    goal = client.goals.create(make_goal())
+    assert isinstance(goal, omkd_client.GoalRecord)
+    assert msgspec.json.decode(msgspec.json.encode(goal), type=omkd_client.GoalRecord) == goal
+    assert isinstance(client.goals.list(limit=1)[0], omkd_client.GoalSummary)
+
+
+def test_socket_path_from_the_environment(daemon: Daemon, monkeypatch: Any) -> None:
+    monkeypatch.setenv("OMKD_SOCKET", str(daemon.socket_path))
+    with omkd_client.connect() as c:
+        assert c.socket_path == Path(daemon.socket_path)
+        assert c.daemon.ping() == "pong"
