@@ -1,0 +1,62 @@
+"""The benchmark suite's quick mode, end to end: every scenario yields numbers and the JSON.
+
+Timings are never asserted here (they drift by a factor of two from run to run); this only
+keeps ``python -m bench`` from rotting.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+QUICK_TIMEOUT_S = 180
+
+SCENARIOS = [
+    "round trip daemon.ping",
+    "round trip goal.get",
+    "round trip event.append",
+    "transaction of 100 event.append",
+    "event.append_batch of 1,000",
+    "event.append_batch of 10,000",
+    "task.update_task_graph of 1,000",
+    "page of 100 by cursor, 20,000-event log",
+    "page of 100 by cursor, 1,000-event log",
+    "8 writer processes, event.append",
+    "32 writer processes, event.append",
+    "300 idle connections",
+    "backup of",
+]
+
+
+def test_quick_mode_measures_every_scenario(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "targets" in done.stdout
+    results = json.loads(out.read_text())
+    assert results["mode"] == "quick"
+    assert results["machine"]["cpu_count"] >= 1
+    assert results["machine"]["sqlite"]
+    rows = results["rows"]
+    for scenario in SCENARIOS:
+        matching = [r for r in rows if r["scenario"].startswith(scenario)]
+        assert matching, f"no rows for {scenario}"
+        for row in matching:
+            assert "omkd" in row["median"], row
+            assert len(row["median"]) >= 2, f"{scenario}: no baseline beside omkd"
+            for variant, value in row["median"].items():
+                assert isinstance(value, int | float), (scenario, row["metric"], variant)
+    assert len(results["targets"]) == 8
+    for target in results["targets"]:
+        assert isinstance(target["value"], int | float), target
+        assert isinstance(target["pass"], bool)
