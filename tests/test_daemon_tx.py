@@ -14,21 +14,20 @@ from omkd_client.codes import ErrorCode
 from rpc_helpers import RawClient, RpcError, goal, running_daemon, short_tempdir
 
 
+_open: list[RawClient] = []
+
+
+async def close_clients() -> None:
+    while _open:
+        await _open.pop().aclose()
+
+
 @pytest.fixture
 async def daemon() -> AsyncIterator[Daemon]:
     with short_tempdir() as directory:
         async with running_daemon(directory, lock_timeout=0.2, tx_idle_timeout=0.6) as d:
             yield d
-
-
-_open: list[RawClient] = []
-
-
-@pytest.fixture(autouse=True)
-async def close_clients() -> AsyncIterator[None]:
-    yield
-    while _open:
-        await _open.pop().aclose()
+            await close_clients()
 
 
 async def connect(daemon: Daemon) -> RawClient:
@@ -242,7 +241,7 @@ async def retrying(client: RawClient, method: str, **params: object) -> None:
 async def test_client_that_stops_reading_is_disconnected_and_frees_the_lock() -> None:
     with short_tempdir() as directory:
         async with running_daemon(
-            directory, outbox_bytes=64 * 1024, reply_stall_timeout=0.3, lock_timeout=5
+            directory, outbox_bytes=64 * 1024, reply_stall_timeout=0.3, lock_timeout=20
         ) as daemon:
             hog = await connect(daemon)
             await hog.call("goal.create", **goal("g1", goal_text="x" * 60_000))
@@ -252,7 +251,8 @@ async def test_client_that_stops_reading_is_disconnected_and_frees_the_lock() ->
             for _ in range(200):  # ~12 MB of replies, never read
                 await hog.send(request)
             other = await connect(daemon)
-            with trio.fail_after(4):  # under the lock timeout: the hog was cut off
+            with trio.fail_after(10):  # under the lock timeout: the hog was cut off
                 await other.call("tx.begin")
             assert await other.call("goal.get", goal_id="uncommitted") is None
             await other.call("tx.rollback")
+            await close_clients()
