@@ -68,8 +68,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 def default_db_path(env: Mapping[str, str] | None = None) -> Path:
     """Return ``$XDG_STATE_HOME/omk/omk.db``, else ``~/.local/state/omk/omk.db``."""
     env = os.environ if env is None else env
-    state = env.get("XDG_STATE_HOME")
-    base = Path(state) if state else Path(env.get("HOME") or Path.home()) / ".local" / "state"
+    state = env.get("XDG_STATE_HOME", "")
+    # The XDG spec says to ignore a relative value.
+    if os.path.isabs(state):
+        base = Path(state)
+    else:
+        base = Path(env.get("HOME") or Path.home()) / ".local" / "state"
     return base / "omk" / "omk.db"
 
 

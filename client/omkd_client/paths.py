@@ -12,8 +12,8 @@ __all__ = ["default_socket_path", "resolve_socket_path"]
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
     """Return ``$XDG_RUNTIME_DIR/omk/omkd.sock``, else ``/tmp/omk-<uid>/omkd.sock``."""
     env = os.environ if env is None else env
-    runtime = env.get("XDG_RUNTIME_DIR")
-    if runtime:
+    runtime = env.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime):  # the XDG spec says to ignore a relative value
         return Path(runtime) / "omk" / "omkd.sock"
     return Path(f"/tmp/omk-{os.getuid()}") / "omkd.sock"
 

@@ -1,0 +1,63 @@
+"""Where the daemon finds its socket and database, and how configuration is layered."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from omkd.config import ConfigError, default_db_path, load_config, resolve_db_path
+from omkd_client.paths import default_socket_path, resolve_socket_path
+
+
+def test_socket_path_order() -> None:
+    env = {"OMKD_SOCKET": "/e/s.sock", "XDG_RUNTIME_DIR": "/run/user/7"}
+    assert resolve_socket_path("/flag.sock", env) == Path("/flag.sock")
+    assert resolve_socket_path(None, env) == Path("/e/s.sock")
+    assert resolve_socket_path(None, {"XDG_RUNTIME_DIR": "/run/user/7"}) == Path(
+        "/run/user/7/omk/omkd.sock"
+    )
+    assert default_socket_path({}) == Path(f"/tmp/omk-{os.getuid()}/omkd.sock")
+    assert default_socket_path({"XDG_RUNTIME_DIR": "relative"}) == default_socket_path({})
+
+
+def test_db_path_order() -> None:
+    env = {"OMKD_DB": "/e/omk.db", "XDG_STATE_HOME": "/state", "HOME": "/home/u"}
+    assert resolve_db_path("/flag.db", env) == Path("/flag.db")
+    assert resolve_db_path(None, env) == Path("/e/omk.db")
+    assert default_db_path({"XDG_STATE_HOME": "/state"}) == Path("/state/omk/omk.db")
+    assert default_db_path({"HOME": "/home/u"}) == Path("/home/u/.local/state/omk/omk.db")
+    assert default_db_path({"HOME": "/home/u", "XDG_STATE_HOME": "rel"}) == Path(
+        "/home/u/.local/state/omk/omk.db"
+    )
+
+
+def test_config_file_then_overrides(tmp_path: Path) -> None:
+    file = tmp_path / "omkd.toml"
+    file.write_text('lock_timeout = 2.5\ntx_idle_timeout = 9\nsynchronous = "FULL"\n')
+    config = load_config(str(file), {"tx_idle_timeout": 3.0, "lock_timeout": None}, env={})
+    assert (config.lock_timeout, config.tx_idle_timeout, config.synchronous) == (2.5, 3.0, "FULL")
+    assert config.max_message_bytes == 16 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("lock_timeout = 'soon'", "lock_timeout"),
+        ("no_such_option = 1", "no_such_option"),
+        ("lock_timeout = -1", "lock_timeout must be positive"),
+        ("this is not toml", "not valid TOML"),
+    ],
+)
+def test_bad_config_file_is_named(tmp_path: Path, text: str, needle: str) -> None:
+    file = tmp_path / "bad.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(str(file), env={})
+    assert needle in str(info.value) and str(file) in str(info.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(str(tmp_path / "none.toml"), env={})

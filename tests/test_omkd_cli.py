@@ -1,0 +1,92 @@
+"""`omkd migrate|backup|check` on a database without a running daemon."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def omkd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "omkd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_migrate_backup_check(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "omk.db"
+    first = omkd("migrate", "--db", str(db))
+    assert first.returncode == 0, first.stderr
+    assert "applied 001_initial.sql" in first.stdout
+    again = omkd("migrate", env={"OMKD_DB": str(db)})  # found through $OMKD_DB
+    assert again.returncode == 0 and "up to date" in again.stdout
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "INSERT INTO goals (goal_id, status, phase, goal_text, project_dir, created_at,"
+            " updated_at) VALUES ('g1', 'a', 'p', 't', '/p', 1, 1)"
+        )
+    dest = tmp_path / "copy.db"
+    backup = omkd("backup", str(dest), "--db", str(db))
+    assert backup.returncode == 0, backup.stderr
+    with sqlite3.connect(dest) as conn:
+        assert conn.execute("SELECT goal_id FROM goals").fetchall() == [("g1",)]
+    check = omkd("check", "--db", str(dest))
+    assert check.returncode == 0 and "ok" in check.stdout
+
+
+def test_backup_refuses_relative_destination(tmp_path: Path) -> None:
+    db = tmp_path / "omk.db"
+    assert omkd("migrate", "--db", str(db)).returncode == 0
+    result = omkd("backup", "relative.db", "--db", str(db))
+    assert result.returncode != 0
+    assert "absolute" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_check_reports_a_damaged_file(tmp_path: Path) -> None:
+    db = tmp_path / "omk.db"
+    assert omkd("migrate", "--db", str(db)).returncode == 0
+    conn = sqlite3.connect(db)
+    with conn:
+        conn.executemany(
+            "INSERT INTO goals (goal_id, status, phase, goal_text, project_dir, created_at,"
+            " updated_at) VALUES (?, 'a', 'p', ?, '/p', 1, 1)",
+            [(f"g{i}", "x" * 500) for i in range(300)],
+        )
+    conn.close()  # the last connection checkpoints the WAL into the file
+    with open(db, "r+b") as f:
+        f.seek(8192)
+        f.write(b"\x00garbage" * 1000)
+    result = omkd("check", "--db", str(db))
+    assert result.returncode != 0
+    assert "problem" in result.stderr and "backup" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["check", "backup"])
+def test_missing_database_is_a_readable_error(tmp_path: Path, command: str) -> None:
+    args = [command, *(["/tmp/x.db"] if command == "backup" else [])]
+    result = omkd(*args, "--db", str(tmp_path / "none.db"))
+    assert result.returncode == 1
+    assert "no database at" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_bad_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("lock_timeout = 'x'\n")
+    result = omkd("serve", "--config", str(config), "--db", str(tmp_path / "o.db"))
+    assert result.returncode == 1
+    assert "invalid configuration" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_version_and_help() -> None:
+    assert omkd("--version").stdout.startswith("omkd ")
+    help_text = omkd("serve", "--help").stdout
+    assert "--lock-timeout" in help_text and "examples:" in help_text
