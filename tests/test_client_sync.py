@@ -104,11 +104,13 @@ def test_protocol_matches_replies_out_of_order_and_routes_notifications() -> Non
     protocol = ClientProtocol()
     first, _ = protocol.send_request("goal.get", {"goal_id": "a"})
     second, _ = protocol.send_request("event.subscribe", {})
-    protocol.receive_data(encode_frame(b'{"jsonrpc":"2.0","id":%d,"result":7}' % second))
+    protocol.receive_data(
+        encode_frame(b'{"jsonrpc":"2.0","id":%d,"result":{"subscription":7}}' % second)
+    )
     protocol.receive_data(encode_frame(b'{"jsonrpc":"2.0","id":%d,"result":null}' % first))
     replies = [protocol.next_event(), protocol.next_event()]
     assert [r.id for r in replies] == [second, first]  # type: ignore[union-attr]
-    queue = protocol.subscriptions.open(7)
+    queue = protocol.subscriptions.claim(7)  # opened when the subscribe reply was read
     event = b'{"event_id":1,"goal_id":"g","kind":"k","payload":null,"created_at":1}'
     protocol.receive_data(encode_frame(
         b'{"jsonrpc":"2.0","method":"event.appended","params":{"subscription":7,"event":%s}}'

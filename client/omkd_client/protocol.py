@@ -86,6 +86,7 @@ SAFE_TO_RETRY: Final = frozenset(
     }
 )
 _TX_BEGIN: Final = "tx.begin"
+_SUBSCRIBE: Final = "event.subscribe"
 _TX_END: Final = frozenset({"tx.commit", "tx.rollback"})
 
 
@@ -167,17 +168,30 @@ SubscriptionItem = EventRecord | SubscriptionEnded | Lost
 class SubscriptionBuffers:
     """Per-subscription queues of what the daemon sent, until the iterator takes it.
 
-    ``open`` creates a subscription's queue (the subscribe reply always comes before its
-    first notification) and returns it: the iterator keeps the queue itself, since ids are
-    only unique within one daemon run. Notifications for a subscription that is not open are
-    dropped.
+    ``open`` creates a subscription's queue (the protocol does so on the subscribe reply,
+    which always comes before its first notification) and returns it: the iterator keeps the
+    queue itself, since ids are only unique within one daemon run. Notifications for a
+    subscription that is not open are dropped.
     """
 
     def __init__(self) -> None:
         self._queues: dict[int, deque[SubscriptionItem]] = {}
+        self._unclaimed: dict[int, deque[SubscriptionItem]] = {}
 
     def open(self, subscription: int) -> deque[SubscriptionItem]:
-        return self._queues.setdefault(subscription, deque())
+        queue = self._queues.setdefault(subscription, deque())
+        self._unclaimed[subscription] = queue
+        return queue
+
+    def claim(self, subscription: int) -> deque[SubscriptionItem]:
+        """Return the queue opened for ``subscription``'s subscribe reply, for its iterator.
+
+        It may already hold events, or the subscription's end.
+        """
+        queue = self._unclaimed.pop(subscription, None)
+        if queue is None:
+            raise ProtocolError(f"no subscribe reply was seen for subscription {subscription}")
+        return queue
 
     def close(self, subscription: int) -> None:
         self._queues.pop(subscription, None)
@@ -222,6 +236,17 @@ class _Appended(msgspec.Struct):
     event: EventRecord
 
 
+class _Subscribed(msgspec.Struct):
+    subscription: int
+
+
+def _decode_subscription(result: msgspec.Raw) -> int:
+    try:
+        return _SUBSCRIBED.decode(result).subscription
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(f"the reply to event.subscribe does not decode: {exc}") from exc
+
+
 class _Closed(msgspec.Struct):
     subscription: int
     reason: str
@@ -231,6 +256,7 @@ _ENCODER: Final = msgspec.json.Encoder()
 _INCOMING: Final = msgspec.json.Decoder(_Incoming)
 _APPENDED: Final = msgspec.json.Decoder(_Appended)
 _CLOSED: Final = msgspec.json.Decoder(_Closed)
+_SUBSCRIBED: Final = msgspec.json.Decoder(_Subscribed)
 
 
 class ClientProtocol:
@@ -319,6 +345,10 @@ class ClientProtocol:
             return Reply(message.id, method, None, error_from_wire(message.error))
         if isinstance(message.result, msgspec.UnsetType):
             raise ProtocolError(f"the reply to request {message.id} has neither result nor error")
+        if method == _SUBSCRIBE:
+            # Opened here, not by the caller: its first notifications may be read (by a
+            # reader task) before the caller gets to run again.
+            self.subscriptions.open(_decode_subscription(message.result))
         return Reply(message.id, method, message.result, None)
 
     def _track_transaction(self, method: str, succeeded: bool) -> None:

@@ -310,7 +310,7 @@ class Client(_Calls):
 
     def _subscribe(self, goal_id: str | None, after_event_id: int | None) -> Subscription:
         subscription = self._run(ops.event_subscribe(goal_id, after_event_id))
-        queue = self._protocol.subscriptions.open(subscription)
+        queue = self._protocol.subscriptions.claim(subscription)
         return Subscription(self, subscription, queue, self._generation)
 
     def _next_item(

@@ -148,16 +148,25 @@ class TrioClient(_AsyncCalls):
 
         Raises DaemonNotRunning when nothing accepts on the socket in ``connect_timeout``.
         """
-        async with trio.open_nursery() as nursery:
-            client = cls(
-                socket_path, nursery, connect_timeout=connect_timeout, call_timeout=call_timeout
-            )
-            await client._open()
-            try:
-                yield client
-            finally:
-                client.close()
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                client = cls(
+                    socket_path,
+                    nursery,
+                    connect_timeout=connect_timeout,
+                    call_timeout=call_timeout,
+                )
+                await client._open()
+                try:
+                    yield client
+                finally:
+                    client.close()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # The reader task never raises, so the group holds the one exception of the
+            # caller's block (or of connecting): raise it as itself, so that `except
+            # NotFound` around the block works as it would with the sync client.
+            raise _single(group) from None
 
     def close(self) -> None:
         """Close the connection; the daemon rolls back an open transaction."""
@@ -358,7 +367,7 @@ class TrioClient(_AsyncCalls):
         self, goal_id: str | None, after_event_id: int | None
     ) -> AsyncSubscription:
         subscription = await self._run(ops.event_subscribe(goal_id, after_event_id))
-        queue = self._protocol.subscriptions.open(subscription)
+        queue = self._protocol.subscriptions.claim(subscription)
         return AsyncSubscription(self, subscription, queue, self._generation)
 
 
@@ -509,6 +518,16 @@ class AsyncSubscription:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _single(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """Return the group's only exception (unwrapping nested groups), else the group."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return group
 
 
 def connect(
