@@ -1,0 +1,170 @@
+"""omkctl against a daemon subprocess: human and --json output, and its error exits."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from omkd_client import Client, TaskRecord
+from omkd_client.cli import (
+    EXIT_DAEMON_ERROR,
+    EXIT_INTERRUPTED,
+    EXIT_NOT_RUNNING,
+    EXIT_USAGE,
+    ago,
+    main,
+)
+
+from client_helpers import Daemon, daemon_process, make_goal, short_dir, unique
+
+
+@pytest.fixture(scope="module")
+def daemon() -> Iterator[Daemon]:
+    with daemon_process() as d:
+        yield d
+
+
+@pytest.fixture(scope="module")
+def goal_id(daemon: Daemon) -> str:
+    """A goal with two tasks and 25 events."""
+    with Client.connect(daemon.socket_path) as c:
+        gid = c.goals.create(make_goal(unique("cli"), goal_text="ship omkctl")).goal_id
+        c.tasks.create_batch(gid, [TaskRecord(task_id=unique("t"), goal_id=gid, kind="code",
+                                              title=f"task {i}") for i in range(2)])  # fmt: skip
+        for i in range(25):
+            c.events.append(gid, "step", {"i": i}, actor="tester")
+    return gid
+
+
+def run(daemon: Daemon, capsys: Any, *args: str) -> tuple[int, str, str]:
+    code = main(["--socket", str(daemon.socket_path), *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_status_human_and_json(daemon: Daemon, capsys: Any) -> None:
+    code, out, _ = run(daemon, capsys, "status")
+    assert code == 0 and "schema_version" in out and str(daemon.socket_path) in out
+    code, out, _ = run(daemon, capsys, "status", "--json")
+    assert code == 0 and json.loads(out)["socket_path"] == str(daemon.socket_path)
+
+
+def test_ping(daemon: Daemon, capsys: Any) -> None:
+    assert run(daemon, capsys, "ping")[1].startswith("pong from ")
+    assert json.loads(run(daemon, capsys, "ping", "--json")[1])["result"] == "pong"
+
+
+def test_goal_list_and_show(daemon: Daemon, goal_id: str, capsys: Any) -> None:
+    code, out, _ = run(daemon, capsys, "goal", "list", "--status", "running")
+    header = out.splitlines()[0].split()
+    assert code == 0 and header == ["GOAL", "STATUS", "PHASE", "UPDATED", "CREATED", "TEXT"]
+    assert goal_id in out and "ago" in out
+    code, out, _ = run(daemon, capsys, "goal", "list", "--json", "--limit", "1")
+    assert code == 0 and len(json.loads(out)) == 1
+    code, out, _ = run(daemon, capsys, "goal", "list", "--status", "no-such-status")
+    assert code == 0 and "no goals" in out
+    code, out, _ = run(daemon, capsys, "goal", "show", goal_id)
+    assert code == 0 and "ship omkctl" in out and "created_at" in out
+    code, out, _ = run(daemon, capsys, "--json", "goal", "show", goal_id)
+    assert json.loads(out)["goal_id"] == goal_id
+
+
+def test_task_list(daemon: Daemon, goal_id: str, capsys: Any) -> None:
+    code, out, _ = run(daemon, capsys, "task", "list", goal_id)
+    assert code == 0 and "TASK" in out and "task 1" in out
+    code, out, _ = run(daemon, capsys, "task", "list", goal_id, "--json")
+    assert [t["title"] for t in json.loads(out)] == ["task 0", "task 1"]
+
+
+def test_events_tail(daemon: Daemon, goal_id: str, capsys: Any) -> None:
+    code, out, _ = run(daemon, capsys, "events", "tail", goal_id)
+    lines = out.splitlines()
+    assert code == 0 and len(lines) == 20 and '{"i":24}' in lines[-1] and "tester" in lines[-1]
+    code, out, _ = run(daemon, capsys, "events", "tail", goal_id, "--json", "-n", "3")
+    assert [json.loads(line)["payload"]["i"] for line in out.splitlines()] == [22, 23, 24]
+    first = json.loads(out.splitlines()[0])["event_id"]
+    code, out, _ = run(daemon, capsys, "events", "tail", goal_id, "--after", str(first), "--json")
+    assert [json.loads(line)["payload"]["i"] for line in out.splitlines()] == [23, 24]
+
+
+def test_call_with_params_and_stdin(
+    daemon: Daemon, goal_id: str, capsys: Any, monkeypatch: Any
+) -> None:
+    code, out, _ = run(daemon, capsys, "call", "goal.get", json.dumps({"goal_id": goal_id}))
+    assert code == 0 and json.loads(out)["goal_id"] == goal_id
+    monkeypatch.setattr(sys, "stdin", io.StringIO(json.dumps({"goal_id": goal_id})))
+    code, out, _ = run(daemon, capsys, "call", "goal.heartbeat", "-", "--json")
+    assert code == 0 and json.loads(out)["goal_id"] == goal_id
+    assert json.loads(run(daemon, capsys, "call", "daemon.ping")[1]) == "pong"
+
+
+def test_backup_makes_relative_paths_absolute(
+    daemon: Daemon, capsys: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.chdir(daemon.directory)
+    code, out, _ = run(daemon, capsys, "backup", "copy.db")
+    assert code == 0 and str(daemon.directory / "copy.db") in out
+    assert (daemon.directory / "copy.db").stat().st_size > 0
+
+
+def test_error_exits(daemon: Daemon, capsys: Any) -> None:
+    code, out, err = run(daemon, capsys, "goal", "show", unique())
+    assert code == EXIT_DAEMON_ERROR and out == "" and err.startswith("omkctl: no goal")
+    code, _, err = run(daemon, capsys, "call", "goal.heartbeat", json.dumps({"goal_id": "x"}))
+    assert code == EXIT_DAEMON_ERROR and "not found" in err and "-32001" in err
+    code, _, err = run(daemon, capsys, "call", "no.such.method")
+    assert code == EXIT_DAEMON_ERROR and "method not found" in err
+    with pytest.raises(SystemExit) as usage:
+        run(daemon, capsys, "call", "goal.get", "{not json")
+    assert usage.value.code == EXIT_USAGE and "not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["goal", "frob"])
+    assert usage.value.code == EXIT_USAGE
+    capsys.readouterr()
+    with short_dir() as directory:
+        code = main(["--socket", str(directory / "none.sock"), "status"])
+    err = capsys.readouterr().err
+    assert code == EXIT_NOT_RUNNING and err.count("\n") == 1 and "omkd serve" in err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["status"], ["ping"], ["call"], ["goal", "list"], ["goal", "show"], ["task", "list"],
+     ["events", "tail"], ["backup"]],
+)  # fmt: skip
+def test_help_with_examples_on_every_command(command: list[str], capsys: Any) -> None:
+    with pytest.raises(SystemExit) as done:
+        main([*command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "examples:" in out and "--json" in out
+
+
+def test_ago() -> None:
+    assert ago(1000, now=1030) == "30 s ago"
+    assert ago(1000, now=1000 + 180) == "3 min ago"
+    assert ago(1000, now=1000 + 7200) == "2 h ago"
+    assert ago(None) == "-"
+
+
+def test_events_tail_follow_in_a_subprocess(daemon: Daemon, goal_id: str) -> None:
+    """The console entry point: a traceback-free stream, stopped by Ctrl-C."""
+    command = [sys.executable, "-m", "omkd_client.cli", "--socket", str(daemon.socket_path),
+               "events", "tail", goal_id, "--follow", "--json", "-n", "1"]  # fmt: skip
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:  # fmt: skip
+        assert process.stdout is not None and process.stderr is not None
+        assert json.loads(process.stdout.readline())["payload"] == {"i": 24}
+        with Client.connect(daemon.socket_path) as c:
+            c.events.append(goal_id, "followed", {"live": True})
+        assert json.loads(process.stdout.readline())["kind"] == "followed"
+        os.kill(process.pid, signal.SIGINT)
+        assert process.wait(10) == EXIT_INTERRUPTED
+        assert "Traceback" not in process.stderr.read()
