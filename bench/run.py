@@ -54,12 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         return not wanted or name in wanted
 
     try:
-        progress(f"building databases in {workdir} ({sizes.big_log:,}-event log)")
-        scenarios.build_databases(bench)
-        progress(
-            f"large database: {bench.info['big_db_bytes'] / 2**20:,.0f} MiB "
-            f"in {bench.info['big_db_build_s']:.1f} s"
-        )
+        logs = on("pages") or on("backup")
+        progress(f"building databases in {workdir}")
+        scenarios.build_databases(bench, logs=logs)
+        if logs:
+            progress(
+                f"large database: {sizes.big_log:,} events, "
+                f"{bench.info['big_db_bytes'] / 2**20:,.0f} MiB "
+                f"in {bench.info['big_db_build_s']:.1f} s"
+            )
         with scenarios.servers(bench) as (floor, daemon):
             if on("round_trips"):
                 scenarios.round_trips(bench, floor, daemon)

@@ -141,11 +141,13 @@ class Bench:
 # -- set-up ------------------------------------------------------------------------------
 
 
-def build_databases(bench: Bench) -> None:
-    """The main and direct databases (same goals), and the two event logs for pages."""
+def build_databases(bench: Bench, *, logs: bool = True) -> None:
+    """The main and direct databases (same goals), and (``logs``) the two event logs."""
     goals = MAIN_GOALS + writer_goals(max(bench.sizes.writer_counts))
     direct.create_database(bench.main_db, goals)
     direct.create_database(bench.direct_db, goals)
+    if not logs:
+        return
     started = time.perf_counter()
     build_log(bench.big_db, bench.sizes.big_log, writer_goals(bench.sizes.backup_writers))
     bench.info["big_db_build_s"] = round(time.perf_counter() - started, 3)
