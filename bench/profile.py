@@ -59,28 +59,72 @@ def profiled_daemon(directory: Path, db_path: Path, name: str, out: Path) -> Ser
     return ProfiledServer(argv, sock, directory / f"{name}.log")
 
 
+# Where a sample's time goes: the first rule matching a frame, from the leaf up.
+CATEGORIES: Final = (
+    ("_nonblocking_helper", "socket send/recv syscalls"),
+    ("EpollIOManager", "epoll wait and registration"),
+    ("(omkd/db/_conn.py", "SQLite statements (Conn funnel)"),
+    ("jsonrpcserver/", "jsonrpcserver routing"),
+    ("(inspect.py", "jsonrpcserver routing"),
+    ("(omkd/db/", "omkd.db Python"),
+    ("dispatch.py", "omkd.rpc dispatch, params, session"),
+    ("methods.py", "omkd.rpc dispatch, params, session"),
+    ("session.py", "omkd.rpc dispatch, params, session"),
+    ("connection.py", "omkd.rpc connection tasks, outbox, framing"),
+    ("outbox.py", "omkd.rpc connection tasks, outbox, framing"),
+    ("framing.py", "omkd.rpc connection tasks, outbox, framing"),
+    ("trio/", "trio scheduler, channels, cancel scopes"),
+)
+
+
+def _category(frames: list[str]) -> str:
+    for frame in reversed(frames):
+        for needle, name in CATEGORIES:
+            if needle in frame:
+                return name
+    return "other"
+
+
+_START_UP: Final = ("_find_and_load", "run_daemon (", "_serve_socket (")
+
+
 def summarise(raw: Path, top: int = TOP) -> str:
-    """Self and inclusive shares of the samples, by function."""
+    """Self and inclusive shares of the serving samples, by function and by category.
+
+    Only stacks inside trio's run loop count, less start-up (opening and checking the
+    database, building the method table) and imports.
+    """
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
+    kinds: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count_text = line.rpartition(" ")
-        if not stack:
+        if "unrolled_run" not in stack or any(s in stack for s in _START_UP):
             continue
         count = int(count_text)
         frames = stack.split(";")
         total += count
         own[frames[-1]] += count
+        kinds[_category(frames)] += count
         for frame in set(frames):
             inclusive[frame] += count
     if not total:
         return "  (no samples)"
-    lines = [f"  {total} samples; self:"]
+    lines = [f"  {total} samples while serving; by category:"]
+    lines += [f"    {n / total:6.1%}  {kind}" for kind, n in kinds.most_common()]
+    lines.append("  self:")
     lines += [f"    {n / total:6.1%}  {frame}" for frame, n in own.most_common(top)]
     lines.append("  inclusive:")
     lines += [f"    {n / total:6.1%}  {frame}" for frame, n in inclusive.most_common(top)]
     return "\n".join(lines)
+
+
+if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "--summarise":
+    for path in sys.argv[2:]:
+        print(f"== {path}")
+        print(summarise(Path(path)))
+    raise SystemExit(0)
 
 
 def _loop(seconds: float, call: Callable[[], object]) -> int:
