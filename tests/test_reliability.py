@@ -283,6 +283,45 @@ def test_client_that_never_reads_is_cut_off_and_memory_stays_bounded(workdir: Pa
     )
 
 
+def test_large_messages_from_a_client_that_never_reads_are_bounded(workdir: Path) -> None:
+    """The inbox is bounded in bytes, not only in messages: 4 MiB requests pile up no further
+    than ``inbox_bytes`` (plus the one being decoded) while the client reads nothing."""
+    stall = 6.0
+    with LimitedDaemon(workdir, config={"reply_stall_timeout": stall}) as daemon:
+        with StrictConnection(daemon.socket_path) as conn:
+            conn.call("goal.create", {**goal_params("big"), "goal_text": "x" * 256 * 1024})
+        before_kb = daemon.memory_kb()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(str(daemon.socket_path))
+        stall_worker = json.dumps(
+            {"jsonrpc": "2.0", "method": "goal.get", "id": 0, "params": {"goal_id": "big"}}
+        ).encode()
+        sock.sendall((struct.pack(">I", len(stall_worker)) + stall_worker) * 30)  # ~7.5 MiB out
+        pad = b"y" * (4 * MiB)
+        large = b'{"jsonrpc":"2.0","method":"daemon.ping","id":1,"params":{"pad":"' + pad + b'"}}'
+        stream = (struct.pack(">I", len(large)) + large) * 20
+        sent = 0
+        deadline = time.monotonic() + stall - 1
+        sock.setblocking(False)
+        while sent < len(stream) and time.monotonic() < deadline:
+            try:
+                sent += sock.send(stream[sent : sent + MiB])
+            except BlockingIOError:
+                time.sleep(0.01)
+        peak_kb = daemon.memory_kb()
+        sock.close()
+        assert sync_call(daemon.socket_path, "daemon.ping")["result"] == "pong"
+    growth_mib = (peak_kb - before_kb) / 1024
+    # With the inbox bounded only in messages this grew 33+ MiB in the same time; bounded,
+    # it holds inbox_bytes, one message being decoded and the outbox: ~9 MiB measured.
+    assert growth_mib < 24, growth_mib
+    figure(
+        "large messages, never read",
+        f"{sent / MiB:.0f} MiB sent; RSS grew {growth_mib:.0f} MiB "
+        f"({before_kb // 1024} -> {peak_kb // 1024} MiB)",
+    )
+
+
 def test_client_holding_a_transaction_that_never_reads_loses_it(workdir: Path) -> None:
     stall = 2.0
     with LimitedDaemon(

@@ -16,7 +16,6 @@ its own connection only; nothing raised here reaches the daemon's nursery.
 from __future__ import annotations
 
 import logging
-import math
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -55,6 +54,10 @@ class _Connection:
         self.inbox_send, self.inbox = trio.open_memory_channel[bytes | _Oversize](
             config.inbox_messages
         )
+        # Bytes of decoded messages waiting for the worker: bounded as well as their count,
+        # so a client sending large messages and reading nothing holds little memory.
+        self.inbox_bytes = 0
+        self._inbox_room = trio.lowlevel.ParkingLot()
 
     def _frame(self, message: bytes) -> bytes:
         return encode_frame(self.decoder.framing or Framing.LENGTH, message)
@@ -93,37 +96,58 @@ class _Connection:
                         return
                     if message is NEED_DATA:
                         break
+                    await self._reserve_inbox(len(message))
                     await self.inbox_send.send(message)
+
+    async def _reserve_inbox(self, size: int) -> None:
+        limit = self.daemon.config.inbox_bytes
+        while self.inbox_bytes and self.inbox_bytes + size > limit:  # one always fits
+            await self._inbox_room.park()
+        self.inbox_bytes += size
+
+    def _release_inbox(self, size: int) -> None:
+        self.inbox_bytes -= size
+        self._inbox_room.unpark_all()
 
     async def _work(self) -> bool:
         """Answer messages until the client is done (True) or stopped reading (False)."""
         session = self.session
         idle_timeout = self.daemon.config.tx_idle_timeout
         while True:
-            deadline = trio.current_time() + idle_timeout if session.in_transaction else math.inf
             message: bytes | _Oversize | None = None
-            with trio.move_on_at(deadline):
-                try:
+            try:
+                if session.in_transaction:
+                    with trio.move_on_after(idle_timeout):
+                        message = await self.inbox.receive()
+                else:  # no deadline: no cancel scope to arm for every message
                     message = await self.inbox.receive()
-                except trio.EndOfChannel:
-                    return True
+            except trio.EndOfChannel:
+                return True
             if message is None:
                 session.idle_abort()
             elif isinstance(message, _Oversize):
                 self._refuse_oversize(message.error)
                 return True
             else:
+                self._release_inbox(len(message))
                 reply = await self.daemon.dispatcher.handle(message, session)
                 if reply is not None and not await self.outbox.put_before(
-                    self._frame(reply), self.daemon.config.reply_stall_timeout
+                    self._frame(reply), self._stall_timeout()
                 ):
                     log.warning(
                         "session %d: client left its replies unread for %g s; disconnected",
                         session.id,
-                        self.daemon.config.reply_stall_timeout,
+                        self._stall_timeout(),
                     )
                     return False
                 session.start_pending()
+
+    def _stall_timeout(self) -> float:
+        # A client holding the write lock gets no longer than an idle transaction would.
+        config = self.daemon.config
+        if self.session.in_transaction:
+            return min(config.reply_stall_timeout, config.tx_idle_timeout)
+        return config.reply_stall_timeout
 
     def _refuse_oversize(self, error: FrameTooLarge) -> None:
         log.warning("session %d: %s; closing", self.session.id, error)
