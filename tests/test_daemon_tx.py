@@ -238,10 +238,20 @@ async def retrying(client: RawClient, method: str, **params: object) -> None:
                 raise
 
 
-async def test_client_that_stops_reading_is_disconnected_and_frees_the_lock() -> None:
+@pytest.mark.parametrize(
+    ("reply_stall_timeout", "tx_idle_timeout"),
+    [(0.3, 60), (60, 0.3)],  # whichever is shorter applies to a transaction holder
+)
+async def test_client_that_stops_reading_is_disconnected_and_frees_the_lock(
+    reply_stall_timeout: float, tx_idle_timeout: float
+) -> None:
     with short_tempdir() as directory:
         async with running_daemon(
-            directory, outbox_bytes=64 * 1024, reply_stall_timeout=0.3, lock_timeout=20
+            directory,
+            outbox_bytes=64 * 1024,
+            reply_stall_timeout=reply_stall_timeout,
+            tx_idle_timeout=tx_idle_timeout,
+            lock_timeout=20,
         ) as daemon:
             hog = await connect(daemon)
             await hog.call("goal.create", **goal("g1", goal_text="x" * 60_000))
