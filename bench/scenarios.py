@@ -58,7 +58,7 @@ class Sizes:
 
 
 FULL: Final = Sizes(
-    reps=5,
+    reps=7,
     round_trip_calls=2000,
     transactions=10,
     batch_sizes=(1_000, 10_000),
@@ -68,7 +68,7 @@ FULL: Final = Sizes(
     page_reads=300,
     writer_counts=(8, 32),
     writer_calls={8: 3_000, 32: 1_000},
-    writer_reps=3,
+    writer_reps=5,
     writer_modes=("floor", "omkd", "client", "direct"),
     idle_connections=300,
     rss_reps=3,
