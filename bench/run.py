@@ -14,6 +14,8 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,22 +66,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"in {bench.info['big_db_build_s']:.1f} s"
             )
         with scenarios.servers(bench) as (floor, daemon):
-            if on("round_trips"):
-                scenarios.round_trips(bench, floor, daemon)
-            if on("transaction"):
-                scenarios.transaction_of_100(bench, floor, daemon)
-            if on("batches"):
-                scenarios.append_batches(bench, floor, daemon)
-            if on("task_graph"):
-                scenarios.task_graph(bench, floor, daemon)
-            if on("writers"):
-                scenarios.concurrent_writers(bench, floor, daemon)
-        if on("rss"):
-            scenarios.idle_connections(bench)
-        if on("pages"):
-            scenarios.pages(bench)
-        if on("backup"):
-            scenarios.backup_under_writers(bench)
+            for name, scenario in (
+                ("round_trips", scenarios.round_trips),
+                ("transaction", scenarios.transaction_of_100),
+                ("batches", scenarios.append_batches),
+                ("task_graph", scenarios.task_graph),
+                ("writers", scenarios.concurrent_writers),
+            ):
+                if on(name):
+                    _guarded(bench, name, lambda s=scenario: s(bench, floor, daemon))
+        for name, alone in (
+            ("rss", scenarios.idle_connections),
+            ("pages", scenarios.pages),
+            ("backup", scenarios.backup_under_writers),
+        ):
+            if on(name):
+                _guarded(bench, name, lambda s=alone: s(bench))
     finally:
         if args.keep:
             progress(f"kept {workdir}")
@@ -105,4 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_bytes(msgspec.json.format(msgspec.json.encode(document)) + b"\n")
     print(report.table(bench.rows, targets, document))
     print(f"\nresults: {args.out} ({elapsed:.0f} s)")
-    return 0
+    for note in bench.notes:
+        print(f"note: {note}")
+    return 1 if any(n.startswith("FAILED") for n in bench.notes) else 0
+
+
+def _guarded(bench: scenarios.Bench, name: str, run: Callable[[], None]) -> None:
+    """Run one scenario; a failure is noted (with its traceback on stderr), not fatal."""
+    try:
+        run()
+    except Exception as exc:
+        traceback.print_exc()
+        bench.notes.append(f"FAILED {name}: {type(exc).__name__}: {exc}")
+        bench.progress(f"scenario {name} failed: {exc!r}; going on")

@@ -196,7 +196,8 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def child_env() -> dict[str, str]:
-    """The environment for subprocesses: this repository first on the import path."""
+    """The environment for subprocesses: this checkout (and its client) first on the path."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    paths = [str(REPO_ROOT), str(REPO_ROOT / "client"), env.get("PYTHONPATH")]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
     return env
