@@ -37,10 +37,6 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Bytes of replies and notifications queued for one client before it must read.
     outbox_bytes: int = 4 * MiB
-    # Decoded messages queued for one connection's worker before the reader stops reading,
-    # and their bytes (one message is always let in, however large).
-    inbox_messages: int = 16
-    inbox_bytes: int = 4 * MiB
     # Seconds a subscriber may leave its outbox full before it is cut off.
     subscriber_stall_timeout: float = 30.0
     # Seconds a client may leave its replies unread (outbox full) before it is disconnected;
@@ -65,8 +61,6 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in (
             "max_message_bytes",
             "outbox_bytes",
-            "inbox_messages",
-            "inbox_bytes",
             "page_size",
         ):
             if getattr(self, name) < 1:

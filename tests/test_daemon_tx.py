@@ -13,7 +13,6 @@ from omkd_client.codes import ErrorCode
 
 from rpc_helpers import RawClient, RpcError, goal, running_daemon, short_tempdir
 
-
 _open: list[RawClient] = []
 
 

@@ -284,8 +284,8 @@ def test_client_that_never_reads_is_cut_off_and_memory_stays_bounded(workdir: Pa
 
 
 def test_large_messages_from_a_client_that_never_reads_are_bounded(workdir: Path) -> None:
-    """The inbox is bounded in bytes, not only in messages: 4 MiB requests pile up no further
-    than ``inbox_bytes`` (plus the one being decoded) while the client reads nothing."""
+    """4 MiB requests from a client that reads nothing do not pile up in the daemon: it reads
+    a connection's next message only once it has answered the one before."""
     stall = 6.0
     with LimitedDaemon(workdir, config={"reply_stall_timeout": stall}) as daemon:
         with StrictConnection(daemon.socket_path) as conn:
@@ -312,8 +312,8 @@ def test_large_messages_from_a_client_that_never_reads_are_bounded(workdir: Path
         sock.close()
         assert sync_call(daemon.socket_path, "daemon.ping")["result"] == "pong"
     growth_mib = (peak_kb - before_kb) / 1024
-    # With the inbox bounded only in messages this grew 33+ MiB in the same time; bounded,
-    # it holds inbox_bytes, one message being decoded and the outbox: ~9 MiB measured.
+    # With 16 decoded messages queued per connection this grew 29+ MiB in the same time; now
+    # it holds one message being received and the outbox: ~9 MiB measured.
     assert growth_mib < 24, growth_mib
     figure(
         "large messages, never read",

@@ -1,20 +1,26 @@
-"""The trio adapter: one client connection, its three tasks and its session.
+"""The trio adapter: one client connection, its tasks and its session.
 
-Theory of operation. A reader task feeds bytes to the sans-IO ``FrameDecoder`` and passes
-whole messages to the worker through a small channel (when the worker falls behind, the
-reader stops reading and the client's writes wait in the kernel). The worker answers each
-message in arrival order through the ``Dispatcher`` and queues the reply in the ``Outbox``; a
-writer task sends what is queued. While the session holds a transaction, the worker waits
-for the next message only until the idle timeout, then rolls the transaction back.
+Theory of operation. The connection's own task reads bytes into the sans-IO
+``FrameDecoder``, answers each whole message in arrival order through the ``Dispatcher`` and
+sends the reply itself when nothing is queued before it; it reads more only when the buffered
+messages are answered, so a client that sends faster than it is served waits in the kernel,
+and the daemon holds at most one message's worth of its requests. Notifications, and replies
+that find the socket busy, go through the ``Outbox``, which a writer task drains in order.
+While the session holds a transaction, the task waits for more bytes only until the idle
+timeout, then rolls the transaction back. (One task on the request path, not a reader, a
+worker and a writer handing each message on: every hand-off was a trip through trio's
+scheduler, which cost more than the SQL.)
 
 Resource handling: however the connection ends (end of file, a broken socket, an oversize
-frame, daemon shutdown), ``serve_connection`` rolls back the session's transaction, cancels
-its subscriptions and closes the stream. Error handling: a broken or misbehaving client ends
-its own connection only; nothing raised here reaches the daemon's nursery.
+frame, a client that stops reading, daemon shutdown), ``serve_connection`` rolls back the
+session's transaction, cancels its subscriptions and closes the stream. Error handling: a
+broken or misbehaving client ends its own connection only; nothing raised here reaches the
+daemon's nursery.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 from typing import TYPE_CHECKING, Final
 
@@ -36,11 +42,11 @@ log = logging.getLogger("omkd.connection")
 _RECEIVE_BYTES: Final = 64 * 1024
 
 
-class _Oversize:
-    """Placed in the worker's queue where an oversize frame stood: answer, then close."""
+class _Idle(enum.Enum):
+    IDLE = "idle"  # the transaction's idle timeout passed with nothing received
 
-    def __init__(self, error: FrameTooLarge) -> None:
-        self.error = error
+
+_IDLE: Final = _Idle.IDLE
 
 
 class _Connection:
@@ -51,13 +57,7 @@ class _Connection:
         self.decoder = FrameDecoder(config.max_message_bytes)
         self.outbox = Outbox(config.outbox_bytes)
         self.session = Session(daemon, session_id, self.outbox, self._frame)
-        self.inbox_send, self.inbox = trio.open_memory_channel[bytes | _Oversize](
-            config.inbox_messages
-        )
-        # Bytes of decoded messages waiting for the worker: bounded as well as their count,
-        # so a client sending large messages and reading nothing holds little memory.
-        self.inbox_bytes = 0
-        self._inbox_room = trio.lowlevel.ParkingLot()
+        self.sending = trio.Lock()  # one writer on the socket at a time
 
     def _frame(self, message: bytes) -> bytes:
         return encode_frame(self.decoder.framing or Framing.LENGTH, message)
@@ -65,10 +65,9 @@ class _Connection:
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.session.nursery = nursery
-            nursery.start_soon(self._read)
             nursery.start_soon(self._write, nursery.cancel_scope)
             try:
-                finished = await self._work()
+                finished = await self._serve()
             finally:
                 self.outbox.close()
             # The writer sends what is queued and ends the connection; a client that will not
@@ -76,71 +75,65 @@ class _Connection:
             stall = self.daemon.config.reply_stall_timeout if finished else 0
             nursery.cancel_scope.deadline = trio.current_time() + stall
 
-    async def _read(self) -> None:
-        async with self.inbox_send:
-            while True:
-                try:
-                    data = await self.stream.receive_some(_RECEIVE_BYTES)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    return
-                if not data:
-                    if self.decoder.pending:
-                        log.debug("session %d: closed mid-message", self.session.id)
-                    return
-                self.decoder.receive_data(data)
-                while True:
-                    try:
-                        message = self.decoder.next_message()
-                    except FrameTooLarge as exc:
-                        await self.inbox_send.send(_Oversize(exc))
-                        return
-                    if message is NEED_DATA:
-                        break
-                    await self._reserve_inbox(len(message))
-                    await self.inbox_send.send(message)
-
-    async def _reserve_inbox(self, size: int) -> None:
-        limit = self.daemon.config.inbox_bytes
-        while self.inbox_bytes and self.inbox_bytes + size > limit:  # one always fits
-            await self._inbox_room.park()
-        self.inbox_bytes += size
-
-    def _release_inbox(self, size: int) -> None:
-        self.inbox_bytes -= size
-        self._inbox_room.unpark_all()
-
-    async def _work(self) -> bool:
+    async def _serve(self) -> bool:
         """Answer messages until the client is done (True) or stopped reading (False)."""
         session = self.session
-        idle_timeout = self.daemon.config.tx_idle_timeout
         while True:
-            message: bytes | _Oversize | None = None
             try:
-                if session.in_transaction:
-                    with trio.move_on_after(idle_timeout):
-                        message = await self.inbox.receive()
-                else:  # no deadline: no cancel scope to arm for every message
-                    message = await self.inbox.receive()
-            except trio.EndOfChannel:
+                message = self.decoder.next_message()
+            except FrameTooLarge as exc:
+                self._refuse_oversize(exc)
                 return True
-            if message is None:
-                session.idle_abort()
-            elif isinstance(message, _Oversize):
-                self._refuse_oversize(message.error)
+            if message is NEED_DATA:
+                data = await self._receive()
+                if data is None:
+                    return True
+                if data is _IDLE:
+                    session.idle_abort()
+                else:
+                    self.decoder.receive_data(data)
+                continue
+            reply = await self.daemon.dispatcher.handle(message, session)
+            if reply is not None and not await self._reply(self._frame(reply)):
+                log.warning(
+                    "session %d: client left its replies unread for %g s; disconnected",
+                    session.id,
+                    self._stall_timeout(),
+                )
+                return False
+            session.start_pending()
+
+    async def _receive(self) -> bytes | _Idle | None:
+        """The next bytes; _IDLE when an open transaction's idle timeout passed; None at EOF."""
+        try:
+            if self.session.in_transaction:
+                with trio.move_on_after(self.daemon.config.tx_idle_timeout):
+                    return await self.stream.receive_some(_RECEIVE_BYTES) or None
+                return _IDLE
+            # No deadline outside a transaction: no cancel scope to arm for every read.
+            data = await self.stream.receive_some(_RECEIVE_BYTES)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        if not data and self.decoder.pending:
+            log.debug("session %d: closed mid-message", self.session.id)
+        return data or None
+
+    async def _reply(self, frame: bytes) -> bool:
+        """Send or queue a reply; False if the client did not take it within the stall
+        timeout (or is gone)."""
+        timeout = self._stall_timeout()
+        if self.outbox.queued_bytes or self.sending.locked():
+            return await self.outbox.put_before(frame, timeout)
+        self.sending.acquire_nowait()  # nothing queued before it: straight to the socket
+        try:
+            with trio.move_on_after(timeout):
+                await self.stream.send_all(frame)
                 return True
-            else:
-                self._release_inbox(len(message))
-                reply = await self.daemon.dispatcher.handle(message, session)
-                if reply is not None and not await self.outbox.put_before(
-                    self._frame(reply), self._stall_timeout()
-                ):
-                    log.warning(
-                        "session %d: client left its replies unread for %g s; disconnected",
-                        session.id,
-                        self._stall_timeout(),
-                    )
-                    return False
-                session.start_pending()
+            return False  # cut mid-frame: the stream is unusable now
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        finally:
+            self.sending.release()
 
     def _stall_timeout(self) -> float:
         # A client holding the write lock gets no longer than an idle transaction would.
@@ -160,8 +153,9 @@ class _Connection:
 
     async def _write(self, cancel_scope: trio.CancelScope) -> None:
         try:
-            while (data := await self.outbox.take()) is not None:
-                await self.stream.send_all(data)
+            while await self.outbox.wait():
+                async with self.sending:
+                    await self.stream.send_all(self.outbox.take())
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("session %d: peer stopped reading", self.session.id)
         cancel_scope.cancel()  # all sent, or the peer is gone: end the connection's tasks

@@ -3,7 +3,8 @@
 Replies wait for room (a client that stops reading stops being served, and its requests
 stay in the kernel's buffers rather than in ours); notifications wait only up to a deadline,
 after which the subscriber is cut off. One small final frame may be forced past the bound.
-The writer task takes everything queued at once and sends it in one write.
+The writer task takes everything queued at once and sends it in one write; a reply finding
+the outbox empty and the socket free skips it and is sent at once.
 """
 
 from __future__ import annotations
@@ -63,12 +64,16 @@ class Outbox:
         self._readers.unpark_all()
         self._writers.unpark_all()
 
-    async def take(self) -> bytes | None:
-        """Everything queued, joined; None once closed and drained."""
+    async def wait(self) -> bool:
+        """Wait until frames are queued; False once closed and drained."""
         while not self._frames:
             if self._closed:
-                return None
+                return False
             await self._readers.park()
+        return True
+
+    def take(self) -> bytes:
+        """Everything queued, joined (empty if nothing is)."""
         data = b"".join(self._frames)
         self._frames.clear()
         self._bytes = 0
