@@ -145,7 +145,7 @@ def main() -> None:
     if shutil.which("py-spy") is None:
         raise SystemExit("py-spy is not installed: pip install py-spy")
     workdir = Path(tempfile.mkdtemp(prefix="omkd-profile-", dir="/tmp"))
-    out_dir = args.out or workdir
+    out_dir = args.out or workdir / "stacks"
     out_dir.mkdir(parents=True, exist_ok=True)
     seconds = args.seconds
     append = {"goal_id": "rt", "kind": workload.KIND, "payload": workload.PAYLOAD}
@@ -201,8 +201,7 @@ def main() -> None:
             print(summarise(out))
             sys.stdout.flush()
     finally:
-        if args.out is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":
