@@ -171,7 +171,7 @@ def table(rows: list[Row], target_results: list[dict[str, Any]], info: dict[str,
     lines.append("targets (omkd through the raw socket client; medians over repetitions):")
     for t in target_results:
         value = "-" if t["value"] is None else _fmt(t["value"])
-        verdict = "PASS" if t["pass"] else "FAIL"
+        verdict = "n/a " if t["value"] is None else "PASS" if t["pass"] else "FAIL"
         lines.append(f"  {verdict}  {t['target']}: {value} (target {t['op']} {t['limit']:g})")
     m = info["machine"]
     lines.append("")
