@@ -33,6 +33,7 @@ from omkd.rpc.connection import serve_connection
 from omkd.rpc.dispatch import Dispatcher
 from omkd.rpc.openrpc import openrpc_document
 from omkd.rpc.session import Session
+from omkd.rpc.writegate import WriteGate
 
 __all__ = ["Daemon", "StartupError", "serve"]
 
@@ -49,15 +50,21 @@ class Daemon:
         self.db = database
         self.version = omkd.__version__
         self.dispatcher = Dispatcher()
-        # The write gate: one writer at a time, served in arrival order (trio's
-        # semaphore hands a released unit to the longest waiter).
-        self.gate = trio.Semaphore(1)
+        self.gate = WriteGate(database, config)
         self.sessions: set[Session] = set()
         self.new_events = trio.Event()
         self.started = time.monotonic()
         self.openrpc = msgspec.Raw(
             msgspec.json.encode(openrpc_document(self.dispatcher.methods.values(), self.version))
         )
+
+    def add_session(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.gate.others_connected = len(self.sessions) > 1
+
+    def remove_session(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self.gate.others_connected = len(self.sessions) > 1
 
     def events_committed(self) -> None:
         """Wake the subscriptions: new events may be committed."""

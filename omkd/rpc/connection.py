@@ -164,13 +164,13 @@ class _Connection:
 async def serve_connection(daemon: Daemon, stream: trio.SocketStream, session_id: int) -> None:
     """Serve one client until it leaves or the daemon stops; never raises."""
     connection = _Connection(daemon, stream, session_id)
-    daemon.sessions.add(connection.session)
+    daemon.add_session(connection.session)
     try:
         await connection.run()
     except Exception:
         log.exception("session %d: unexpected error; connection closed", session_id)
     finally:
-        daemon.sessions.discard(connection.session)
+        daemon.remove_session(connection.session)
         connection.session.close()
         with trio.CancelScope(shield=True):
             await stream.aclose()

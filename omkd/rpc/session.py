@@ -2,10 +2,12 @@
 
 Theory of operation. Every SQLite call runs inline on the trio thread (a thread hop costs
 several times what a statement does). Reads outside a transaction go to the database's read
-connection and see the latest committed state without waiting for anyone. Writes take the
-daemon's write gate, a fair FIFO semaphore of one, for the length of one call; ``tx.begin``
-takes it until ``tx.commit`` or ``tx.rollback``, and meanwhile every call of the session runs
-inside its transaction. A writer that waits longer than the lock timeout answers Busy.
+connection and see the latest committed state without waiting for anyone. Writes go through
+the daemon's write gate (``omkd.rpc.writegate``): a single write for one SQLite transaction,
+committed together with the single writes of other sessions that arrive meanwhile;
+``tx.begin`` takes the gate until ``tx.commit`` or ``tx.rollback``, and meanwhile every call
+of the session runs inside its transaction. A writer that waits longer than the lock timeout
+answers Busy.
 
 The session's transaction is rolled back when the connection ends (``close``), when the
 daemon stops (cancellation reaches ``close`` too), and after the idle timeout
@@ -33,7 +35,7 @@ import trio
 
 from omkd import db
 from omkd.rpc import params as P
-from omkd.rpc.errors import Busy, NoTransaction, TransactionAborted, TransactionActive
+from omkd.rpc.errors import NoTransaction, TransactionAborted, TransactionActive
 from omkd.rpc.methods import Method
 from omkd.rpc.outbox import Outbox
 from omkd_client.records import EventRecord
@@ -112,31 +114,10 @@ class Session:
                 if exc.transaction_lost:
                     self._lose_transaction(f"storage failure in {method.name}: {exc}")
                 raise
-        await self._acquire_gate()
-        try:
-            result = method.run(self.daemon.db, params)  # type: ignore[arg-type]
-        finally:
-            self.daemon.gate.release()
-        if method.appends_events:
+        result, committed_events = await self.daemon.gate.write(method, params)
+        if committed_events:
             self.daemon.events_committed()
         return result
-
-    async def _acquire_gate(self) -> None:
-        gate = self.daemon.gate
-        try:
-            gate.acquire_nowait()
-            return
-        except trio.WouldBlock:
-            pass
-        timeout = self.daemon.config.lock_timeout
-        with trio.move_on_after(timeout):
-            await gate.acquire()
-            return
-        raise Busy(
-            f"another session held the write lock for longer than the lock timeout "
-            f"({timeout:g} s); retry, or raise --lock-timeout",
-            {"lock_timeout_s": timeout},
-        )
 
     # -- transactions
 
@@ -146,7 +127,7 @@ class Session:
                 "this session already has a transaction; commit or roll it back first",
                 {"session": self.id},
             )
-        await self._acquire_gate()
+        await self.daemon.gate.acquire()
         try:
             self.tx = self.daemon.db.transaction()
         except BaseException:

@@ -1,0 +1,137 @@
+"""The write gate: one writer at a time, in arrival order, with group commit of single writes.
+
+Theory of operation. SQLite has one writer; so does the daemon. The gate is a fair FIFO
+semaphore of one: a session's transaction holds it from ``tx.begin`` to its end, and a
+single write (a write call outside a transaction) holds it for one SQLite transaction. A
+writer that has not had it within the lock timeout answers Busy.
+
+Single writes commit in groups. The first one to take the gate opens a *batch*: a SQLite
+transaction in which it runs its call (in a savepoint, as every call in a transaction does).
+When other sessions are connected, it then yields to the scheduler once before committing;
+single writes of other sessions that arrive meanwhile run inside the open batch, each in its
+own savepoint, instead of queueing for the gate. One COMMIT then serves them all, and each
+call answers only once that COMMIT is done, so an answered write is as durable as ever. A
+call that fails rolls back its own savepoint and leaves the others alone. If the COMMIT fails
+(or SQLite loses the transaction), every call of the batch answers the storage failure. With
+one client connected nothing is waited for, and each write commits at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from omkd import db
+from omkd.rpc.errors import Busy
+
+if TYPE_CHECKING:
+    from omkd.config import Config
+    from omkd.rpc.methods import Method
+
+__all__ = ["WriteGate"]
+
+
+@dataclass(eq=False)
+class _Batch:
+    tx: db.Transaction
+    done: trio.Event = field(default_factory=trio.Event)
+    error: db.DbError | None = None
+    appends_events: bool = False
+
+
+class WriteGate:
+    def __init__(self, database: db.Database, config: Config) -> None:
+        self.db = database
+        self.config = config
+        self._gate = trio.Semaphore(1)  # trio hands a released unit to the longest waiter
+        self._batch: _Batch | None = None
+        self.others_connected = False  # set by the daemon: worth waiting for joiners?
+        self.single_writes = 0  # counters for tests and benchmarks
+        self.commits = 0
+
+    async def acquire(self) -> None:
+        """Take the gate, waiting in line up to the lock timeout; raises Busy."""
+        try:
+            self._gate.acquire_nowait()
+            return
+        except trio.WouldBlock:
+            pass
+        timeout = self.config.lock_timeout
+        with trio.move_on_after(timeout):
+            await self._gate.acquire()
+            return
+        raise Busy(
+            f"another session held the write lock for longer than the lock timeout "
+            f"({timeout:g} s); retry, or raise --lock-timeout",
+            {"lock_timeout_s": timeout},
+        )
+
+    def release(self) -> None:
+        self._gate.release()
+
+    async def write(self, method: Method, params: Any) -> tuple[Any, bool]:
+        """Run a single write and commit it (with others when they come together).
+
+        Returns (result, whether committed events may wait for subscribers). Raises the
+        call's own error, Busy, or the batch's StorageFailure.
+        """
+        batch = self._batch
+        if batch is not None and batch.error is None:
+            return await self._join(batch, method, params)
+        return await self._lead(method, params)
+
+    async def _join(self, batch: _Batch, method: Method, params: Any) -> tuple[Any, bool]:
+        result = self._run(batch, method, params)
+        await batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        return result, False  # the leader wakes the subscribers once for the whole batch
+
+    async def _lead(self, method: Method, params: Any) -> tuple[Any, bool]:
+        await self.acquire()
+        try:
+            batch = _Batch(self.db.transaction())
+        except BaseException:
+            self._gate.release()
+            raise
+        self._batch = batch
+        own_error: Exception | None = None
+        try:
+            try:
+                result = self._run(batch, method, params)
+            except Exception as exc:  # the others of the batch still commit
+                own_error = exc
+            if self.others_connected and batch.error is None:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # let writers join
+        finally:
+            self._batch = None
+            self._commit(batch)
+        if own_error is not None:
+            raise own_error
+        if batch.error is not None:
+            raise batch.error
+        return result, batch.appends_events
+
+    def _run(self, batch: _Batch, method: Method, params: Any) -> Any:
+        try:
+            result = method.run(batch.tx, params)  # type: ignore[arg-type]
+        except db.StorageFailure as exc:
+            if exc.transaction_lost:
+                batch.error = exc  # SQLite rolled the whole batch back
+            raise
+        batch.appends_events |= method.appends_events
+        self.single_writes += 1
+        return result
+
+    def _commit(self, batch: _Batch) -> None:
+        try:
+            if batch.error is None:
+                batch.tx.commit()
+                self.commits += 1
+        except db.DbError as exc:
+            batch.error = exc
+        finally:
+            self._gate.release()
+            batch.done.set()
