@@ -13,7 +13,7 @@ own savepoint, instead of queueing for the gate. One COMMIT then serves them all
 call answers only once that COMMIT is done, so an answered write is as durable as ever. A
 call that fails rolls back its own savepoint and leaves the others alone. If the COMMIT fails
 (or SQLite loses the transaction), every call of the batch answers the storage failure. With
-one client connected nothing is waited for, and each write commits at once.
+one client connected nothing is waited for: each write is its own SQLite transaction.
 """
 
 from __future__ import annotations
@@ -80,7 +80,20 @@ class WriteGate:
         batch = self._batch
         if batch is not None and batch.error is None:
             return await self._join(batch, method, params)
+        if not self.others_connected:
+            return await self._alone(method, params)
         return await self._lead(method, params)
+
+    async def _alone(self, method: Method, params: Any) -> tuple[Any, bool]:
+        # Nobody to group with: the call is its own transaction, without a savepoint.
+        await self.acquire()
+        try:
+            result = method.run(self.db, params)  # type: ignore[arg-type]
+        finally:
+            self._gate.release()
+        self.single_writes += 1
+        self.commits += 1
+        return result, method.appends_events
 
     async def _join(self, batch: _Batch, method: Method, params: Any) -> tuple[Any, bool]:
         result = self._run(batch, method, params)
@@ -103,7 +116,7 @@ class WriteGate:
                 result = self._run(batch, method, params)
             except Exception as exc:  # the others of the batch still commit
                 own_error = exc
-            if self.others_connected and batch.error is None:
+            if batch.error is None:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # let writers join
         finally:
             self._batch = None
