@@ -1,9 +1,10 @@
 """JSON-RPC 2.0 dispatch: one message in, one reply (or nothing) out.
 
 ``Dispatcher.handle(message, session)`` is the whole protocol above framing: it decodes the
-envelope with msgspec, lets jsonrpcserver route the call (method lookup, argument binding,
-the result and response types), decodes params into the method's msgspec type, runs the
-method through the session, and encodes the reply. The same code serves the socket, the
+envelope with msgspec, looks the method up, has jsonrpcserver run it (its ``call`` turns
+anything raised into an error result, and its response types shape the reply), decodes
+params into the method's msgspec type, runs the method through the session, and encodes the
+reply. The same code serves the socket, the
 tests and the benchmarks. It imports nothing of trio: the session decides where work runs.
 
 Batches run their elements in order, one after another; replies come back in request order
@@ -13,7 +14,6 @@ traceback and answered as an internal error that says nothing of the daemon's in
 
 from __future__ import annotations
 
-import inspect
 import logging
 import re
 from typing import Any, Final, Protocol, cast
@@ -25,9 +25,10 @@ from omkd.rpc._jsonrpcserver import (
     NOID,
     Error,
     Left,
+    MethodNotFoundResult,
     Request,
     Success,
-    dispatch_request,
+    call,
     to_response,
 )
 from omkd.rpc.errors import (
@@ -144,9 +145,11 @@ class Dispatcher:
         except InvalidRequest as exc:
             return encode_error(ErrorCode.INVALID_REQUEST, str(exc), exc.data)
         request = Request(envelope.method, [], envelope.id if envelope.id else NOID)
-        request, result = await dispatch_request(
-            self._routes, _Call(session, envelope.params), request
-        )
+        route = self._routes.get(envelope.method)
+        if route is None:
+            result = Left(MethodNotFoundResult(envelope.method))
+        else:
+            result = await call(request, _Call(session, envelope.params), route)
         if request.id is NOID:
             return None
         response = to_response(request, result)
@@ -174,8 +177,6 @@ class Dispatcher:
                 return Error(code, text, data)
             return Success(msgspec.Raw(_ENCODER.encode(result)))
 
-        # jsonrpcserver binds every call against the signature; computing it once saves ~6 µs.
-        route.__signature__ = inspect.signature(route)  # type: ignore[attr-defined]
         return route
 
     async def _invoke(self, method: Method, decoder: msgspec.json.Decoder[Any], call: _Call) -> Any:
