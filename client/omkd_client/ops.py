@@ -23,54 +23,20 @@ from omkd_client.records import (
     ProofRecord,
     TaskRecord,
 )
+from omkd_client.results import (
+    BackupResult,
+    Created,
+    DaemonStatus,
+    DeletedCount,
+    DeletedFlag,
+    EventIds,
+    Replaced,
+    Subscribed,
+)
 
 __all__ = ["BackupResult", "DaemonStatus", "Op"]
 
 T = TypeVar("T")
-
-
-class DaemonStatus(msgspec.Struct, kw_only=True):
-    """The result of ``daemon.status``."""
-
-    version: str
-    schema_version: int
-    db_path: str
-    socket_path: str
-    pid: int
-    uptime_s: float
-    sessions: int
-    active_transactions: int
-
-
-class BackupResult(msgspec.Struct, kw_only=True):
-    """The result of ``db.backup``: where the copy is and how big."""
-
-    path: str
-    bytes: int
-
-
-class _Subscribed(msgspec.Struct):
-    subscription: int
-
-
-class _Count(msgspec.Struct):
-    deleted: int
-
-
-class _Flag(msgspec.Struct):
-    deleted: bool
-
-
-class _Created(msgspec.Struct):
-    created: int
-
-
-class _Replaced(msgspec.Struct):
-    replaced: int
-
-
-class _EventIds(msgspec.Struct):
-    event_ids: list[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,8 +77,8 @@ _checkpoint = _as(BudgetCheckpoint)
 _checkpoints = _as(list[BudgetCheckpoint])
 _artifact = _as(ArtifactRecord)
 _artifacts = _as(list[ArtifactRecord])
-_count = _field(_Count, "deleted")
-_flag = _field(_Flag, "deleted")
+_count = _field(DeletedCount, "deleted")
+_flag = _field(DeletedFlag, "deleted")
 _any = _as(Any)
 
 # -- goals
@@ -158,7 +124,7 @@ def goal_delete(goal_id: str) -> Op[bool]:
 
 def task_create_batch(goal_id: str, tasks: Sequence[TaskRecord]) -> Op[int]:
     return Op("task.create_batch", {"goal_id": goal_id, "tasks": list(tasks)},
-              _field(_Created, "created"))  # fmt: skip
+              _field(Created, "created"))  # fmt: skip
 
 
 def task_get(task_id: str) -> Op[TaskRecord | None]:
@@ -175,7 +141,7 @@ def task_update_status(task_id: str, status: str) -> Op[TaskRecord]:
 
 def task_update_task_graph(goal_id: str, tasks: Sequence[TaskRecord]) -> Op[int]:
     return Op("task.update_task_graph", {"goal_id": goal_id, "tasks": list(tasks)},
-              _field(_Replaced, "replaced"))  # fmt: skip
+              _field(Replaced, "replaced"))  # fmt: skip
 
 
 def task_delete_by_goal(goal_id: str) -> Op[int]:
@@ -203,7 +169,7 @@ def event_append(
 
 def event_append_batch(goal_id: str, events: Sequence[EventInput]) -> Op[list[int]]:
     return Op("event.append_batch", {"goal_id": goal_id, "events": list(events)},
-              _field(_EventIds, "event_ids"))  # fmt: skip
+              _field(EventIds, "event_ids"))  # fmt: skip
 
 
 def event_get_by_goal(
@@ -223,7 +189,7 @@ def event_delete_by_goal(goal_id: str) -> Op[int]:
 
 def event_subscribe(goal_id: str | None, after_event_id: int | None) -> Op[int]:
     params = _params(goal_id=goal_id, after_event_id=after_event_id)
-    return Op("event.subscribe", params, _field(_Subscribed, "subscription"))
+    return Op("event.subscribe", params, _field(Subscribed, "subscription"))
 
 
 def event_unsubscribe(subscription: int) -> Op[Any]:

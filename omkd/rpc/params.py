@@ -1,4 +1,4 @@
-"""Params and results of every method, as msgspec types.
+"""Params of every method as msgspec types, with the shared result types re-exported.
 
 The dispatcher decodes params with these types (unknown fields refused) and rpc.discover
 derives its JSON Schema from the very same types, so the two cannot drift.
@@ -11,6 +11,56 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from omkd_client.records import BudgetCheckpoint, EventInput, TaskRecord
+from omkd_client.results import (
+    BackupResult,
+    Created,
+    DaemonStatus,
+    DeletedCount,
+    DeletedFlag,
+    EventIds,
+    Replaced,
+    Subscribed,
+    TxActive,
+    TxCommitted,
+    TxRolledBack,
+    Unsubscribed,
+)
+
+# The result types live with the client (shared, not copied); the method table names them here.
+__all__ = [
+    "ArtifactId",
+    "ArtifactQuery",
+    "ArtifactRegister",
+    "BackupParams",
+    "BackupResult",
+    "BudgetAppend",
+    "Created",
+    "DaemonStatus",
+    "DeletedCount",
+    "DeletedFlag",
+    "EventAppend",
+    "EventAppendBatch",
+    "EventIds",
+    "EventQuery",
+    "EventSubscribe",
+    "GoalId",
+    "GoalUpdate",
+    "GoalUpdateStatus",
+    "NoParams",
+    "Params",
+    "Replaced",
+    "Subscribed",
+    "TaskBatch",
+    "TaskId",
+    "TaskItem",
+    "TaskUpdateStatus",
+    "TxActive",
+    "TxCommitted",
+    "TxRolledBack",
+    "Unsubscribe",
+    "Unsubscribed",
+    "derive_struct",
+]
 
 
 def derive_struct(
@@ -135,62 +185,3 @@ class ArtifactId(Params):
 
 class BackupParams(Params):
     dest: str
-
-
-# Results that are not records.
-
-
-class Created(msgspec.Struct):
-    created: int
-
-
-class Replaced(msgspec.Struct):
-    replaced: int
-
-
-class DeletedCount(msgspec.Struct):
-    deleted: int
-
-
-class DeletedFlag(msgspec.Struct):
-    deleted: bool
-
-
-class EventIds(msgspec.Struct):
-    event_ids: list[int]
-
-
-class Subscribed(msgspec.Struct):
-    subscription: int
-
-
-class Unsubscribed(msgspec.Struct):
-    unsubscribed: bool = True
-
-
-class TxActive(msgspec.Struct):
-    active: bool = True
-
-
-class TxCommitted(msgspec.Struct):
-    committed: bool = True
-
-
-class TxRolledBack(msgspec.Struct):
-    rolled_back: bool = True
-
-
-class BackupResult(msgspec.Struct):
-    path: str
-    bytes: int
-
-
-class DaemonStatus(msgspec.Struct):
-    version: str
-    schema_version: int
-    db_path: str
-    socket_path: str
-    pid: int
-    uptime_s: float
-    sessions: int
-    active_transactions: int

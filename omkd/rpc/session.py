@@ -263,7 +263,7 @@ class Session:
 
     async def backup(self, p: P.BackupParams) -> P.BackupResult:
         size = await trio.to_thread.run_sync(self.daemon.db.backup_to, p.dest)
-        return P.BackupResult(p.dest, size)
+        return P.BackupResult(path=p.dest, bytes=size)
 
     async def status(self) -> P.DaemonStatus:
         d = self.daemon
