@@ -142,3 +142,32 @@ def test_arbitrary_bytes_never_crash(blob: bytes) -> None:
             assert len(message) <= 500
     except FrameTooLarge as exc:
         assert exc.size > 500
+
+
+def test_protocol_core_imports_without_trio() -> None:
+    """The sans-IO core (framing, dispatch, method table, OpenRPC) needs no trio: a fresh
+    interpreter that refuses to import trio can still load it and answer a message."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'trio' or name.startswith('trio.'):\n"
+        "            raise ImportError('trio is blocked')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import omkd.rpc.framing, omkd.rpc.dispatch, omkd.rpc.methods, omkd.rpc.openrpc\n"
+        "from omkd.rpc.dispatch import Dispatcher\n"
+        'coro = Dispatcher().handle(b\'{"jsonrpc":"2.0","method":"nope","id":1}\', None)\n'
+        "try:\n"
+        "    coro.send(None)\n"
+        "except StopIteration as done:\n"
+        "    print(done.value.decode())\n"
+        "assert 'trio' not in sys.modules\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert '"code":-32601' in result.stdout
