@@ -151,6 +151,12 @@ async def test_events(client: RawClient) -> None:
     since = await client.call("event.get_by_goal", goal_id="g1", since=first["created_at"] + 10)
     assert since == []
     assert await client.call("event.get_by_goal", goal_id="nope") == []
+    newest = await client.call("event.get_by_goal", goal_id="g1", tail=2)
+    assert [e["event_id"] for e in newest] == ids[3:]  # the newest two, still ascending
+    below = await client.call("event.get_by_goal", goal_id="g1", after_event_id=ids[3], tail=9)
+    assert [e["event_id"] for e in below] == ids[4:]
+    both = await client.error("event.get_by_goal", goal_id="g1", tail=2, limit=2)
+    assert both["code"] == ErrorCode.INVALID_PARAMS and both["data"]["field"] == "tail"
     missing = await client.error("event.append", goal_id="nope", kind="k", payload=None)
     assert missing["code"] == ErrorCode.NOT_FOUND
     bad_batch = [{"kind": "ok", "payload": 1}, {"kind": 5, "payload": 1}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import msgspec
 import pytest
 
 from omkd.db import (
@@ -471,8 +472,23 @@ def test_artifacts_by_kind_and_delete(db: Database, goal: GoalRecord) -> None:
 def test_event_cursor_reads_use_the_index(db: Database) -> None:
     from omkd.db import events
 
-    for sql in (events.SELECT_PAGE, events.SELECT_PAGE_JSON, events.TAIL_GOAL):
+    tails = (events.SELECT_TAIL, events.SELECT_TAIL_JSON)
+    for sql in (events.SELECT_PAGE, events.SELECT_PAGE_JSON, events.TAIL_GOAL, *tails):
         params = ("g1",) + (1,) * (sql.count("?") - 1)
         plan = db._reader.raw.execute("EXPLAIN QUERY PLAN " + sql, params).fetchall()
         details = " | ".join(str(row[-1]) for row in plan)
         assert "events_goal (goal_id=? AND event_id>?)" in details, details
+
+
+def test_event_tail_is_the_newest_events_ascending(db: Database, goal: GoalRecord) -> None:
+    ids = db.events.append_batch("g1", [EventInput(kind="k", payload=i) for i in range(10)])
+    newest = db.events.get_by_goal("g1", tail=3)
+    assert [e.event_id for e in newest] == ids[-3:]
+    as_json = msgspec.json.decode(db.events.get_by_goal_json("g1", tail=3))
+    assert [e["event_id"] for e in as_json] == ids[-3:]
+    assert db.events.get_by_goal("g1", after_event_id=ids[8], tail=5) == newest[-1:]
+    assert db.events.get_by_goal("g1", tail=0) == []
+    with pytest.raises(InvalidData):
+        db.events.get_by_goal("g1", tail=3, limit=3)
+    with pytest.raises(InvalidData):
+        db.events.get_by_goal("g1", tail=-1)

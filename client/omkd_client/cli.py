@@ -12,7 +12,6 @@ import json
 import os
 import sys
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final, TextIO
@@ -34,7 +33,6 @@ EXIT_NOT_RUNNING: Final = 3  # nothing answers on the socket
 EXIT_CONNECTION: Final = 4  # the connection broke, a call timed out, a reply was unusable
 EXIT_INTERRUPTED: Final = 130  # Ctrl-C, as shells report SIGINT
 
-EVENTS_PAGE: Final = 500  # events fetched per call while looking for the tail
 DEFAULT_TAIL: Final = 20  # events shown by `events tail` without --limit or --after
 TEXT_WIDTH: Final = 50  # characters of goal text shown in a table cell
 PAYLOAD_WIDTH: Final = 100  # characters of an event payload shown on a human line
@@ -292,14 +290,7 @@ def _tail(client: Client, goal_id: str, after: int | None, limit: int | None) ->
     """With ``after``: the events after it (up to ``limit``); else the last ``limit``."""
     if after is not None:
         return client.events.get_by_goal(goal_id, after_event_id=after, limit=limit)
-    keep: deque[EventRecord] = deque(maxlen=limit or DEFAULT_TAIL)
-    cursor: int | None = None
-    while page := client.events.get_by_goal(goal_id, after_event_id=cursor, limit=EVENTS_PAGE):
-        keep.extend(page)
-        cursor = page[-1].event_id
-        if len(page) < EVENTS_PAGE:
-            break
-    return list(keep)
+    return client.events.get_by_goal(goal_id, tail=limit or DEFAULT_TAIL)
 
 
 def _print_event(out: _Output, event: EventRecord) -> None:

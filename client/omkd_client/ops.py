@@ -178,8 +178,11 @@ def event_get_by_goal(
     since: int | None = None,
     after_event_id: int | None = None,
     limit: int | None = None,
+    tail: int | None = None,
 ) -> Op[list[EventRecord]]:
-    params = _params(goal_id=goal_id, since=since, after_event_id=after_event_id, limit=limit)
+    params = _params(
+        goal_id=goal_id, since=since, after_event_id=after_event_id, limit=limit, tail=tail
+    )
     return Op("event.get_by_goal", params, _events)
 
 

@@ -195,10 +195,14 @@ class Events(_Repo[Runner]):
         since: int | None = None,
         after_event_id: int | None = None,
         limit: int | None = None,
+        tail: int | None = None,
     ) -> list[EventRecord]:
-        """A page of a goal's events by event_id ascending ([] for an unknown goal)."""
+        """A page of a goal's events by event_id ascending ([] for an unknown goal):
+        the oldest ``limit`` of the range, or with ``tail`` the newest ``tail``."""
         return self._run(
-            ops.event_get_by_goal(goal_id, since=since, after_event_id=after_event_id, limit=limit)
+            ops.event_get_by_goal(
+                goal_id, since=since, after_event_id=after_event_id, limit=limit, tail=tail
+            )
         )
 
     def delete_by_goal(self, goal_id: str) -> int:
@@ -404,10 +408,14 @@ class AsyncEvents(_Repo[AsyncRunner]):
         since: int | None = None,
         after_event_id: int | None = None,
         limit: int | None = None,
+        tail: int | None = None,
     ) -> list[EventRecord]:
-        """A page of a goal's events by event_id ascending ([] for an unknown goal)."""
+        """A page of a goal's events by event_id ascending ([] for an unknown goal):
+        the oldest ``limit`` of the range, or with ``tail`` the newest ``tail``."""
         return await self._run(
-            ops.event_get_by_goal(goal_id, since=since, after_event_id=after_event_id, limit=limit)
+            ops.event_get_by_goal(
+                goal_id, since=since, after_event_id=after_event_id, limit=limit, tail=tail
+            )
         )
 
     async def delete_by_goal(self, goal_id: str) -> int:

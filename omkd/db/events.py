@@ -35,6 +35,12 @@ _PAGE = (
     "ORDER BY event_id LIMIT coalesce(?, -1)"
 )
 SELECT_PAGE = f"SELECT {COLUMNS} {_PAGE}"
+# The newest ``tail`` events of the same range, still returned in ascending order: the index
+# is walked backwards, so the cost does not grow with the log.
+_TAIL_PAGE = (
+    f"SELECT * FROM (SELECT {COLUMNS} FROM events WHERE goal_id = ? AND event_id > ? "
+    "AND (? IS NULL OR created_at >= ?) ORDER BY event_id DESC LIMIT ?) ORDER BY event_id"
+)
 # The page as one JSON array built by SQLite: no Python object per row. json(payload)
 # embeds the stored text as JSON (integers beyond 64 bits keep their digits).
 SELECT_PAGE_JSON = (
@@ -44,6 +50,8 @@ SELECT_PAGE_JSON = (
     "'payload', json(payload), 'created_at', created_at)), '[]') "
     f"FROM (SELECT {COLUMNS} {_PAGE})"
 )
+SELECT_TAIL = _TAIL_PAGE
+SELECT_TAIL_JSON = SELECT_PAGE_JSON.replace(f"SELECT {COLUMNS} {_PAGE}", _TAIL_PAGE)
 TAIL_ALL = f"SELECT {COLUMNS} FROM events WHERE event_id > ? ORDER BY event_id LIMIT ?"
 TAIL_GOAL = (
     f"SELECT {COLUMNS} FROM events WHERE goal_id = ? AND event_id > ? ORDER BY event_id LIMIT ?"
@@ -132,15 +140,19 @@ class EventRepository:
         since: int | None = None,
         after_event_id: int | None = None,
         limit: int | None = None,
+        tail: int | None = None,
     ) -> list[EventRecord]:
         """Return the goal's events by event_id ascending ([] for an unknown goal).
 
         ``since`` keeps created_at >= it, ``after_event_id`` event_id > it, ``limit`` caps the
-        count. Raises InvalidData.
+        count from the oldest, ``tail`` keeps the newest ``tail`` instead (not both). Raises
+        InvalidData.
         """
-        params = _page_params(goal_id, since, after_event_id, limit)
+        params = _page_params(goal_id, since, after_event_id, limit, tail)
         with self._scope.read() as conn:
-            return _codec.records(conn.query(SELECT_PAGE, params))
+            return _codec.records(
+                conn.query(SELECT_TAIL if tail is not None else SELECT_PAGE, params)
+            )
 
     def get_by_goal_json(
         self,
@@ -149,14 +161,16 @@ class EventRepository:
         since: int | None = None,
         after_event_id: int | None = None,
         limit: int | None = None,
+        tail: int | None = None,
     ) -> bytes:
         """Return the page ``get_by_goal`` would return, as a UTF-8 JSON array built by SQLite.
 
         Each element has the Event fields with payload embedded as JSON. Raises InvalidData.
         """
-        params = _page_params(goal_id, since, after_event_id, limit)
+        params = _page_params(goal_id, since, after_event_id, limit, tail)
+        statement = SELECT_TAIL_JSON if tail is not None else SELECT_PAGE_JSON
         with self._scope.read() as conn:
-            text = conn.scalar(SELECT_PAGE_JSON, params)
+            text = conn.scalar(statement, params)
         return str(text).encode()
 
     def tail(
@@ -198,16 +212,25 @@ def _check_int(value: object, field: str) -> None:
 
 
 def _page_params(
-    goal_id: str, since: int | None, after_event_id: int | None, limit: int | None
+    goal_id: str,
+    since: int | None,
+    after_event_id: int | None,
+    limit: int | None,
+    tail: int | None = None,
 ) -> tuple[Any, ...]:
     _check_str(goal_id, "goal_id")
-    for field, value in (("since", since), ("after_event_id", after_event_id), ("limit", limit)):
+    checked = (("since", since), ("after_event_id", after_event_id), ("limit", limit),
+               ("tail", tail))  # fmt: skip
+    for field, value in checked:
         if value is not None:
             _check_int(value, field)
-    if limit is not None and limit < 0:
-        raise InvalidData("limit", "must not be negative")
+    for field, value in (("limit", limit), ("tail", tail)):
+        if value is not None and value < 0:
+            raise InvalidData(field, "must not be negative")
+    if limit is not None and tail is not None:
+        raise InvalidData("tail", "give limit (the oldest first) or tail (the newest), not both")
     cursor = NO_CURSOR if after_event_id is None else after_event_id
-    return (goal_id, cursor, since, since, limit)
+    return (goal_id, cursor, since, since, tail if tail is not None else limit)
 
 
 def _check_input(event: EventInput) -> None:

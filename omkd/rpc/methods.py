@@ -113,7 +113,7 @@ def _event_append(r: Repos, p: P.EventAppend) -> EventRecord:
 
 def _event_page(r: Repos, p: P.EventQuery) -> msgspec.Raw:
     page = r.events.get_by_goal_json(
-        p.goal_id, since=p.since, after_event_id=p.after_event_id, limit=p.limit
+        p.goal_id, since=p.since, after_event_id=p.after_event_id, limit=p.limit, tail=p.tail
     )
     return msgspec.Raw(page)
 
@@ -191,7 +191,8 @@ _TABLE: tuple[Method, ...] = (
           lambda r, p: P.EventIds(r.events.append_batch(p.goal_id, p.events)),
           "Append events, all or nothing.", _NF, appends_events=True),
     _repo("event.get_by_goal", P.EventQuery, list[EventRecord], R, _event_page,
-          "A page of a goal's events by event_id; [] for an unknown goal."),
+          "A page of a goal's events by event_id (the oldest, or with tail the newest); "
+          "[] for an unknown goal."),
     _repo("event.delete_by_goal", P.GoalId, P.DeletedCount, W,
           lambda r, p: P.DeletedCount(r.events.delete_by_goal(p.goal_id)),
           "Delete a goal's events."),

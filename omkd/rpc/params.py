@@ -156,6 +156,7 @@ class EventQuery(Params):
     since: int | None = None
     after_event_id: int | None = None
     limit: int | None = None
+    tail: int | None = None
 
 
 class EventSubscribe(Params):
