@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator
 
 import pytest
 import trio
 
+from omkd.rpc.framing import Framing, encode_frame
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
 
@@ -265,3 +267,35 @@ async def test_client_that_stops_reading_is_disconnected_and_frees_the_lock(
             assert await other.call("goal.get", goal_id="uncommitted") is None
             await other.call("tx.rollback")
             await close_clients()
+
+
+async def test_pipelined_calls_in_a_transaction_answer_in_order(daemon: Daemon) -> None:
+    c = await connect(daemon)
+    await c.call("goal.create", **goal("g1"))
+    await c.call("tx.begin")
+    requests = [
+        {"jsonrpc": "2.0", "method": "event.append", "id": i,
+         "params": {"goal_id": "g1", "kind": "k", "payload": i}}
+        for i in range(100)
+    ]  # fmt: skip
+    requests.insert(50, {"jsonrpc": "2.0", "method": "daemon.ping"})  # a notification
+    requests.append({"jsonrpc": "2.0", "method": "tx.commit", "id": "commit"})
+    await c.send_bytes(b"".join(encode_frame(Framing.LENGTH, json.dumps(r).encode())
+                                for r in requests))  # fmt: skip
+    replies = [await c.recv() for _ in range(101)]
+    assert [r["id"] for r in replies] == [*range(100), "commit"]
+    assert [r["result"]["payload"] for r in replies[:100]] == list(range(100))
+    assert len(await c.call("event.get_by_goal", goal_id="g1")) == 100
+
+
+async def test_line_mode_pipelined_with_blank_lines_is_answered(daemon: Daemon) -> None:
+    c = await RawClient.connect(daemon.config.socket_path, Framing.LINE)
+    _open.append(c)
+    await c.send_bytes(b'{"jsonrpc":"2.0","method":"tx.begin","id":1}\n')
+    assert (await c.recv())["result"] == {"active": True}
+    # A blank line after the last request must not hold its reply back.
+    await c.send_bytes(b'{"jsonrpc":"2.0","method":"daemon.ping","id":2}\n\n')
+    with trio.fail_after(2):
+        assert (await c.recv())["result"] == "pong"
+    await c.send_bytes(b'{"jsonrpc":"2.0","method":"tx.rollback","id":3}\n')
+    assert (await c.recv())["result"] == {"rolled_back": True}

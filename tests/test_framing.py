@@ -171,3 +171,17 @@ def test_protocol_core_imports_without_trio() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert '"code":-32601' in result.stdout
+
+
+def test_has_message_matches_next_message() -> None:
+    for framing in (Framing.LENGTH, Framing.LINE):
+        stream = b"".join(encode_frame(framing, m) for m in [b'{"a":1}', b'{"b":2}'])
+        for cut in range(len(stream) + 1):
+            decoder = FrameDecoder()
+            decoder.receive_data(stream[:cut])
+            while decoder.has_message():
+                assert decoder.next_message() is not NEED_DATA
+            assert decoder.next_message() is NEED_DATA or framing is Framing.LINE
+    oversize = FrameDecoder(max_message_bytes=10)
+    oversize.receive_data(struct.pack(">I", 11))
+    assert oversize.has_message()  # next_message raises rather than waiting

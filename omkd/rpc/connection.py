@@ -40,6 +40,7 @@ __all__ = ["serve_connection"]
 log = logging.getLogger("omkd.connection")
 
 _RECEIVE_BYTES: Final = 64 * 1024
+_COALESCE_BYTES: Final = 64 * 1024  # replies held back to go out in one write, at most
 
 
 class _Idle(enum.Enum):
@@ -58,6 +59,8 @@ class _Connection:
         self.outbox = Outbox(config.outbox_bytes)
         self.session = Session(daemon, session_id, self.outbox, self._frame)
         self.sending = trio.Lock()  # one writer on the socket at a time
+        self._held: list[bytes] = []  # replies not sent yet, to go out in one write
+        self._held_bytes = 0
 
     def _frame(self, message: bytes) -> bytes:
         return encode_frame(self.decoder.framing or Framing.LENGTH, message)
@@ -82,9 +85,13 @@ class _Connection:
             try:
                 message = self.decoder.next_message()
             except FrameTooLarge as exc:
+                if not await self._flush():
+                    return False
                 self._refuse_oversize(exc)
                 return True
             if message is NEED_DATA:
+                if not await self._flush():
+                    return False
                 data = await self._receive()
                 if data is None:
                     return True
@@ -94,14 +101,37 @@ class _Connection:
                     self.decoder.receive_data(data)
                 continue
             reply = await self.daemon.dispatcher.handle(message, session)
-            if reply is not None and not await self._reply(self._frame(reply)):
-                log.warning(
-                    "session %d: client left its replies unread for %g s; disconnected",
-                    session.id,
-                    self._stall_timeout(),
-                )
+            if reply is not None:
+                self._held.append(self._frame(reply))
+                self._held_bytes += len(self._held[-1])
+            # Pipelined calls inside a transaction never wait (the session holds the write
+            # lock), so their replies go out together, in one write, once the requests
+            # already received are answered.
+            if (
+                session.in_transaction
+                and self._held_bytes < _COALESCE_BYTES
+                and self.decoder.has_message()
+            ):
+                continue
+            if not await self._flush():
                 return False
             session.start_pending()
+
+    async def _flush(self) -> bool:
+        """Send the replies held back; False if the client stalled (and was logged)."""
+        if not self._held:
+            return True
+        frames = b"".join(self._held)
+        self._held.clear()
+        self._held_bytes = 0
+        if await self._reply(frames):
+            return True
+        log.warning(
+            "session %d: client left its replies unread for %g s; disconnected",
+            self.session.id,
+            self._stall_timeout(),
+        )
+        return False
 
     async def _receive(self) -> bytes | _Idle | None:
         """The next bytes; _IDLE when an open transaction's idle timeout passed; None at EOF."""

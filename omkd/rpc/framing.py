@@ -74,6 +74,18 @@ class FrameDecoder:
             self.framing = Framing.LINE if data[0] in _LINE_MODE_FIRST_BYTES else Framing.LENGTH
         self._buffer += data
 
+    def has_message(self) -> bool:
+        """Whether a whole message (or an oversize one) is buffered: ``next_message`` will not
+        answer ``NEED_DATA``."""
+        if self.framing is Framing.LINE:
+            return self._buffer.find(b"\n", self._scanned) >= 0 or (
+                len(self._buffer) > self.max_message_bytes
+            )
+        if len(self._buffer) < _PREFIX.size:
+            return False
+        size: int = _PREFIX.unpack_from(self._buffer)[0]
+        return size > self.max_message_bytes or len(self._buffer) >= _PREFIX.size + size
+
     def next_message(self) -> bytes | NeedData:
         """Return the next whole message, or ``NEED_DATA``.
 
