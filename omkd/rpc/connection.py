@@ -4,7 +4,9 @@ Theory of operation. The connection's own task reads bytes into the sans-IO
 ``FrameDecoder``, answers each whole message in arrival order through the ``Dispatcher`` and
 sends the reply itself when nothing is queued before it; it reads more only when the buffered
 messages are answered, so a client that sends faster than it is served waits in the kernel,
-and the daemon holds at most one message's worth of its requests. Notifications, and replies
+and the daemon holds at most one message's worth of its requests. Replies to calls pipelined
+inside a transaction (which never wait) are held until the requests already received are
+answered, then sent in one write. Notifications, and replies
 that find the socket busy, go through the ``Outbox``, which a writer task drains in order.
 While the session holds a transaction, the task waits for more bytes only until the idle
 timeout, then rolls the transaction back. (One task on the request path, not a reader, a
