@@ -20,7 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
-__all__ = ["StartupError", "hold_lock", "open_unix_listener", "peer_uid", "remove_socket"]
+__all__ = [
+    "StartupError",
+    "hold_lock",
+    "open_unix_listener",
+    "peer_uid",
+    "prepare_socket_directory",
+    "remove_socket",
+]
 
 _SOCKET_MODE: Final = 0o600
 _DIRECTORY_MODE: Final = 0o700
@@ -82,7 +89,7 @@ def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.soc
     path = Path(path)
     if len(os.fsencode(path)) > _UNIX_PATH_MAX:
         raise StartupError(f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes")
-    make_private_dirs(path.parent)
+    prepare_socket_directory(path)
     _refuse_live_socket(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with contextlib.suppress(FileNotFoundError):
@@ -99,6 +106,23 @@ def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.soc
             temporary.unlink()
         raise StartupError(f"cannot listen on {path}: {exc.strerror}") from exc
     return sock
+
+
+def prepare_socket_directory(socket_path: str | os.PathLike[str]) -> None:
+    """Create the socket's directory (0700) if missing; refuse one of another user.
+
+    /tmp/omk-<uid> can be made by anyone before the daemon first runs: a directory of another
+    user could let them replace the socket, so it is refused, never "fixed". Raises
+    StartupError.
+    """
+    directory = Path(socket_path).parent
+    make_private_dirs(directory)
+    owner = directory.stat().st_uid
+    if owner != os.getuid():
+        raise StartupError(
+            f"the socket directory {directory} belongs to uid {owner}, not to this user "
+            f"(uid {os.getuid()}); remove it or choose another --socket"
+        )
 
 
 def _refuse_live_socket(path: Path) -> None:

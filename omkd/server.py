@@ -28,7 +28,14 @@ import trio
 import omkd
 from omkd import db, systemd
 from omkd.config import Config
-from omkd.listen import StartupError, hold_lock, open_unix_listener, peer_uid, remove_socket
+from omkd.listen import (
+    StartupError,
+    hold_lock,
+    open_unix_listener,
+    peer_uid,
+    prepare_socket_directory,
+    remove_socket,
+)
 from omkd.rpc.connection import serve_connection
 from omkd.rpc.dispatch import Dispatcher
 from omkd.rpc.openrpc import openrpc_document
@@ -155,6 +162,7 @@ async def run_daemon(
                 config = _activated_config(config, inherited)
                 await _serve_socket(Daemon(config, database), inherited, task_status)
                 return
+            prepare_socket_directory(config.socket_path)  # before its lock file goes there
             with hold_lock(config.socket_path, "socket"):
                 sock = open_unix_listener(config.socket_path, config.listen_backlog)
                 try:

@@ -162,3 +162,14 @@ def test_unix_socket_peer_check_helper() -> None:
     a, b = socket.socketpair(socket.AF_UNIX)
     with a, b:
         assert peer_uid(a) == os.getuid()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory to another uid needs root")
+def test_socket_directory_of_another_user_is_refused(workdir: Path) -> None:
+    foreign = workdir / "foreign"
+    foreign.mkdir()
+    os.chown(foreign, 65534, 65534)
+    daemon = DaemonProcess(workdir, socket_path=foreign / "omkd.sock").start(wait=False)
+    assert daemon.wait() != 0
+    assert "belongs to uid 65534" in daemon.log() and "Traceback" not in daemon.log()
+    assert list(foreign.iterdir()) == []  # not even a lock file was left in it
