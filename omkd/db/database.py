@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from omkd.db._conn import Conn, connect, rollback_quietly
+from omkd.db._conn import Conn, Scope, connect, rollback_quietly
 from omkd.db.artifacts import ArtifactRepository
 from omkd.db.budgets import BudgetRepository
 from omkd.db.errors import (
@@ -110,7 +110,27 @@ def _commit(conn: Conn) -> None:
         ) from exc
 
 
-class Database:
+class _Repositories:
+    """The six repositories, the same on a Database and on a Transaction: only the scope
+    (each call its own transaction, or inside one) differs."""
+
+    goals: GoalRepository
+    tasks: TaskRepository
+    events: EventRepository
+    proofs: ProofRepository
+    budgets: BudgetRepository
+    artifacts: ArtifactRepository
+
+    def _bind_repositories(self, scope: Scope) -> None:
+        self.goals = GoalRepository(scope)
+        self.tasks = TaskRepository(scope)
+        self.events = EventRepository(scope)
+        self.proofs = ProofRepository(scope)
+        self.budgets = BudgetRepository(scope)
+        self.artifacts = ArtifactRepository(scope)
+
+
+class Database(_Repositories):
     """One SQLite database in WAL mode, shared by threads; see the module's docstring.
 
     Open it with :meth:`open`; close it with :meth:`close` or a ``with`` block.
@@ -135,13 +155,7 @@ class Database:
         self._transaction: Transaction | None = None
         self.migrations_applied = migrations_applied
         """The migrations this open applied (empty when the schema was current)."""
-        scope = _DatabaseScope(self)
-        self.goals = GoalRepository(scope)
-        self.tasks = TaskRepository(scope)
-        self.events = EventRepository(scope)
-        self.proofs = ProofRepository(scope)
-        self.budgets = BudgetRepository(scope)
-        self.artifacts = ArtifactRepository(scope)
+        self._bind_repositories(_DatabaseScope(self))
 
     @classmethod
     def open(
@@ -350,7 +364,7 @@ class _DatabaseScope:
             db._write_lock.release()
 
 
-class Transaction:
+class Transaction(_Repositories):
     """A write transaction that may stay open across many calls and threads.
 
     Has the Database's repositories (``tx.goals``, ``tx.events``, ...), which read and write
@@ -364,13 +378,7 @@ class Transaction:
         self._conn = conn
         self._lock = threading.Lock()
         self._active = True
-        scope = _TransactionScope(self)
-        self.goals = GoalRepository(scope)
-        self.tasks = TaskRepository(scope)
-        self.events = EventRepository(scope)
-        self.proofs = ProofRepository(scope)
-        self.budgets = BudgetRepository(scope)
-        self.artifacts = ArtifactRepository(scope)
+        self._bind_repositories(_TransactionScope(self))
 
     @property
     def active(self) -> bool:
