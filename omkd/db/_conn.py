@@ -180,6 +180,18 @@ class Conn:
         rows = self.query(sql, params, goal_id=goal_id, subject=subject)
         return rows[0] if rows else None
 
+    def copy_to(self, dest: Conn) -> None:
+        """Copy this database into ``dest`` with SQLite's online backup API, in one step.
+
+        One step holds a read transaction for the whole copy, so it is a consistent snapshot;
+        in WAL mode writers keep committing meanwhile (a copy in several steps would restart
+        each time another connection writes, and might never finish under steady writes).
+        """
+        try:
+            self.raw.backup(dest.raw, pages=-1)
+        except sqlite3.Error as exc:
+            raise translate(exc) from exc
+
     def scalar(self, sql: str, params: Params = ()) -> Any:
         """Return the first column of the first row (None if there is no row)."""
         row = self.query_one(sql, params)

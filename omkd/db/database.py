@@ -68,7 +68,12 @@ CHECKPOINT = {
     mode: f"PRAGMA wal_checkpoint({mode})" for mode in ("PASSIVE", "FULL", "RESTART", "TRUNCATE")
 }
 QUICK_CHECK = "PRAGMA quick_check"
-VACUUM_INTO = "VACUUM INTO ?"
+# The copy is a temporary file until it is synced and renamed: no journal, no syncs while
+# it is written (sync_and_rename syncs it once, complete).
+BACKUP_TARGET_PRAGMAS = ("PRAGMA journal_mode = OFF", "PRAGMA synchronous = OFF")
+# The copied header says WAL, like the source; the backup is made one self-contained file
+# (opening it with Database.open turns WAL back on).
+BACKUP_SELF_CONTAINED = "PRAGMA journal_mode = DELETE"
 BEGIN = "BEGIN IMMEDIATE"
 COMMIT = "COMMIT"
 ROLLBACK = "ROLLBACK"
@@ -237,11 +242,12 @@ class Database(_Repositories):
     def backup_to(self, dest: str | os.PathLike[str]) -> int:
         """Copy the committed database to ``dest`` (absolute); return the bytes written.
 
-        Runs ``VACUUM INTO`` on a connection of its own, so other threads keep reading and
-        writing meanwhile; the copy goes to a temporary file in dest's directory, is synced,
-        then renamed onto dest: dest is never a partial file, and the temporary file is removed
-        on any failure. Raises InvalidData (relative path, the live database or its -wal/-shm,
-        a directory, a missing directory), StorageFailure.
+        Uses SQLite's online backup API on a connection of its own: the copy is one
+        consistent snapshot, and other threads keep reading and writing meanwhile (WAL). The
+        copy goes to a temporary file in dest's directory, is synced, then renamed onto dest:
+        dest is never a partial file, and the temporary file is removed on any failure.
+        Raises InvalidData (relative path, the live database or its -wal/-shm, a directory,
+        a missing directory), StorageFailure.
         """
         self._check_open()
         target = backup_target(dest, self._path)
@@ -249,7 +255,14 @@ class Database(_Repositories):
         conn = connect(str(self._path))
         try:
             conn.execute(SET_BUSY_TIMEOUT.format(ms=BUSY_TIMEOUT_MS))
-            conn.execute(VACUUM_INTO, (str(temporary),))
+            copy = connect(str(temporary))
+            try:
+                for pragma in BACKUP_TARGET_PRAGMAS:
+                    copy.execute(pragma)
+                conn.copy_to(copy)
+                copy.execute(BACKUP_SELF_CONTAINED)
+            finally:
+                copy.close()
             sync_and_rename(temporary, target)
             return target.stat().st_size
         except BaseException:
