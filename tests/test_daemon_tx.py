@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator
 import pytest
 import trio
 
+from omkd import db
+from omkd.db.goals import GoalRepository
 from omkd.rpc.framing import Framing, encode_frame
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
@@ -154,6 +156,47 @@ async def test_commit_after_idle_abort_answers_aborted_and_ends_it(daemon: Daemo
     await trio.sleep(1.0)
     assert (await a.error("tx.commit"))["code"] == ErrorCode.TRANSACTION_ABORTED
     assert await a.call("goal.list") == []  # the session is usable again
+
+
+def lose_the_transaction_in_goal_get(self: GoalRepository, goal_id: str) -> None:
+    """goal.get as it fails when SQLite rolls the whole transaction back on a read (an I/O
+    error while reading a page): the transaction is gone before the error surfaces."""
+    with self._scope.read() as conn:
+        conn.raw.execute("ROLLBACK")
+        raise db.StorageFailure("storage failure: disk I/O error")
+
+
+@pytest.mark.parametrize("end", ["tx.rollback", "tx.commit"])
+async def test_read_that_loses_the_transaction_aborts_the_session(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, end: str
+) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    await a.call("goal.create", **goal("g1"))
+    await a.call("tx.begin")
+    await a.call("goal.create", **goal("in-tx"))
+    with monkeypatch.context() as patch:
+        patch.setattr(GoalRepository, "get", lose_the_transaction_in_goal_get)
+        error = await a.error("goal.get", goal_id="g1")
+    assert error["code"] == ErrorCode.STORAGE_FAILURE
+    assert error["data"]["transaction_lost"] is True
+    # The session is aborted, whatever the call...
+    for method, params in [("goal.get", {"goal_id": "g1"}), ("goal.list", {})]:
+        assert (await a.error(method, **params))["code"] == ErrorCode.TRANSACTION_ABORTED
+    assert (await a.error("tx.begin"))["code"] == ErrorCode.TRANSACTION_ABORTED
+    assert await a.call("daemon.ping") == "pong"
+    # ...and the write lock is free for others at once (not busy after the lock timeout).
+    with trio.fail_after(0.15):
+        await b.call("goal.create", **goal("g2"))
+        assert await b.call("goal.get", goal_id="in-tx") is None
+        assert (await b.call("daemon.status"))["active_transactions"] == 0
+    if end == "tx.rollback":
+        assert await a.call("tx.rollback") == {"rolled_back": True}
+    else:
+        assert (await a.error("tx.commit"))["code"] == ErrorCode.TRANSACTION_ABORTED
+    assert (await a.call("goal.get", goal_id="g2"))["goal_id"] == "g2"
+    assert (await a.error("tx.commit"))["code"] == ErrorCode.NO_TRANSACTION  # it has ended
+    await a.call("tx.begin")  # and the session can open a new one
+    await a.call("tx.rollback")
 
 
 async def test_subscription_sees_only_committed_events(daemon: Daemon) -> None:

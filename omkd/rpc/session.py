@@ -104,20 +104,33 @@ class Session:
     # -- repository calls
 
     def run_read(self, method: Method, params: Any) -> Any:
-        return method.run(self.tx or self.daemon.db, params)  # type: ignore[arg-type]
+        tx = self.tx
+        if tx is None:
+            return method.run(self.daemon.db, params)  # type: ignore[arg-type]
+        return self._run_in_transaction(tx, method, params)
 
     async def run_write(self, method: Method, params: Any) -> Any:
-        if self.tx is not None:
-            try:
-                return method.run(self.tx, params)  # type: ignore[arg-type]
-            except db.StorageFailure as exc:
-                if exc.transaction_lost:
-                    self._lose_transaction(f"storage failure in {method.name}: {exc}")
-                raise
+        tx = self.tx
+        if tx is not None:
+            return self._run_in_transaction(tx, method, params)
         result, committed_events = await self.daemon.gate.write(method, params)
         if committed_events:
             self.daemon.events_committed()
         return result
+
+    def _run_in_transaction(self, tx: db.Transaction, method: Method, params: Any) -> Any:
+        """Run a read or a write inside the session's transaction.
+
+        If SQLite rolled the transaction back (StorageFailure with transaction_lost), the
+        session lets go of it and of the write gate and becomes aborted; the error goes on to
+        answer this call.
+        """
+        try:
+            return method.run(tx, params)  # type: ignore[arg-type]
+        except db.StorageFailure as exc:
+            if exc.transaction_lost:
+                self._lose_transaction(f"storage failure in {method.name}: {exc}")
+            raise
 
     # -- transactions
 
