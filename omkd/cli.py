@@ -53,11 +53,16 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--socket",
-        help="Unix socket path (default: $OMKD_SOCKET, "
-        "$XDG_RUNTIME_DIR/omk/omkd.sock, /tmp/omk-UID/omkd.sock)",
+        help="Unix socket path (default: $OMKD_SOCKET, else socket_path in --config, "
+        "else $XDG_RUNTIME_DIR/omk/omkd.sock, else /tmp/omk-UID/omkd.sock)",
     )
-    _db_flag(serve)
-    serve.add_argument("--config", help="TOML file with any Config field (docs/PROTOCOL.md)")
+    _db_flag(serve, from_config=True)
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with any Config field (docs/PROTOCOL.md); flags and "
+        "$OMKD_SOCKET/$OMKD_DB win over it",
+    )
     serve.add_argument(
         "--lock-timeout",
         type=float,
@@ -102,11 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _db_flag(parser: argparse.ArgumentParser) -> None:
+def _db_flag(parser: argparse.ArgumentParser, *, from_config: bool = False) -> None:
+    config = "else db_path in --config, " if from_config else ""
     parser.add_argument(
         "--db",
-        help="database path (default: $OMKD_DB, "
-        "$XDG_STATE_HOME/omk/omk.db, ~/.local/state/omk/omk.db)",
+        help=f"database path (default: $OMKD_DB, {config}"
+        "else $XDG_STATE_HOME/omk/omk.db, else ~/.local/state/omk/omk.db)",
     )
 
 

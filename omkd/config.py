@@ -1,4 +1,17 @@
-"""The daemon's configuration: defaults, a TOML file, the environment and flags, in that order.
+"""The daemon's configuration: flags, then the environment, then a TOML file, then defaults.
+
+Each setting comes from the first of these that gives it:
+
+1. a command-line flag (``--socket``, ``--db``, ``--lock-timeout``, ...);
+2. the environment: ``$OMKD_SOCKET`` and ``$OMKD_DB``, the only settings that have a
+   variable (empty counts as unset);
+3. the ``--config`` TOML file;
+4. the defaults: the XDG paths of contract section 4, and the field defaults below.
+
+The environment beats the file because it is the more specific, per-invocation choice (a
+unit's ``Environment=``, a shell's ``OMKD_DB=... omkd serve``), while the file is shared
+and long-lived; and because ``omkctl`` finds the socket through ``$OMKD_SOCKET`` too, so a
+daemon started with the same environment listens where its clients look.
 
 Every timeout and limit the daemon applies lives here with its default; nothing in the logic
 is a bare number.
@@ -13,11 +26,14 @@ from typing import Any, Literal
 
 import msgspec
 
-from omkd_client.paths import resolve_socket_path
+from omkd_client.paths import default_socket_path
 
 __all__ = ["Config", "ConfigError", "default_db_path", "load_config"]
 
 MiB = 1024 * 1024
+
+# The settings that an environment variable may give (between the flags and the file).
+ENV_VARS = {"socket_path": "OMKD_SOCKET", "db_path": "OMKD_DB"}
 
 
 class ConfigError(Exception):
@@ -94,24 +110,31 @@ def load_config(
     overrides: Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Config:
-    """Build the configuration: defaults, then the TOML file, then env, then ``overrides``.
+    """Build the configuration: ``overrides`` (the flags), then env, then the file, then defaults.
 
-    Raises ConfigError naming the file or field at fault.
+    ``overrides`` values that are None are unset. Raises ConfigError naming the file or field
+    at fault.
     """
     env = os.environ if env is None else env
-    fields: dict[str, Any] = {}
-    if config_file:
-        try:
-            fields.update(msgspec.toml.decode(Path(config_file).read_bytes()))
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
-        except msgspec.DecodeError as exc:
-            raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    fields = _read_config_file(config_file) if config_file else {}
+    fields.update({name: env[var] for name, var in ENV_VARS.items() if env.get(var)})
     fields.update({k: v for k, v in (overrides or {}).items() if v is not None})
-    fields["socket_path"] = str(resolve_socket_path(fields.get("socket_path"), env))
-    fields["db_path"] = str(resolve_db_path(fields.get("db_path"), env))
+    if not fields.get("socket_path"):
+        fields["socket_path"] = str(default_socket_path(env))
+    if not fields.get("db_path"):
+        fields["db_path"] = str(default_db_path(env))
     try:
         return msgspec.convert(fields, Config)
     except msgspec.ValidationError as exc:
         where = f" in {config_file}" if config_file else ""
         raise ConfigError(f"invalid configuration{where}: {exc}") from exc
+
+
+def _read_config_file(config_file: str) -> dict[str, Any]:
+    try:
+        fields = msgspec.toml.decode(Path(config_file).read_bytes())
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+    except msgspec.DecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    return dict(fields)

@@ -61,3 +61,34 @@ def test_bad_config_file_is_named(tmp_path: Path, text: str, needle: str) -> Non
 def test_missing_config_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(str(tmp_path / "none.toml"), env={})
+
+
+def test_environment_beats_config_file_for_paths(tmp_path: Path) -> None:
+    # Flags, then $OMKD_SOCKET / $OMKD_DB, then the file, then the XDG defaults: the
+    # environment a unit or a shell sets wins over a file, as it does for omkctl.
+    file = tmp_path / "omkd.toml"
+    file.write_text('socket_path = "/file/s.sock"\ndb_path = "/file/omk.db"\n')
+    env = {"OMKD_SOCKET": "/env/s.sock", "OMKD_DB": "/env/omk.db", "XDG_RUNTIME_DIR": "/run/u"}
+    from_env = load_config(str(file), env=env)
+    assert (from_env.socket_path, from_env.db_path) == ("/env/s.sock", "/env/omk.db")
+    flags = {"socket_path": "/flag/s.sock", "db_path": "/flag/omk.db"}
+    from_flags = load_config(str(file), flags, env=env)
+    assert (from_flags.socket_path, from_flags.db_path) == ("/flag/s.sock", "/flag/omk.db")
+    from_file = load_config(str(file), {"socket_path": None, "db_path": None}, env={})
+    assert (from_file.socket_path, from_file.db_path) == ("/file/s.sock", "/file/omk.db")
+
+
+def test_defaults_when_neither_file_nor_environment_names_the_paths(tmp_path: Path) -> None:
+    file = tmp_path / "omkd.toml"
+    file.write_text('socket_path = ""\nlock_timeout = 1.5\n')
+    env = {"XDG_RUNTIME_DIR": "/run/u", "XDG_STATE_HOME": "/state", "OMKD_DB": ""}
+    config = load_config(str(file), env=env)
+    assert config.socket_path == "/run/u/omk/omkd.sock"
+    assert config.db_path == "/state/omk/omk.db"
+
+
+def test_a_path_of_the_wrong_type_in_the_file_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "omkd.toml"
+    file.write_text("db_path = 5\n")
+    with pytest.raises(ConfigError, match=r"db_path"):
+        load_config(str(file), env={})
