@@ -271,3 +271,44 @@ def test_dispatcher_answers_anything_well_formed(message: bytes) -> None:
         if "error" in item:
             assert item["error"]["code"] in {int(c) for c in ErrorCode}
             assert item["error"]["code"] != ErrorCode.INTERNAL_ERROR, item
+
+
+class _AbortedSession(_NullSession):
+    aborted = True
+
+
+def request(method: str, params: object = None) -> bytes:
+    message: dict[str, object] = {"jsonrpc": "2.0", "method": method, "id": 1}
+    if params is not None:
+        message["params"] = params
+    return json.dumps(message).encode()
+
+
+@pytest.mark.parametrize(
+    ("method", "params"),
+    [
+        ("goal.get", {"goal_id": "g1"}),
+        ("goal.get", {"goal_id": 1}),  # wrong type
+        ("goal.get", {}),  # missing field
+        ("goal.get", None),  # no params at all
+        ("goal.list", {"nope": 1}),  # unknown field
+        ("goal.create", [1, 2]),  # positional
+        ("event.append", {"goal_id": "g1", "kind": "k", "payload": 1}),
+        ("tx.begin", {"extra": True}),
+    ],
+)
+async def test_aborted_session_answers_aborted_whatever_the_params(
+    method: str, params: object
+) -> None:
+    reply = json.loads(await Dispatcher().handle(request(method, params), _AbortedSession()) or b"")
+    assert reply["error"]["code"] == ErrorCode.TRANSACTION_ABORTED
+    assert reply["error"]["data"] == {"method": method}
+
+
+async def test_aborted_session_still_decodes_the_params_of_what_it_answers() -> None:
+    session, dispatcher = _AbortedSession(), Dispatcher()
+    for method in ("tx.rollback", "tx.commit", "daemon.ping", "rpc.discover"):
+        reply = json.loads(await dispatcher.handle(request(method), session) or b"")
+        assert "result" in reply, reply
+        reply = json.loads(await dispatcher.handle(request(method, {"x": 1}), session) or b"")
+        assert reply["error"]["code"] == ErrorCode.INVALID_PARAMS

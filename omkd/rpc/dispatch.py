@@ -180,14 +180,15 @@ class Dispatcher:
         return route
 
     async def _invoke(self, method: Method, decoder: msgspec.json.Decoder[Any], call: _Call) -> Any:
-        params = _decode_params(method.name, decoder, call.params)
         session = call.session
+        # Before the params: an aborted session answers -32012 whatever they are.
         if session.aborted and not method.when_aborted:
             raise TransactionAborted(
                 "this session's transaction was rolled back (idle timeout or storage "
                 "failure); send tx.rollback to end it",
                 {"method": method.name},
             )
+        params = _decode_params(method.name, decoder, call.params)
         if method.access is Access.READ:
             return session.run_read(method, params)
         if method.access is Access.WRITE:
