@@ -67,8 +67,10 @@ async def test_rollback_discards(daemon: Daemon) -> None:
 
 async def test_transaction_state_errors(daemon: Daemon) -> None:
     a = await connect(daemon)
-    assert (await a.error("tx.commit"))["code"] == ErrorCode.NO_TRANSACTION
-    assert (await a.error("tx.rollback"))["code"] == ErrorCode.NO_TRANSACTION
+    for method in ("tx.commit", "tx.rollback"):
+        error = await a.error(method)
+        assert error["code"] == ErrorCode.NO_TRANSACTION
+        assert error["data"] == {"method": method}
     await a.call("tx.begin")
     assert (await a.error("tx.begin"))["code"] == ErrorCode.TRANSACTION_ACTIVE
     await a.call("tx.rollback")

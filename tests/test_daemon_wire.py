@@ -271,6 +271,7 @@ def test_dispatcher_answers_anything_well_formed(message: bytes) -> None:
         if "error" in item:
             assert item["error"]["code"] in {int(c) for c in ErrorCode}
             assert item["error"]["code"] != ErrorCode.INTERNAL_ERROR, item
+            assert isinstance(item["error"].get("data"), dict), item
 
 
 class _AbortedSession(_NullSession):
@@ -312,3 +313,60 @@ async def test_aborted_session_still_decodes_the_params_of_what_it_answers() -> 
         assert "result" in reply, reply
         reply = json.loads(await dispatcher.handle(request(method, {"x": 1}), session) or b"")
         assert reply["error"]["code"] == ErrorCode.INVALID_PARAMS
+
+
+@pytest.mark.parametrize(
+    ("payload", "data"),
+    [
+        (b"this is not json",  # "t" might begin true: the error is at "i"
+         {"detail": "JSON is malformed: invalid character (byte 4)", "byte": 4}),
+        (b'{"jsonrpc":"2.0","method":"daemon.ping","id":1} x',
+         {"detail": "JSON is malformed: trailing characters (byte 49)", "byte": 49}),
+        (b"{", {"detail": "Input data was truncated"}),
+        (b'{"jsonrpc":"\xff"}', {"detail": "not valid UTF-8: invalid start byte"}),
+        (b'{"jsonrpc":"2.0","method":"m","params":' + b"[" * 20_000 + b"]" * 20_000 + b"}",
+         {"detail": "nested too deeply"}),
+        (b"[{", {"detail": "Input data was truncated"}),
+    ],
+    ids=["not-json", "trailing", "truncated", "not-utf8", "too-deep", "truncated-batch"],
+)  # fmt: skip
+async def test_parse_error_data(payload: bytes, data: dict[str, object]) -> None:
+    reply = json.loads(await Dispatcher().handle(payload, _NullSession()) or b"")
+    assert reply["error"]["code"] == ErrorCode.PARSE_ERROR and reply["id"] is None
+    assert reply["error"]["data"] == data
+
+
+async def test_parse_error_in_params_data() -> None:
+    payload = b'{"jsonrpc":"2.0","method":"goal.get","id":1,"params":{"goal_id":"\xff"}}'
+    reply = json.loads(await Dispatcher().handle(payload, _NullSession()) or b"")
+    assert reply["error"]["code"] == ErrorCode.PARSE_ERROR
+    assert reply["error"]["data"] == {
+        "method": "goal.get",
+        "detail": "not valid UTF-8: invalid start byte",
+    }
+
+
+@pytest.mark.parametrize(
+    ("payload", "data"),
+    [
+        (b'"just a string"', {"field": None, "detail": "Expected `object`, got `str`"}),
+        (b"1e999", {"field": None, "detail": "Number out of range"}),
+        (b'{"method":"daemon.ping","id":1}',
+         {"field": "jsonrpc", "detail": "Object missing required field `jsonrpc`"}),
+        (b'{"jsonrpc":"2.0","method":"daemon.ping","id":1,"extra":true}',
+         {"field": "extra", "detail": "Object contains unknown field `extra`"}),
+        (b'{"jsonrpc":2,"method":"daemon.ping","id":1}',
+         {"field": "jsonrpc", "detail": "Expected `str`, got `int` - at `$.jsonrpc`"}),
+        (b'{"jsonrpc":"1.0","method":"daemon.ping","id":1}',
+         {"field": "jsonrpc", "detail": 'must be "2.0"'}),
+        (b'{"jsonrpc":"2.0","method":"daemon.ping","id":{"no":1}}',
+         {"field": "id", "detail": "must be a string, a number or null"}),
+        (b"[]", {"field": None, "detail": "the batch is empty"}),
+    ],
+    ids=["string", "number", "no-jsonrpc", "extra", "jsonrpc-type", "jsonrpc-1.0", "id-object",
+         "empty-batch"],
+)  # fmt: skip
+async def test_invalid_request_data(payload: bytes, data: dict[str, object]) -> None:
+    reply = json.loads(await Dispatcher().handle(payload, _NullSession()) or b"")
+    assert reply["error"]["code"] == ErrorCode.INVALID_REQUEST and reply["id"] is None
+    assert reply["error"]["data"] == data

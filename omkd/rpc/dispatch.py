@@ -49,6 +49,7 @@ _NULL: Final = msgspec.Raw(b"null")
 _ID_FIRST_BYTES: Final = frozenset(b'"-0123456789n')
 _FIELD_AT: Final = re.compile(r"at `\$\.([A-Za-z0-9_.\[\]]+)`")
 _FIELD_NAMED: Final = re.compile(r"field `([^`]+)`")
+_AT_BYTE: Final = re.compile(r"\(byte (\d+)\)")
 
 
 class DispatchSession(SessionLike, Protocol):
@@ -122,12 +123,18 @@ class Dispatcher:
             return await self._one(message, session)
         try:
             items = _BATCH.decode(message)
-        except msgspec.ValidationError:
-            return encode_error(ErrorCode.INVALID_REQUEST, "a batch must be an array")
+        except msgspec.ValidationError as exc:
+            return encode_error(
+                ErrorCode.INVALID_REQUEST, "a batch must be an array", _invalid_details(exc)
+            )
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            return encode_error(ErrorCode.PARSE_ERROR, f"parse error: {exc}")
+            return _parse_error(exc)
         if not items:
-            return encode_error(ErrorCode.INVALID_REQUEST, "an empty batch is not a request")
+            return encode_error(
+                ErrorCode.INVALID_REQUEST,
+                "an empty batch is not a request",
+                {"field": None, "detail": "the batch is empty"},
+            )
         replies = [r for item in items if (r := await self._one(item, session)) is not None]
         return b"[" + b",".join(replies) + b"]" if replies else None
 
@@ -135,13 +142,20 @@ class Dispatcher:
         try:
             envelope = _ENVELOPE.decode(message)
             if envelope.jsonrpc != "2.0":
-                raise InvalidRequest('"jsonrpc" must be "2.0"', {"field": "jsonrpc"})
+                raise InvalidRequest(
+                    '"jsonrpc" must be "2.0"', {"field": "jsonrpc", "detail": 'must be "2.0"'}
+                )
             if envelope.id and memoryview(envelope.id)[0] not in _ID_FIRST_BYTES:
-                raise InvalidRequest("id must be a string, a number or null", {"field": "id"})
+                raise InvalidRequest(
+                    "id must be a string, a number or null",
+                    {"field": "id", "detail": "must be a string, a number or null"},
+                )
         except msgspec.ValidationError as exc:
-            return encode_error(ErrorCode.INVALID_REQUEST, f"invalid request: {exc}")
+            return encode_error(
+                ErrorCode.INVALID_REQUEST, f"invalid request: {exc}", _invalid_details(exc)
+            )
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            return encode_error(ErrorCode.PARSE_ERROR, f"parse error: {exc}")
+            return _parse_error(exc)
         except InvalidRequest as exc:
             return encode_error(ErrorCode.INVALID_REQUEST, str(exc), exc.data)
         request = Request(envelope.method, [], envelope.id if envelope.id else NOID)
@@ -207,11 +221,42 @@ def _decode_params(name: str, decoder: msgspec.json.Decoder[Any], raw: msgspec.R
         return decoder.decode(text)
     except msgspec.ValidationError as exc:
         detail = str(exc)
-        match = _FIELD_AT.search(detail) or _FIELD_NAMED.search(detail)
-        field = match.group(1) if match else None
         raise InvalidParams(
             f"invalid params for {name}: {detail}",
-            {"method": name, "field": field, "detail": detail},
+            {"method": name, "field": _field_named(detail), "detail": detail},
         ) from exc
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise ParseError(f"params of {name} are not valid JSON: {exc}", {"method": name}) from exc
+        details = _parse_details(exc)
+        raise ParseError(
+            f"params of {name} are not valid JSON: {details['detail']}",
+            {"method": name, **details},
+        ) from exc
+
+
+def _field_named(detail: str) -> str | None:
+    """The field a msgspec ValidationError's text names (``$.a.b`` or ``field `a```), if any."""
+    match = _FIELD_AT.search(detail) or _FIELD_NAMED.search(detail)
+    return match.group(1) if match else None
+
+
+def _invalid_details(exc: msgspec.ValidationError) -> dict[str, Any]:
+    """The data of a -32600 for a message that is JSON but not a request."""
+    detail = str(exc)
+    return {"field": _field_named(detail), "detail": detail}
+
+
+def _parse_details(exc: Exception) -> dict[str, Any]:
+    """The data of a -32700: what is wrong, and the byte offset when the decoder gives it."""
+    if isinstance(exc, UnicodeDecodeError):
+        # Its position counts from the start of the string it was in, not of the message.
+        return {"detail": f"not valid UTF-8: {exc.reason}"}
+    if isinstance(exc, RecursionError):
+        return {"detail": "nested too deeply"}
+    detail = str(exc)
+    match = _AT_BYTE.search(detail)
+    return {"detail": detail, "byte": int(match.group(1))} if match else {"detail": detail}
+
+
+def _parse_error(exc: Exception) -> bytes:
+    details = _parse_details(exc)
+    return encode_error(ErrorCode.PARSE_ERROR, f"parse error: {details['detail']}", details)

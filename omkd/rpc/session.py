@@ -156,7 +156,7 @@ class Session:
                 "failure); nothing was committed, and the session is usable again",
                 {"session": self.id},
             )
-        tx = self._take_transaction()
+        tx = self._take_transaction("tx.commit")
         try:
             tx.commit()
         finally:
@@ -168,17 +168,20 @@ class Session:
         if self._aborted:
             self._aborted = False
             return P.TxRolledBack()
-        tx = self._take_transaction()
+        tx = self._take_transaction("tx.rollback")
         try:
             tx.rollback()
         finally:
             self.daemon.gate.release()
         return P.TxRolledBack()
 
-    def _take_transaction(self) -> db.Transaction:
+    def _take_transaction(self, method: str) -> db.Transaction:
         tx, self.tx = self.tx, None
         if tx is None:
-            raise NoTransaction("this session has no transaction; send tx.begin first")
+            raise NoTransaction(
+                f"{method}: this session has no transaction; send tx.begin first",
+                {"method": method},
+            )
         return tx
 
     def idle_abort(self) -> None:
