@@ -5,6 +5,10 @@ same database. Each is guarded by an exclusive ``flock`` on a lock file beside i
 the daemon's life (the kernel drops it if the daemon is killed, so a stale lock never blocks
 a restart). The socket is bound under a temporary name, made 0600, put in listening state
 and only then renamed into place, so a client never finds a socket that refuses it.
+
+A refused start leaves nothing behind: ``check_lock`` looks at a lock without creating it,
+and ``hold_socket_path`` makes every refusal about the socket, so the daemon can run both
+before it creates or migrates its database.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from typing import Final
 
 __all__ = [
     "StartupError",
+    "check_lock",
     "hold_lock",
+    "hold_socket_path",
     "open_unix_listener",
     "peer_uid",
     "prepare_socket_directory",
@@ -45,23 +51,47 @@ def hold_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
 
     Raises StartupError naming the daemon that holds it.
     """
-    lock_path = Path(f"{os.fspath(path)}.lock")
+    lock_path = _lock_path(path)
     make_private_dirs(lock_path.parent)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, _SOCKET_MODE)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise StartupError(
-                f"the {what} {os.fspath(path)} is already in use by another omkd (pid "
-                f"{holder}); stop it first, or give this one another --{_flag(what)}"
-            ) from None
+        _lock_or_refuse(fd, path, what)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
         os.close(fd)
+
+
+def check_lock(path: str | os.PathLike[str], what: str) -> None:
+    """Raise StartupError, as ``hold_lock`` would, if another omkd holds ``<path>.lock``.
+
+    Creates nothing: a missing or unopenable lock file is nobody's (``hold_lock`` reports a
+    file it cannot create when it is taken for real). The lock is held only for the check.
+    """
+    try:
+        fd = os.open(_lock_path(path), os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        _lock_or_refuse(fd, path, what)
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock_path(path: str | os.PathLike[str]) -> Path:
+    return Path(f"{os.fspath(path)}.lock")
+
+
+def _lock_or_refuse(fd: int, path: str | os.PathLike[str], what: str) -> None:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        raise StartupError(
+            f"the {what} {os.fspath(path)} is already in use by another omkd (pid "
+            f"{holder}); stop it first, or give this one another --{_flag(what)}"
+        ) from None
 
 
 def _flag(what: str) -> str:
@@ -81,14 +111,35 @@ def make_private_dirs(directory: Path) -> None:
             os.chmod(d, _DIRECTORY_MODE)  # exactly 0700, whatever the umask
 
 
+@contextlib.contextmanager
+def hold_socket_path(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold the lock of the socket at ``path`` once the daemon is known to be able to serve there.
+
+    Refuses, with StartupError, a path too long for AF_UNIX, a directory of another user, a
+    path locked by another omkd and a socket a live process accepts on; a stale socket file
+    is removed. Creates the socket's directory (0700) and lock file, nothing else: the
+    socket itself is bound later, by ``open_unix_listener``.
+    """
+    path = Path(path)
+    _check_length(path)
+    prepare_socket_directory(path)  # before its lock file goes there
+    with hold_lock(path, "socket"):
+        _refuse_live_socket(path)
+        yield
+
+
+def _check_length(path: Path) -> None:
+    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
+        raise StartupError(f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes")
+
+
 def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.socket:
     """Return a listening Unix stream socket at ``path``, mode 0600.
 
     A stale socket file (nobody accepts on it) is replaced; a live one raises StartupError.
     """
     path = Path(path)
-    if len(os.fsencode(path)) > _UNIX_PATH_MAX:
-        raise StartupError(f"socket path {path} is longer than {_UNIX_PATH_MAX} bytes")
+    _check_length(path)
     prepare_socket_directory(path)
     _refuse_live_socket(path)
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")

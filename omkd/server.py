@@ -1,10 +1,12 @@
 """``omkd serve``: the daemon's lifecycle around the connections.
 
-Resource handling: ``serve`` opens (and migrates) the database, takes the daemon locks on the
-socket and the database, binds the socket (or takes it from systemd), and serves until
-SIGTERM or SIGINT. Then it stops accepting, cancels every connection (each rolls back its
-own transaction on the way out), checkpoints the WAL with TRUNCATE, closes the database,
-removes its socket file and releases its locks, and returns 0.
+Resource handling: ``serve`` takes the socket from systemd, or takes the socket's lock after
+checking that no other daemon holds the database's; then takes the database's lock, opens
+(and migrates) the database, binds the socket, and serves until SIGTERM or SIGINT. Every
+refusal that names another daemon comes before the database file is created or migrated, so
+a refused start leaves nothing behind. Then it stops accepting, cancels every connection
+(each rolls back its own transaction on the way out), checkpoints the WAL with TRUNCATE,
+closes the database, removes its socket file and releases its locks, and returns 0.
 
 Error handling: a failure to start (a live daemon on the socket, the database held by
 another daemon, a damaged file) raises ``StartupError`` with a message for a person; the CLI
@@ -13,13 +15,14 @@ prints it and exits non-zero. Nothing a client does reaches this level.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final
 
 import msgspec
@@ -30,10 +33,11 @@ from omkd import db, systemd
 from omkd.config import Config
 from omkd.listen import (
     StartupError,
+    check_lock,
     hold_lock,
+    hold_socket_path,
     open_unix_listener,
     peer_uid,
-    prepare_socket_directory,
     remove_socket,
 )
 from omkd.rpc.connection import serve_connection
@@ -151,27 +155,44 @@ async def run_daemon(
     On the way out, whatever the reason, the sessions roll back, the WAL is checkpointed,
     the database closed, and the socket file and the locks released.
     """
-    with hold_lock(config.db_path, "database"):
+    inherited = _inherited_socket()
+    with _claim_socket(config, inherited) as config, hold_lock(config.db_path, "database"):
         database = open_database(config)
         try:
-            try:
-                inherited = systemd.listen_socket()
-            except ValueError as exc:  # fd 3 is not the listening socket systemd promised
-                raise StartupError(f"socket activation: {exc}") from exc
             if inherited is not None:
-                config = _activated_config(config, inherited)
                 await _serve_socket(Daemon(config, database), inherited, task_status)
                 return
-            prepare_socket_directory(config.socket_path)  # before its lock file goes there
-            with hold_lock(config.socket_path, "socket"):
-                sock = open_unix_listener(config.socket_path, config.listen_backlog)
-                try:
-                    await _serve_socket(Daemon(config, database), sock, task_status)
-                finally:
-                    remove_socket(config.socket_path)
+            sock = open_unix_listener(config.socket_path, config.listen_backlog)
+            try:
+                await _serve_socket(Daemon(config, database), sock, task_status)
+            finally:
+                remove_socket(config.socket_path)
         finally:
             _checkpoint(database)
             database.close()
+
+
+def _inherited_socket() -> socket.socket | None:
+    try:
+        return systemd.listen_socket()
+    except ValueError as exc:  # fd 3 is not the listening socket systemd promised
+        raise StartupError(f"socket activation: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _claim_socket(config: Config, inherited: socket.socket | None) -> Iterator[Config]:
+    """Hold the socket the daemon will serve; yield the config that names it.
+
+    The database's lock is only checked here, not created, so that a daemon refused for
+    either resource creates nothing; ``run_daemon`` takes it next.
+    """
+    if inherited is not None:
+        with inherited:  # closed if the start fails (serving closes it too)
+            yield _activated_config(config, inherited)
+        return
+    check_lock(config.db_path, "database")
+    with hold_socket_path(config.socket_path):
+        yield config
 
 
 def _activated_config(config: Config, sock: socket.socket) -> Config:

@@ -60,6 +60,26 @@ def test_second_daemon_refused(workdir: Path) -> None:
         assert sync_call(first.socket_path, "daemon.ping")["result"] == "pong"
 
 
+def _tree(directory: Path) -> set[str]:
+    """Every path under ``directory`` but the daemons' logs."""
+    return {str(p) for p in directory.rglob("*") if not p.name.endswith(".log")}
+
+
+def test_refused_start_leaves_nothing_behind(workdir: Path) -> None:
+    with DaemonProcess(workdir) as first:
+        before = _tree(workdir)
+        new_db = workdir / "new" / "omk.db"
+        same_socket = DaemonProcess(workdir, db_path=new_db).start(wait=False)
+        assert same_socket.wait() != 0
+        assert f"socket {first.socket_path} is already in use" in same_socket.log()
+        new_socket = workdir / "run" / "omkd.sock"
+        same_db = DaemonProcess(workdir, socket_path=new_socket).start(wait=False)
+        assert same_db.wait() != 0
+        assert f"database {first.db_path} is already in use" in same_db.log()
+        assert _tree(workdir) == before  # no database, socket, lock file or directory
+        assert sync_call(first.socket_path, "daemon.ping")["result"] == "pong"
+
+
 def test_stale_socket_of_a_killed_daemon_is_replaced(workdir: Path) -> None:
     first = DaemonProcess(workdir).start()
     first.signal(signal.SIGKILL)
@@ -154,6 +174,7 @@ def test_socket_path_too_long(workdir: Path) -> None:
     daemon = DaemonProcess(workdir, socket_path=long_path).start(wait=False)
     assert daemon.wait() != 0
     assert "longer than 107 bytes" in daemon.log()
+    assert not daemon.db_path.exists() and not long_path.parent.exists()
 
 
 def test_unix_socket_peer_check_helper() -> None:
