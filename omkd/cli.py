@@ -90,7 +90,9 @@ def _parser() -> argparse.ArgumentParser:
 
     migrate = commands.add_parser("migrate", help="apply pending schema migrations")
     _db_flag(migrate)
-    backup = commands.add_parser("backup", help="write a consistent copy of the database")
+    backup = commands.add_parser(
+        "backup", help="write a consistent copy of the database, as it is (never migrated)"
+    )
     backup.add_argument("dest", help="absolute path of the copy (replaced if it exists)")
     _db_flag(backup)
     check = commands.add_parser("check", help="integrity and foreign-key check")
@@ -164,8 +166,7 @@ def _backup(args: argparse.Namespace) -> int:
     path = resolve_db_path(args.db)
     if not path.exists():
         raise StartupError(f"no database at {path}")
-    with db.Database.open(path) as database:
-        size = database.backup_to(args.dest)
+    size = db.backup_database(path, args.dest)  # as the file is: never migrated
     print(f"wrote {args.dest} ({size} bytes)")
     return 0
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -17,8 +19,10 @@ from omkd.db import (
     GoalNotFound,
     GoalRecord,
     InvalidData,
+    StorageFailure,
     TaskRecord,
     TransactionClosed,
+    backup_database,
     check_database,
 )
 
@@ -316,6 +320,35 @@ def test_backup_refuses_bad_destinations(db: Database, tmp_path: Path) -> None:
     link.symlink_to(live)
     with pytest.raises(InvalidData):
         db.backup_to(link)
+
+
+_DIE_MID_WRITE = """
+import os, sys
+from omkd.db import Database, GoalRecord
+db = Database.open(sys.argv[1])
+db.goals.create(GoalRecord(goal_id="g1", status="s", phase="p", goal_text="t", project_dir="/p"))
+os._exit(0)  # no close, no checkpoint: the goal is only in the -wal
+"""
+
+
+def test_backup_database_copies_a_hot_wal_and_writes_nothing(tmp_path: Path) -> None:
+    source = tmp_path / "omk.db"
+    subprocess.run([sys.executable, "-c", _DIE_MID_WRITE, str(source)], check=True, timeout=60)
+    wal = Path(f"{source}-wal")
+    before = (source.read_bytes(), wal.read_bytes())
+    dest = tmp_path / "copy.db"
+    assert backup_database(source, dest) == dest.stat().st_size
+    assert (source.read_bytes(), wal.read_bytes()) == before  # not checkpointed, not migrated
+    with sqlite3.connect(dest) as conn:
+        assert conn.execute("SELECT goal_id FROM goals").fetchall() == [("g1",)]
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
+    conn.close()
+
+
+def test_backup_database_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:
+    with pytest.raises(StorageFailure, match="no database at"):
+        backup_database(tmp_path / "state" / "omk.db", tmp_path / "copy.db")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_checkpoint_truncates_the_wal(db: Database, make_goal: MakeGoal) -> None:

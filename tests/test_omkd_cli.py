@@ -72,10 +72,52 @@ def test_check_reports_a_damaged_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("command", ["check", "backup"])
 def test_missing_database_is_a_readable_error(tmp_path: Path, command: str) -> None:
-    args = [command, *(["/tmp/x.db"] if command == "backup" else [])]
-    result = omkd(*args, "--db", str(tmp_path / "none.db"))
+    dest = tmp_path / "copy.db"
+    args = [command, *([str(dest)] if command == "backup" else [])]
+    missing = tmp_path / "state" / "none.db"
+    result = omkd(*args, "--db", str(missing))
     assert result.returncode == 1
     assert "no database at" in result.stderr and "Traceback" not in result.stderr
+    assert not missing.parent.exists() and not dest.exists()  # nothing created
+
+
+def _old_database(path: Path) -> None:
+    """A file omkd has not migrated: plain sqlite3, user_version 0, a table of its own."""
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.execute("INSERT INTO notes VALUES ('kept')")
+    conn.close()
+
+
+def _schema(path: Path) -> tuple[int, list[tuple[str, str]], list[tuple[str]]]:
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = conn.execute("SELECT type, name FROM sqlite_schema ORDER BY name").fetchall()
+        return version, tables, conn.execute("SELECT body FROM notes").fetchall()
+    finally:
+        conn.close()
+
+
+def test_backup_copies_an_old_database_without_migrating_it(tmp_path: Path) -> None:
+    source, dest = tmp_path / "old.db", tmp_path / "copy.db"
+    _old_database(source)
+    before = source.read_bytes()
+    result = omkd("backup", str(dest), "--db", str(source))
+    assert result.returncode == 0, result.stderr
+    assert source.read_bytes() == before  # not migrated, not touched
+    assert _schema(source) == _schema(dest) == (0, [("table", "notes")], [("kept",)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.db", "old.db"]
+
+
+def test_check_leaves_an_old_database_as_it_is(tmp_path: Path) -> None:
+    source = tmp_path / "old.db"
+    _old_database(source)
+    before = source.read_bytes()
+    result = omkd("check", "--db", str(source))
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+    assert source.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["old.db"]
 
 
 def test_bad_config_is_one_line(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ Synchronous, thread-safe and unaware of trio or the wire. Start with :meth:`Data
 see ``omkd.db.database`` for how reads, writes and transactions share the file.
 """
 
-from omkd.db.database import BUSY_TIMEOUT_MS, Database, Transaction, migrate
+from omkd.db.database import BUSY_TIMEOUT_MS, Database, Transaction, backup_database, migrate
 from omkd.db.errors import (
     Busy,
     Conflict,
@@ -65,6 +65,7 @@ __all__ = [
     "Transaction",
     "TransactionClosed",
     "VersionConflict",
+    "backup_database",
     "check_database",
     "default_migrations_dir",
     "load_migrations",

@@ -13,6 +13,7 @@ import contextlib
 import sqlite3
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Protocol
 
 from omkd.db.errors import (
@@ -25,7 +26,16 @@ from omkd.db.errors import (
     StorageFailure,
 )
 
-__all__ = ["Conn", "Params", "Row", "Scope", "connect", "rollback_quietly", "translate"]
+__all__ = [
+    "Conn",
+    "Params",
+    "Row",
+    "Scope",
+    "connect",
+    "connect_read_only",
+    "rollback_quietly",
+    "translate",
+]
 
 Params = Sequence[Any] | dict[str, Any]
 Row = tuple[Any, ...]
@@ -91,6 +101,14 @@ def connect(database: str, *, uri: bool = False) -> Conn:
     except sqlite3.Error as exc:
         raise translate(exc) from exc
     return Conn(raw)
+
+
+def connect_read_only(path: Path) -> Conn:
+    """Return a read-only connection to the existing file at ``path`` (``mode=ro``).
+
+    It never creates the file nor writes to it. Raises StorageFailure when it cannot open.
+    """
+    return connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
 
 
 def rollback_quietly(conn: Conn) -> None:

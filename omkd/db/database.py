@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from omkd.db._conn import Conn, Scope, connect, rollback_quietly
+from omkd.db._conn import Conn, Scope, connect, connect_read_only, rollback_quietly
 from omkd.db.artifacts import ArtifactRepository
 from omkd.db.budgets import BudgetRepository
 from omkd.db.errors import (
@@ -46,7 +46,7 @@ from omkd.db.migrate import Migration, apply_migrations, load_migrations
 from omkd.db.proofs import ProofRepository
 from omkd.db.tasks import TaskRepository
 
-__all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "migrate"]
+__all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "backup_database", "migrate"]
 
 BUSY_TIMEOUT_MS = 5000
 """How long SQLite waits for a lock held by another process before answering Busy."""
@@ -242,34 +242,12 @@ class Database(_Repositories):
     def backup_to(self, dest: str | os.PathLike[str]) -> int:
         """Copy the committed database to ``dest`` (absolute); return the bytes written.
 
-        Uses SQLite's online backup API on a connection of its own: the copy is one
-        consistent snapshot, and other threads keep reading and writing meanwhile (WAL). The
-        copy goes to a temporary file in dest's directory, is synced, then renamed onto dest:
-        dest is never a partial file, and the temporary file is removed on any failure.
-        Raises InvalidData (relative path, the live database or its -wal/-shm, a directory,
-        a missing directory), StorageFailure.
+        ``backup_database`` on this Database's file: one consistent snapshot, taken on a
+        connection of its own while other threads keep reading and writing (WAL). Raises
+        what it raises, and DatabaseClosed.
         """
         self._check_open()
-        target = backup_target(dest, self._path)
-        temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        conn = connect(str(self._path))
-        try:
-            conn.execute(SET_BUSY_TIMEOUT.format(ms=BUSY_TIMEOUT_MS))
-            copy = connect(str(temporary))
-            try:
-                for pragma in BACKUP_TARGET_PRAGMAS:
-                    copy.execute(pragma)
-                conn.copy_to(copy)
-                copy.execute(BACKUP_SELF_CONTAINED)
-            finally:
-                copy.close()
-            sync_and_rename(temporary, target)
-            return target.stat().st_size
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        finally:
-            conn.close()
+        return backup_database(self._path, dest)
 
     def checkpoint(self, mode: str = "TRUNCATE") -> tuple[int, int, int]:
         """Checkpoint the WAL; return SQLite's (busy, log frames, checkpointed frames).
@@ -519,3 +497,49 @@ def migrate(path: str | os.PathLike[str], *, migrations_dir: Path | None = None)
     """
     with Database.open(path, migrations_dir=migrations_dir) as db:
         return db.migrations_applied
+
+
+def backup_database(
+    path: str | os.PathLike[str],
+    dest: str | os.PathLike[str],
+    *,
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+) -> int:
+    """Copy the database file at ``path`` to ``dest`` (absolute) as it is; return its size.
+
+    ``path`` is read on a read-only connection of its own: it is not created, migrated or
+    written, so a file at any schema version (or none) is copied unchanged, and a daemon
+    using it keeps reading and writing meanwhile (WAL). SQLite's online backup API copies
+    it in one step, so the copy is one consistent snapshot. The copy goes to a temporary
+    file in dest's directory, is synced, then renamed onto dest: dest is never a partial
+    file, and the temporary file is removed on any failure. The copy is one self-contained
+    file (journal_mode DELETE).
+
+    Raises StorageFailure (no file at ``path``, not a database, unreadable, the copy cannot
+    be written), InvalidData (``dest`` relative, ``path`` itself or its -wal/-shm, a
+    directory, in a missing directory), Busy.
+    """
+    source = Path(path).expanduser()
+    if not source.is_file():
+        raise StorageFailure(f"no database at {source}", path=str(source))
+    source = source.resolve()
+    target = backup_target(dest, source)
+    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    conn = connect_read_only(source)
+    try:
+        conn.execute(SET_BUSY_TIMEOUT.format(ms=busy_timeout_ms))
+        copy = connect(str(temporary))
+        try:
+            for pragma in BACKUP_TARGET_PRAGMAS:
+                copy.execute(pragma)
+            conn.copy_to(copy)
+            copy.execute(BACKUP_SELF_CONTAINED)
+        finally:
+            copy.close()
+        sync_and_rename(temporary, target)
+        return target.stat().st_size
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    finally:
+        conn.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omkd.db._conn import connect
+from omkd.db._conn import connect_read_only
 from omkd.db.errors import DbError, InvalidData, StorageFailure
 
 __all__ = ["backup_target", "check_database", "sync_and_rename"]
@@ -60,7 +60,7 @@ def check_database(path: str | os.PathLike[str]) -> list[str]:
     if not file.is_file():
         return [f"no database file at {file}"]
     try:
-        conn = connect(file.resolve().as_uri() + "?mode=ro", uri=True)
+        conn = connect_read_only(file)
     except DbError as exc:
         return [f"cannot open {file}: {exc}"]
     try:

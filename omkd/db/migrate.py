@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import omkd
-from omkd.db._conn import Conn, connect, rollback_quietly
+from omkd.db._conn import Conn, connect_read_only, rollback_quietly
 from omkd.db.errors import DbError, MigrationFailed, MigrationMismatch, SchemaTooNew
 from omkd_client.records import now
 
@@ -219,7 +219,7 @@ def pending_migrations(path: str | Path, migrations_dir: Path | None = None) -> 
     path = Path(path)
     if not path.exists():
         return migrations
-    conn = connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    conn = connect_read_only(path)
     try:
         return pending_of(conn, migrations)
     finally:
