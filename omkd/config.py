@@ -58,6 +58,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Seconds a client may leave its replies unread (outbox full) before it is disconnected;
     # until then it holds whatever it holds, its transaction and the write lock included.
     reply_stall_timeout: float = 30.0
+    # Seconds at most a group commit waits for concurrent single writes to join it (it
+    # commits as soon as every task that could run has run; 0: it only yields once).
+    group_commit_window: float = 0.002
     # Events fetched per query when feeding a subscription.
     page_size: int = 500
     # Pending connections the kernel may hold before accept().
@@ -81,6 +84,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.group_commit_window < 0:
+            raise ValueError("group_commit_window must not be negative")
 
 
 def default_db_path(env: Mapping[str, str] | None = None) -> Path:

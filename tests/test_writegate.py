@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -9,6 +11,7 @@ import pytest
 import trio
 
 from omkd import db
+from omkd.rpc.framing import Framing, encode_frame
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
 
@@ -52,6 +55,101 @@ async def test_concurrent_single_writes_commit_together_and_all_land(daemon: Dae
     for n in range(8):  # each session's writes in its own order
         assert [e["payload"] for e in events if e["kind"] == f"w{n}"] == list(range(50))
     await close(cs)
+
+
+def _append_frame(goal_id: str, kind: str, request_id: int) -> bytes:
+    message = {
+        "jsonrpc": "2.0",
+        "id": request_id,
+        "method": "event.append",
+        "params": {"goal_id": goal_id, "kind": kind, "payload": request_id},
+    }
+    return encode_frame(Framing.LENGTH, json.dumps(message).encode())
+
+
+async def test_writes_that_arrive_together_share_one_commit(daemon: Daemon) -> None:
+    cs = await clients(daemon, 8)
+    await cs[0].call("goal.create", **goal("g1"))
+    before = (daemon.gate.single_writes, daemon.gate.commits)
+    # Every request is in its socket before the daemon runs again: the first write's batch
+    # waits until each of them has run, then one COMMIT serves all eight.
+    for n, c in enumerate(cs):
+        os.write(c.stream.socket.fileno(), _append_frame("g1", f"w{n}", n))
+    replies = [await c.reply() for c in cs]
+    assert [r["result"]["kind"] for r in replies] == [f"w{n}" for n in range(8)]
+    assert daemon.gate.single_writes - before[0] == 8
+    assert daemon.gate.commits - before[1] == 1
+    await close(cs)
+
+
+async def test_a_write_arriving_while_the_daemon_is_busy_joins_the_open_batch() -> None:
+    with short_tempdir() as directory:
+        async with running_daemon(directory, group_commit_window=5) as daemon:
+            cs = await clients(daemon, 2)
+            await cs[0].call("goal.create", **goal("g1"))
+            before = daemon.gate.commits
+
+            async def late() -> None:  # keeps the process busy, then sends the second write
+                for _ in range(5):
+                    await trio.lowlevel.checkpoint()
+                os.write(cs[1].stream.socket.fileno(), _append_frame("g1", "late", 2))
+
+            os.write(cs[0].stream.socket.fileno(), _append_frame("g1", "first", 1))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(late)
+            replies = [await c.reply() for c in cs]
+            assert [r["result"]["kind"] for r in replies] == ["first", "late"]
+            assert daemon.gate.commits - before == 1  # the batch waited until nothing could run
+            await close(cs)
+
+
+async def test_a_write_does_not_join_a_batch_past_a_transaction_waiting_for_the_gate() -> None:
+    with short_tempdir() as directory:
+        async with running_daemon(directory, group_commit_window=5) as daemon:
+            first, holder, last = await clients(daemon, 3)
+            await first.call("goal.create", **goal("g1"))
+            begin = {"jsonrpc": "2.0", "id": 1, "method": "tx.begin"}
+
+            async def arrive_while_the_batch_is_open() -> None:
+                for _ in range(3):
+                    await trio.lowlevel.checkpoint()
+                await holder.send(begin)  # in line for the gate behind the open batch
+                for _ in range(3):
+                    await trio.lowlevel.checkpoint()
+                os.write(last.stream.socket.fileno(), _append_frame("g1", "last", 1))
+
+            os.write(first.stream.socket.fileno(), _append_frame("g1", "first", 1))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(arrive_while_the_batch_is_open)
+            assert (await first.reply())["result"]["kind"] == "first"
+            assert (await holder.reply())["result"] == {"active": True}
+            inside = await holder.call("event.append", goal_id="g1", kind="in tx", payload=0)
+            await holder.call("tx.commit")
+            after = (await last.reply())["result"]
+            # Arrival order: the transaction queued first, so the last write waited for it.
+            assert after["event_id"] > inside["event_id"]
+            await close([first, holder, last])
+
+
+async def test_a_session_that_never_blocks_delays_a_commit_by_the_window_only() -> None:
+    with short_tempdir() as directory:
+        async with running_daemon(directory, group_commit_window=0.01) as daemon:
+            cs = await clients(daemon, 2)
+            await cs[0].call("goal.create", **goal("g1"))
+            stop = trio.Event()
+
+            async def busy() -> None:  # runnable at every turn of the scheduler
+                while not stop.is_set():
+                    await trio.lowlevel.checkpoint()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(busy)
+                with trio.fail_after(5):  # without the window, it would wait forever
+                    for i in range(5):
+                        await cs[0].call("event.append", goal_id="g1", kind="k", payload=i)
+                stop.set()
+            assert len(await cs[1].call("event.get_by_goal", goal_id="g1")) == 5
+            await close(cs)
 
 
 async def test_a_failing_write_leaves_the_rest_of_its_batch(daemon: Daemon) -> None:

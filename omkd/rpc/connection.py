@@ -2,12 +2,13 @@
 
 Theory of operation. The connection's own task reads bytes into the sans-IO
 ``FrameDecoder``, answers each whole message in arrival order through the ``Dispatcher`` and
-sends the reply itself when nothing is queued before it; it reads more only when the buffered
-messages are answered, so a client that sends faster than it is served waits in the kernel,
-and the daemon holds at most one message's worth of its requests. Replies to calls pipelined
-inside a transaction (which never wait) are held until the requests already received are
-answered, then sent in one write. Notifications, and replies
-that find the socket busy, go through the ``Outbox``, which a writer task drains in order.
+sends the reply itself when nothing is queued before it (written straight into the socket's
+buffer, falling back to trio's ``send_all`` for what does not fit); it reads more only when
+the buffered messages are answered, so a client that sends faster than it is served waits in
+the kernel, and the daemon holds at most one message's worth of its requests. Replies to
+calls pipelined inside a transaction (which never wait) are held until the requests already
+received are answered, then sent in one write. Notifications, and replies that find the
+socket busy, go through the ``Outbox``, which a writer task drains in order.
 While the session holds a transaction, the task waits for more bytes only until the idle
 timeout, then rolls the transaction back. (One task on the request path, not a reader, a
 worker and a writer handing each message on: every hand-off was a trip through trio's
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import os
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -57,6 +59,7 @@ class _Connection:
         config = daemon.config
         self.daemon = daemon
         self.stream = stream
+        self.fd = stream.socket.fileno()  # for replies sent without a trip through trio
         self.decoder = FrameDecoder(config.max_message_bytes)
         self.outbox = Outbox(config.outbox_bytes)
         self.session = Session(daemon, session_id, self.outbox, self._frame)
@@ -153,13 +156,23 @@ class _Connection:
     async def _reply(self, frame: bytes) -> bool:
         """Send or queue a reply; False if the client did not take it within the stall
         timeout (or is gone)."""
-        timeout = self._stall_timeout()
         if self.outbox.queued_bytes or self.sending.locked():
-            return await self.outbox.put_before(frame, timeout)
-        self.sending.acquire_nowait()  # nothing queued before it: straight to the socket
+            return await self.outbox.put_before(frame, self._stall_timeout())
+        # Nothing queued before it: straight into the socket's buffer, which nearly always
+        # has room; trio's send_all (a trip through the scheduler, a cancel scope) only for
+        # what does not fit.
         try:
-            with trio.move_on_after(timeout):
-                await self.stream.send_all(frame)
+            sent = os.write(self.fd, frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return False
+        if sent == len(frame):
+            return True
+        self.sending.acquire_nowait()
+        try:
+            with trio.move_on_after(self._stall_timeout()):
+                await self.stream.send_all(memoryview(frame)[sent:])
                 return True
             return False  # cut mid-frame: the stream is unusable now
         except (trio.BrokenResourceError, trio.ClosedResourceError):

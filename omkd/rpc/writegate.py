@@ -7,13 +7,16 @@ writer that has not had it within the lock timeout answers Busy.
 
 Single writes commit in groups. The first one to take the gate opens a *batch*: a SQLite
 transaction in which it runs its call (in a savepoint, as every call in a transaction does).
-When other sessions are connected, it then yields to the scheduler once before committing;
-single writes of other sessions that arrive meanwhile run inside the open batch, each in its
-own savepoint, instead of queueing for the gate. One COMMIT then serves them all, and each
-call answers only once that COMMIT is done, so an answered write is as durable as ever. A
-call that fails rolls back its own savepoint and leaves the others alone. If the COMMIT fails
-(or SQLite loses the transaction), every call of the batch answers the storage failure. With
-one client connected nothing is waited for: each write is its own SQLite transaction.
+When other sessions are connected, it then waits until every task that can run has run
+(trio's idle point: nothing runnable, no socket ready), at most ``group_commit_window``
+seconds, before committing; single writes of other sessions that arrive meanwhile run inside
+the open batch, each in its own savepoint, instead of queueing for the gate. A write joins
+only while nobody is in line for the gate (a ``tx.begin`` or a write that found the gate
+taken), so arrival order holds. One COMMIT then serves them all, and each call answers only
+once that COMMIT is done, so an answered write is as durable as ever. A call that fails
+rolls back its own savepoint and leaves the others alone. If the COMMIT fails (or SQLite
+loses the transaction), every call of the batch answers the storage failure. With one client
+connected nothing is waited for: each write is its own SQLite transaction.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import trio
+from trio.testing import wait_all_tasks_blocked
 
 from omkd import db
 from omkd.rpc.errors import Busy
@@ -47,6 +51,7 @@ class WriteGate:
         self.config = config
         self._gate = trio.Semaphore(1)  # trio hands a released unit to the longest waiter
         self._batch: _Batch | None = None
+        self._waiting = 0  # writers in line for the gate: a batch takes no joiner past them
         self.others_connected = False  # set by the daemon: worth waiting for joiners?
         self.single_writes = 0  # counters for tests and benchmarks
         self.commits = 0
@@ -59,9 +64,13 @@ class WriteGate:
         except trio.WouldBlock:
             pass
         timeout = self.config.lock_timeout
-        with trio.move_on_after(timeout):
-            await self._gate.acquire()
-            return
+        self._waiting += 1
+        try:
+            with trio.move_on_after(timeout):
+                await self._gate.acquire()
+                return
+        finally:
+            self._waiting -= 1
         raise Busy(
             f"another session held the write lock for longer than the lock timeout "
             f"({timeout:g} s); retry, or raise --lock-timeout",
@@ -78,7 +87,7 @@ class WriteGate:
         call's own error, Busy, or the batch's StorageFailure.
         """
         batch = self._batch
-        if batch is not None and batch.error is None:
+        if batch is not None and batch.error is None and not self._waiting:
             return await self._join(batch, method, params)
         if not self.others_connected:
             return await self._alone(method, params)
@@ -117,7 +126,7 @@ class WriteGate:
             except Exception as exc:  # the others of the batch still commit
                 own_error = exc
             if batch.error is None:
-                await trio.lowlevel.cancel_shielded_checkpoint()  # let writers join
+                await self._gather_joiners()
         finally:
             self._batch = None
             self._commit(batch)
@@ -126,6 +135,13 @@ class WriteGate:
         if batch.error is not None:
             raise batch.error
         return result, batch.appends_events
+
+    async def _gather_joiners(self) -> None:
+        # Commit once every task that can run has run: the writes that arrived meanwhile
+        # have joined. Bounded, and shielded: a batch is never left half done.
+        window = self.config.group_commit_window
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + window):
+            await wait_all_tasks_blocked()
 
     def _run(self, batch: _Batch, method: Method, params: Any) -> Any:
         try:
