@@ -59,7 +59,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # until then it holds whatever it holds, its transaction and the write lock included.
     reply_stall_timeout: float = 30.0
     # Seconds at most a group commit waits for concurrent single writes to join it (it
-    # commits as soon as every task that could run has run; 0: it only yields once).
+    # commits as soon as every task that could run has run, at once if no other write came
+    # during its first turn of the scheduler; 0: it never waits past that turn).
     group_commit_window: float = 0.002
     # Events fetched per query when feeding a subscription.
     page_size: int = 500

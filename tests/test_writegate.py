@@ -82,24 +82,47 @@ async def test_writes_that_arrive_together_share_one_commit(daemon: Daemon) -> N
     await close(cs)
 
 
-async def test_a_write_arriving_while_the_daemon_is_busy_joins_the_open_batch() -> None:
+async def test_once_a_write_joined_the_batch_waits_until_nothing_else_can_run() -> None:
     with short_tempdir() as directory:
         async with running_daemon(directory, group_commit_window=5) as daemon:
-            cs = await clients(daemon, 2)
+            cs = await clients(daemon, 3)
             await cs[0].call("goal.create", **goal("g1"))
             before = daemon.gate.commits
 
-            async def late() -> None:  # keeps the process busy, then sends the second write
+            async def late() -> None:  # keeps the process busy, then sends a third write
                 for _ in range(5):
                     await trio.lowlevel.checkpoint()
-                os.write(cs[1].stream.socket.fileno(), _append_frame("g1", "late", 2))
+                os.write(cs[2].stream.socket.fileno(), _append_frame("g1", "late", 3))
 
             os.write(cs[0].stream.socket.fileno(), _append_frame("g1", "first", 1))
+            os.write(cs[1].stream.socket.fileno(), _append_frame("g1", "second", 2))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(late)
             replies = [await c.reply() for c in cs]
-            assert [r["result"]["kind"] for r in replies] == ["first", "late"]
-            assert daemon.gate.commits - before == 1  # the batch waited until nothing could run
+            assert [r["result"]["kind"] for r in replies] == ["first", "second", "late"]
+            assert daemon.gate.commits - before == 1
+            await close(cs)
+
+
+async def test_a_lone_write_does_not_wait_for_the_window() -> None:
+    with short_tempdir() as directory:
+        async with running_daemon(directory, group_commit_window=60) as daemon:
+            cs = await clients(daemon, 2)  # another session is connected, but not writing
+            await cs[0].call("goal.create", **goal("g1"))
+            before = daemon.gate.commits
+            stop = trio.Event()
+
+            async def busy() -> None:  # runnable at every turn: the daemon is never idle
+                while not stop.is_set():
+                    await trio.lowlevel.checkpoint()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(busy)
+                with trio.fail_after(30):  # each write waiting out the window would take 300 s
+                    for i in range(5):
+                        await cs[0].call("event.append", goal_id="g1", kind="k", payload=i)
+                stop.set()
+            assert daemon.gate.commits - before == 5
             await close(cs)
 
 
@@ -138,17 +161,19 @@ async def test_a_session_that_never_blocks_delays_a_commit_by_the_window_only() 
             await cs[0].call("goal.create", **goal("g1"))
             stop = trio.Event()
 
-            async def busy() -> None:  # runnable at every turn of the scheduler
+            async def busy() -> None:  # runnable at every turn: the daemon is never idle
                 while not stop.is_set():
                     await trio.lowlevel.checkpoint()
 
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(busy)
-                with trio.fail_after(5):  # without the window, it would wait forever
-                    for i in range(5):
-                        await cs[0].call("event.append", goal_id="g1", kind="k", payload=i)
+                with trio.fail_after(30):  # without the window, it would wait forever
+                    for i in range(5):  # two writes at once: the batch has a joiner, and waits
+                        for n, c in enumerate(cs):
+                            os.write(c.stream.socket.fileno(), _append_frame("g1", f"c{n}", i))
+                        assert [(await c.reply())["result"]["payload"] for c in cs] == [i, i]
                 stop.set()
-            assert len(await cs[1].call("event.get_by_goal", goal_id="g1")) == 5
+            assert len(await cs[1].call("event.get_by_goal", goal_id="g1")) == 10
             await close(cs)
 
 

@@ -143,15 +143,28 @@ class _Connection:
         try:
             if self.session.in_transaction:
                 with trio.move_on_after(self.daemon.config.tx_idle_timeout):
-                    return await self.stream.receive_some(_RECEIVE_BYTES) or None
+                    return await self._read() or None
                 return _IDLE
             # No deadline outside a transaction: no cancel scope to arm for every read.
-            data = await self.stream.receive_some(_RECEIVE_BYTES)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = await self._read()
+        except OSError:  # reset by the peer, or closed under us at shutdown
             return None
         if not data and self.decoder.pending:
             log.debug("session %d: closed mid-message", self.session.id)
         return data or None
+
+    async def _read(self) -> bytes:
+        """Wait until the socket is readable, then read what is there (b"" at end of stream).
+
+        Waiting first, not trying first: when a client waits for each reply, its next
+        request is never there yet, and a read that fails costs a syscall and an exception.
+        """
+        while True:
+            await trio.lowlevel.wait_readable(self.fd)
+            try:
+                return os.read(self.fd, _RECEIVE_BYTES)
+            except BlockingIOError:
+                continue
 
     async def _reply(self, frame: bytes) -> bool:
         """Send or queue a reply; False if the client did not take it within the stall

@@ -7,10 +7,11 @@ writer that has not had it within the lock timeout answers Busy.
 
 Single writes commit in groups. The first one to take the gate opens a *batch*: a SQLite
 transaction in which it runs its call (in a savepoint, as every call in a transaction does).
-When other sessions are connected, it then waits until every task that can run has run
-(trio's idle point: nothing runnable, no socket ready), at most ``group_commit_window``
-seconds, before committing; single writes of other sessions that arrive meanwhile run inside
-the open batch, each in its own savepoint, instead of queueing for the gate. A write joins
+When other sessions are connected, it then yields to the scheduler once; single writes of
+other sessions that arrive meanwhile run inside the open batch, each in its own savepoint,
+instead of queueing for the gate. If one did, others are writing too, and the batch waits on
+until every task that can run has run (trio's idle point: nothing runnable, no socket
+ready), at most ``group_commit_window`` seconds; if none did, it commits at once. A write joins
 only while nobody is in line for the gate (a ``tx.begin`` or a write that found the gate
 taken), so arrival order holds. One COMMIT then serves them all, and each call answers only
 once that COMMIT is done, so an answered write is as durable as ever. A call that fails
@@ -43,6 +44,7 @@ class _Batch:
     done: trio.Event = field(default_factory=trio.Event)
     error: db.DbError | None = None
     appends_events: bool = False
+    calls: int = 0
 
 
 class WriteGate:
@@ -126,7 +128,7 @@ class WriteGate:
             except Exception as exc:  # the others of the batch still commit
                 own_error = exc
             if batch.error is None:
-                await self._gather_joiners()
+                await self._gather_joiners(batch)
         finally:
             self._batch = None
             self._commit(batch)
@@ -136,9 +138,15 @@ class WriteGate:
             raise batch.error
         return result, batch.appends_events
 
-    async def _gather_joiners(self) -> None:
-        # Commit once every task that can run has run: the writes that arrived meanwhile
-        # have joined. Bounded, and shielded: a batch is never left half done.
+    async def _gather_joiners(self, batch: _Batch) -> None:
+        # One turn of the scheduler first: if no other write came meanwhile, nobody else is
+        # writing now, and the commit should not wait. Otherwise commit once every task that
+        # can run has run: the writes that arrived meanwhile have joined. Bounded, and
+        # shielded: a batch is never left half done.
+        alone = batch.calls
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        if batch.calls == alone:
+            return
         window = self.config.group_commit_window
         with trio.CancelScope(shield=True, deadline=trio.current_time() + window):
             await wait_all_tasks_blocked()
@@ -151,6 +159,7 @@ class WriteGate:
                 batch.error = exc  # SQLite rolled the whole batch back
             raise
         batch.appends_events |= method.appends_events
+        batch.calls += 1
         self.single_writes += 1
         return result
 
