@@ -62,6 +62,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # commits as soon as every task that could run has run, at once if no other write came
     # during its first turn of the scheduler; 0: it never waits past that turn).
     group_commit_window: float = 0.002
+    # Seconds between checks for new writes to checkpoint from the WAL into the database;
+    # the checkpoints run in a worker thread, so no commit waits for one.
+    checkpoint_interval: float = 0.25
+    # WAL pages past which a commit checkpoints by itself (SQLite's wal_autocheckpoint): a
+    # backstop for when the worker's checkpoints fall behind. 0: never.
+    wal_autocheckpoint: int = 10_000
     # Events fetched per query when feeding a subscription.
     page_size: int = 500
     # Pending connections the kernel may hold before accept().
@@ -75,6 +81,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "tx_idle_timeout",
             "subscriber_stall_timeout",
             "reply_stall_timeout",
+            "checkpoint_interval",
         ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -85,8 +92,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        if self.group_commit_window < 0:
-            raise ValueError("group_commit_window must not be negative")
+        for name in ("group_commit_window", "wal_autocheckpoint"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative")
 
 
 def default_db_path(env: Mapping[str, str] | None = None) -> Path:

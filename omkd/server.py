@@ -90,7 +90,11 @@ def open_database(config: Config) -> db.Database:
         f"backup (`omkd backup` writes one)"
     )
     try:
-        database = db.Database.open(config.db_path, synchronous=config.synchronous)
+        database = db.Database.open(
+            config.db_path,
+            synchronous=config.synchronous,
+            wal_autocheckpoint=config.wal_autocheckpoint,
+        )
     except db.StorageFailure as exc:
         raise StartupError(f"database {config.db_path} is unusable ({exc}); {advice}") from exc
     except db.DbError as exc:
@@ -209,6 +213,7 @@ async def _serve_socket(
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     async with listener, trio.open_nursery() as nursery:
         nursery.start_soon(_accept, daemon, listener, nursery)
+        nursery.start_soon(_checkpoint_wal, daemon)
         interval = systemd.watchdog_interval()
         if interval is not None:
             nursery.start_soon(_watchdog, interval)
@@ -248,6 +253,24 @@ async def _watchdog(interval: float) -> None:
     while True:
         _notify(systemd.notify_watchdog)
         await trio.sleep(interval)
+
+
+async def _checkpoint_wal(daemon: Daemon) -> None:
+    # Checkpoints in a worker thread, concurrently with the writes: no commit on the event
+    # loop pays for one, nor for its fsyncs. (SQLite's own, at wal_autocheckpoint pages, is
+    # the backstop.)
+    database = daemon.db
+    seen = database.total_changes
+    while True:
+        await trio.sleep(daemon.config.checkpoint_interval)
+        changes = database.total_changes
+        if changes == seen:
+            continue
+        seen = changes
+        try:
+            await trio.to_thread.run_sync(database.checkpoint_concurrently)
+        except db.DbError as exc:
+            log.warning("WAL checkpoint failed (retried after the next writes): %s", exc)
 
 
 def _checkpoint(database: db.Database) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from omkd.rpc.methods import METHODS
 from omkd.server import Daemon
@@ -297,3 +299,32 @@ def test_every_method_is_documented() -> None:
 def test_rpc_error_raised_for_errors() -> None:
     err = RpcError({"code": -32001, "message": "x"})
     assert err.code == -32001
+
+
+async def test_the_daemon_checkpoints_the_wal_in_the_background(tmp_path: Path) -> None:
+    with short_tempdir() as directory:
+        # wal_autocheckpoint=0: no commit checkpoints by itself; only the worker does.
+        overrides = {"checkpoint_interval": 0.02, "wal_autocheckpoint": 0}
+        async with running_daemon(directory, **overrides) as daemon:
+            client = await RawClient.connect(daemon.config.socket_path)
+            await client.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": i} for i in range(200)]
+            await client.call("event.append_batch", goal_id="g1", events=events)
+            main_file = Path(daemon.config.db_path)
+            with trio.fail_after(10):
+                while _events_in_main_file(main_file, tmp_path) < 200:
+                    await trio.sleep(0.02)
+            await client.aclose()
+
+
+def _events_in_main_file(path: Path, tmp_path: Path) -> int:
+    """Events in the database file itself, without what its WAL holds."""
+    copy = tmp_path / "main-file-only.db"
+    copy.write_bytes(path.read_bytes())
+    conn = sqlite3.connect(copy)
+    try:
+        return int(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+    except sqlite3.DatabaseError:  # the schema itself is not checkpointed yet
+        return 0
+    finally:
+        conn.close()

@@ -15,6 +15,7 @@ from omkd.db import (
     Busy,
     Conflict,
     Database,
+    DatabaseClosed,
     EventInput,
     GoalNotFound,
     GoalRecord,
@@ -369,3 +370,60 @@ def test_close_rolls_back_an_open_transaction(db_path: Path, make_goal: MakeGoal
     assert not tx.active
     with Database.open(db_path) as again:
         assert again.goals.get("g1") is None
+
+
+def _rows_in_main_file(path: Path, table: str, tmp_path: Path) -> int:
+    """Rows of ``table`` in the database file itself, without what its WAL holds."""
+    copy = tmp_path / "main-file-only.db"
+    copy.write_bytes(path.read_bytes())
+    conn = sqlite3.connect(copy)
+    try:
+        return int(conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+    finally:
+        conn.close()
+        copy.unlink()
+
+
+def test_checkpoint_concurrently_while_another_thread_writes(
+    tmp_path: Path, make_goal: MakeGoal
+) -> None:
+    path = tmp_path / "t.db"
+    with Database.open(path, wal_autocheckpoint=0) as db:
+        assert _pragma_of(db, "wal_autocheckpoint") == 0
+        db.goals.create(make_goal("g1"))
+        db.checkpoint("TRUNCATE")  # the schema and the goal in the file itself
+        before = db.total_changes
+        db.events.append_batch("g1", [EventInput(kind="k", payload=i) for i in range(300)])
+        assert db.total_changes == before + 300
+        assert _rows_in_main_file(path, "events", tmp_path) == 0  # all still in the WAL
+        stop = threading.Event()
+
+        def writer() -> None:
+            while not stop.is_set():
+                db.events.append("g1", "more", None)
+
+        worker = threading.Thread(target=writer)
+        worker.start()
+        try:
+            busy, log, done = db.checkpoint_concurrently()
+            assert done <= log
+        finally:
+            stop.set()
+            worker.join(WAIT)
+        assert busy == 0 and done > 0
+        assert _rows_in_main_file(path, "events", tmp_path) >= 300
+        assert len(db.events.get_by_goal("g1", limit=1000)) >= 300
+    with pytest.raises(DatabaseClosed):
+        db.checkpoint_concurrently()
+    assert check_database(path) == []
+
+
+def test_wal_autocheckpoint_must_not_be_negative(tmp_path: Path) -> None:
+    with pytest.raises(InvalidData):
+        Database.open(tmp_path / "t.db", wal_autocheckpoint=-1)
+    with Database.open(tmp_path / "t.db") as db:
+        assert _pragma_of(db, "wal_autocheckpoint") == 1000  # SQLite's own default
+
+
+def _pragma_of(db: Database, name: str) -> object:
+    return db._writer.raw.execute(f"PRAGMA {name}").fetchone()[0]

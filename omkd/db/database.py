@@ -59,6 +59,7 @@ GET_BUSY_TIMEOUT = "PRAGMA busy_timeout"
 SET_FOREIGN_KEYS = "PRAGMA foreign_keys = ON"
 GET_FOREIGN_KEYS = "PRAGMA foreign_keys"
 SET_WAL = "PRAGMA journal_mode = WAL"
+SET_WAL_AUTOCHECKPOINT = "PRAGMA wal_autocheckpoint = {pages:d}"
 SET_QUERY_ONLY = "PRAGMA query_only = ON"
 SET_SYNCHRONOUS = {"NORMAL": "PRAGMA synchronous = NORMAL", "FULL": "PRAGMA synchronous = FULL"}
 SYNCHRONOUS_VALUES = {"NORMAL": 1, "FULL": 2}
@@ -149,12 +150,18 @@ class Database(_Repositories):
         *,
         lock_timeout: float | None,
         migrations_applied: list[Migration],
+        busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+        synchronous: str = "NORMAL",
     ) -> None:
         self._path = path
         self._writer = writer
         self._reader = reader
         self._write_lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._checkpointer: Conn | None = None  # opened by the first checkpoint_concurrently
+        self._checkpoint_lock = threading.Lock()
+        self._busy_timeout_ms = busy_timeout_ms
+        self._synchronous = synchronous
         self._lock_timeout = lock_timeout
         self._closed = False
         self._transaction: Transaction | None = None
@@ -171,12 +178,16 @@ class Database(_Repositories):
         migrations_dir: Path | None = None,
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         lock_timeout: float | None = None,
+        wal_autocheckpoint: int | None = None,
     ) -> Database:
         """Open (creating it and its directory if needed) and migrate the database at ``path``.
 
         Sets and checks journal_mode=WAL, foreign_keys=ON, ``synchronous`` ("NORMAL" or
         "FULL") and busy_timeout. ``lock_timeout`` bounds how long a write or ``transaction()``
         waits for the write lock (None: as long as it takes) before raising Busy.
+        ``wal_autocheckpoint`` is the WAL size in pages past which a commit checkpoints
+        (SQLite's default, 1000, when None; 0 never): raise it when something else calls
+        :meth:`checkpoint_concurrently`, so that commits do not pay for checkpoints.
 
         Raises InvalidData (bad option), SchemaTooNew, MigrationMismatch, MigrationFailed,
         Busy, StorageFailure (not a database, unwritable, ...). Nothing stays open on error.
@@ -194,12 +205,24 @@ class Database(_Repositories):
             writer = connect(str(path))
             stack.callback(writer.close)
             _configure(writer, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
+            if wal_autocheckpoint is not None:
+                if wal_autocheckpoint < 0:
+                    raise InvalidData("wal_autocheckpoint", "must not be negative")
+                writer.execute(SET_WAL_AUTOCHECKPOINT.format(pages=wal_autocheckpoint))
             applied = apply_migrations(writer, migrations)
             reader = connect(str(path))
             stack.callback(reader.close)
             _configure(reader, busy_timeout_ms=busy_timeout_ms, synchronous=None)
             stack.pop_all()
-        return cls(path, writer, reader, lock_timeout=lock_timeout, migrations_applied=applied)
+        return cls(
+            path,
+            writer,
+            reader,
+            lock_timeout=lock_timeout,
+            migrations_applied=applied,
+            busy_timeout_ms=busy_timeout_ms,
+            synchronous=synchronous,
+        )
 
     @property
     def path(self) -> Path:
@@ -264,6 +287,34 @@ class Database(_Repositories):
         assert row is not None
         return (int(row[0]), int(row[1]), int(row[2]))
 
+    def checkpoint_concurrently(self) -> tuple[int, int, int]:
+        """Checkpoint what the WAL holds (PASSIVE) on a connection of its own, without the
+        write lock: writers and readers go on meanwhile, and its fsyncs are not theirs.
+
+        For a thread other than the writers' (the daemon runs it in a worker thread). Returns
+        SQLite's (busy, log frames, checkpointed frames). Raises DatabaseClosed, DbError.
+        """
+        with self._checkpoint_lock:
+            self._check_open()
+            if self._checkpointer is None:
+                conn = connect(str(self._path))
+                try:
+                    _configure(
+                        conn, busy_timeout_ms=self._busy_timeout_ms, synchronous=self._synchronous
+                    )
+                except BaseException:
+                    conn.close()
+                    raise
+                self._checkpointer = conn
+            row = self._checkpointer.query_one(CHECKPOINT["PASSIVE"])
+        assert row is not None
+        return (int(row[0]), int(row[1]), int(row[2]))
+
+    @property
+    def total_changes(self) -> int:
+        """Rows inserted, updated or deleted through this Database since it was opened."""
+        return self._writer.raw.total_changes
+
     def quick_check(self) -> list[str]:
         """Return the problems ``PRAGMA quick_check`` finds (empty when the file is fine)."""
         with _DatabaseScope(self).read() as conn:
@@ -288,6 +339,10 @@ class Database(_Repositories):
             self._closed = True
             self._writer.close()
             self._reader.close()
+        with self._checkpoint_lock:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
 
     def __enter__(self) -> Database:
         return self
