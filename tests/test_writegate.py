@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -55,6 +56,23 @@ async def test_concurrent_single_writes_commit_together_and_all_land(daemon: Dae
     for n in range(8):  # each session's writes in its own order
         assert [e["payload"] for e in events if e["kind"] == f"w{n}"] == list(range(50))
     await close(cs)
+
+
+@asynccontextmanager
+async def never_idle() -> AsyncIterator[None]:
+    """While the block runs, a task is runnable at every turn: the process is never idle."""
+    stop = trio.Event()
+
+    async def spin() -> None:
+        while not stop.is_set():
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(spin)
+        try:
+            yield
+        finally:
+            stop.set()
 
 
 def _append_frame(goal_id: str, kind: str, request_id: int) -> bytes:
@@ -110,18 +128,10 @@ async def test_a_lone_write_does_not_wait_for_the_window() -> None:
             cs = await clients(daemon, 2)  # another session is connected, but not writing
             await cs[0].call("goal.create", **goal("g1"))
             before = daemon.gate.commits
-            stop = trio.Event()
-
-            async def busy() -> None:  # runnable at every turn: the daemon is never idle
-                while not stop.is_set():
-                    await trio.lowlevel.checkpoint()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(busy)
+            async with never_idle():
                 with trio.fail_after(30):  # each write waiting out the window would take 300 s
                     for i in range(5):
                         await cs[0].call("event.append", goal_id="g1", kind="k", payload=i)
-                stop.set()
             assert daemon.gate.commits - before == 5
             await close(cs)
 
@@ -159,20 +169,12 @@ async def test_a_session_that_never_blocks_delays_a_commit_by_the_window_only() 
         async with running_daemon(directory, group_commit_window=0.01) as daemon:
             cs = await clients(daemon, 2)
             await cs[0].call("goal.create", **goal("g1"))
-            stop = trio.Event()
-
-            async def busy() -> None:  # runnable at every turn: the daemon is never idle
-                while not stop.is_set():
-                    await trio.lowlevel.checkpoint()
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(busy)
+            async with never_idle():
                 with trio.fail_after(30):  # without the window, it would wait forever
                     for i in range(5):  # two writes at once: the batch has a joiner, and waits
                         for n, c in enumerate(cs):
                             os.write(c.stream.socket.fileno(), _append_frame("g1", f"c{n}", i))
                         assert [(await c.reply())["result"]["payload"] for c in cs] == [i, i]
-                stop.set()
             assert len(await cs[1].call("event.get_by_goal", goal_id="g1")) == 10
             await close(cs)
 
