@@ -60,7 +60,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     reply_stall_timeout: float = 30.0
     # Seconds at most a group commit waits for concurrent single writes to join it (it
     # commits as soon as every task that could run has run, at once if no other write came
-    # during its first turn of the scheduler; 0: it never waits past that turn).
+    # during its first turn of the scheduler); also how close together writes of two
+    # sessions must come to count as concurrent. 0: no group commit.
     group_commit_window: float = 0.002
     # Seconds between checks for new writes to checkpoint from the WAL into the database;
     # the checkpoints run in a worker thread, so no commit waits for one.

@@ -71,11 +71,9 @@ class Daemon:
 
     def add_session(self, session: Session) -> None:
         self.sessions.add(session)
-        self.gate.others_connected = len(self.sessions) > 1
 
     def remove_session(self, session: Session) -> None:
         self.sessions.discard(session)
-        self.gate.others_connected = len(self.sessions) > 1
 
     def events_committed(self) -> None:
         """Wake the subscriptions: new events may be committed."""

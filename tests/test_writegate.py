@@ -85,98 +85,110 @@ def _append_frame(goal_id: str, kind: str, request_id: int) -> bytes:
     return encode_frame(Framing.LENGTH, json.dumps(message).encode())
 
 
-async def test_writes_that_arrive_together_share_one_commit(daemon: Daemon) -> None:
-    cs = await clients(daemon, 8)
-    await cs[0].call("goal.create", **goal("g1"))
-    before = (daemon.gate.single_writes, daemon.gate.commits)
-    # Every request is in its socket before the daemon runs again: the first write's batch
-    # waits until each of them has run, then one COMMIT serves all eight.
-    for n, c in enumerate(cs):
-        os.write(c.stream.socket.fileno(), _append_frame("g1", f"w{n}", n))
-    replies = [await c.reply() for c in cs]
-    assert [r["result"]["kind"] for r in replies] == [f"w{n}" for n in range(8)]
-    assert daemon.gate.single_writes - before[0] == 8
-    assert daemon.gate.commits - before[1] == 1
-    await close(cs)
+@asynccontextmanager
+async def grouping_daemon(window: float = 30) -> AsyncIterator[tuple[Daemon, RawClient]]:
+    """A daemon whose batches wait as long as a test needs, and a session that has just
+    written (goal g1): a write of another session now counts as concurrent, and leads a
+    batch."""
+    with short_tempdir() as directory:
+        async with running_daemon(directory, group_commit_window=window) as daemon:
+            creator = await RawClient.connect(daemon.config.socket_path)
+            await creator.call("goal.create", **goal("g1"))
+            yield daemon, creator
+            await creator.aclose()
+
+
+def _send(client: RawClient, frame: bytes) -> None:
+    """Put a request in the client's socket without letting the daemon run."""
+    os.write(client.stream.socket.fileno(), frame)
+
+
+async def test_writes_that_arrive_together_share_one_commit() -> None:
+    async with grouping_daemon() as (daemon, _):
+        cs = await clients(daemon, 8)
+        before = (daemon.gate.single_writes, daemon.gate.commits)
+        # Every request is in its socket before the daemon runs again: the first write's
+        # batch waits until each of them has run, then one COMMIT serves all eight.
+        for n, c in enumerate(cs):
+            _send(c, _append_frame("g1", f"w{n}", n))
+        replies = [await c.reply() for c in cs]
+        assert [r["result"]["kind"] for r in replies] == [f"w{n}" for n in range(8)]
+        assert daemon.gate.single_writes - before[0] == 8
+        assert daemon.gate.commits - before[1] == 1
+        await close(cs)
 
 
 async def test_once_a_write_joined_the_batch_waits_until_nothing_else_can_run() -> None:
-    with short_tempdir() as directory:
-        async with running_daemon(directory, group_commit_window=5) as daemon:
-            cs = await clients(daemon, 3)
-            await cs[0].call("goal.create", **goal("g1"))
-            before = daemon.gate.commits
+    async with grouping_daemon() as (daemon, _):
+        cs = await clients(daemon, 3)
+        before = daemon.gate.commits
 
-            async def late() -> None:  # keeps the process busy, then sends a third write
-                for _ in range(5):
-                    await trio.lowlevel.checkpoint()
-                os.write(cs[2].stream.socket.fileno(), _append_frame("g1", "late", 3))
+        async def late() -> None:  # keeps the process busy, then sends a third write
+            for _ in range(5):
+                await trio.lowlevel.checkpoint()
+            _send(cs[2], _append_frame("g1", "late", 3))
 
-            os.write(cs[0].stream.socket.fileno(), _append_frame("g1", "first", 1))
-            os.write(cs[1].stream.socket.fileno(), _append_frame("g1", "second", 2))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(late)
-            replies = [await c.reply() for c in cs]
-            assert [r["result"]["kind"] for r in replies] == ["first", "second", "late"]
-            assert daemon.gate.commits - before == 1
-            await close(cs)
+        _send(cs[0], _append_frame("g1", "first", 1))
+        _send(cs[1], _append_frame("g1", "second", 2))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(late)
+        replies = [await c.reply() for c in cs]
+        assert [r["result"]["kind"] for r in replies] == ["first", "second", "late"]
+        assert daemon.gate.commits - before == 1
+        await close(cs)
 
 
 async def test_a_lone_write_does_not_wait_for_the_window() -> None:
-    with short_tempdir() as directory:
-        async with running_daemon(directory, group_commit_window=60) as daemon:
-            cs = await clients(daemon, 2)  # another session is connected, but not writing
-            await cs[0].call("goal.create", **goal("g1"))
-            before = daemon.gate.commits
-            async with never_idle():
-                with trio.fail_after(30):  # each write waiting out the window would take 300 s
-                    for i in range(5):
-                        await cs[0].call("event.append", goal_id="g1", kind="k", payload=i)
-            assert daemon.gate.commits - before == 5
-            await close(cs)
+    async with grouping_daemon() as (daemon, creator):
+        before = daemon.gate.commits
+        async with never_idle():  # a batch waiting for the idle point would wait 30 s
+            with trio.fail_after(20):
+                for i in range(5):  # only the creator writes: no batch, no wait
+                    await creator.call("event.append", goal_id="g1", kind="k", payload=i)
+        assert daemon.gate.commits - before == 5
 
 
 async def test_a_write_does_not_join_a_batch_past_a_transaction_waiting_for_the_gate() -> None:
-    with short_tempdir() as directory:
-        async with running_daemon(directory, group_commit_window=5) as daemon:
-            first, holder, last = await clients(daemon, 3)
-            await first.call("goal.create", **goal("g1"))
-            begin = {"jsonrpc": "2.0", "id": 1, "method": "tx.begin"}
+    async with grouping_daemon() as (daemon, _):
+        first, second, holder, last = await clients(daemon, 4)
 
-            async def arrive_while_the_batch_is_open() -> None:
-                for _ in range(3):
-                    await trio.lowlevel.checkpoint()
-                await holder.send(begin)  # in line for the gate behind the open batch
-                for _ in range(3):
-                    await trio.lowlevel.checkpoint()
-                os.write(last.stream.socket.fileno(), _append_frame("g1", "last", 1))
+        async def arrive_while_the_batch_is_open() -> None:
+            for _ in range(3):
+                await trio.lowlevel.checkpoint()
+            await holder.send({"jsonrpc": "2.0", "id": 1, "method": "tx.begin"})  # in line
+            for _ in range(3):
+                await trio.lowlevel.checkpoint()
+            _send(last, _append_frame("g1", "last", 1))
 
-            os.write(first.stream.socket.fileno(), _append_frame("g1", "first", 1))
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(arrive_while_the_batch_is_open)
-            assert (await first.reply())["result"]["kind"] == "first"
-            assert (await holder.reply())["result"] == {"active": True}
-            inside = await holder.call("event.append", goal_id="g1", kind="in tx", payload=0)
-            await holder.call("tx.commit")
-            after = (await last.reply())["result"]
-            # Arrival order: the transaction queued first, so the last write waited for it.
-            assert after["event_id"] > inside["event_id"]
-            await close([first, holder, last])
+        # Two writes at once: their batch has a joiner, so it stays open until nothing else
+        # can run; meanwhile a transaction queues for the gate, then another write arrives.
+        _send(first, _append_frame("g1", "first", 1))
+        _send(second, _append_frame("g1", "second", 1))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(arrive_while_the_batch_is_open)
+        assert (await first.reply())["result"]["kind"] == "first"
+        assert (await second.reply())["result"]["kind"] == "second"
+        assert (await holder.reply())["result"] == {"active": True}
+        inside = await holder.call("event.append", goal_id="g1", kind="in tx", payload=0)
+        await holder.call("tx.commit")
+        after = (await last.reply())["result"]
+        # Arrival order: the transaction queued first, so the last write waited for it.
+        assert after["event_id"] > inside["event_id"]
+        await close([first, second, holder, last])
 
 
 async def test_a_session_that_never_blocks_delays_a_commit_by_the_window_only() -> None:
-    with short_tempdir() as directory:
-        async with running_daemon(directory, group_commit_window=0.01) as daemon:
-            cs = await clients(daemon, 2)
-            await cs[0].call("goal.create", **goal("g1"))
-            async with never_idle():
-                with trio.fail_after(30):  # without the window, it would wait forever
-                    for i in range(5):  # two writes at once: the batch has a joiner, and waits
-                        for n, c in enumerate(cs):
-                            os.write(c.stream.socket.fileno(), _append_frame("g1", f"c{n}", i))
-                        assert [(await c.reply())["result"]["payload"] for c in cs] == [i, i]
-            assert len(await cs[1].call("event.get_by_goal", goal_id="g1")) == 10
-            await close(cs)
+    async with grouping_daemon(window=0.01) as (daemon, _):
+        cs = await clients(daemon, 2)
+        before = daemon.gate.commits
+        async with never_idle():
+            with trio.fail_after(30):  # without the window, it would wait forever
+                for i in range(5):  # two writes at once: the batch has a joiner, and waits
+                    for n, c in enumerate(cs):
+                        _send(c, _append_frame("g1", f"c{n}", i))
+                    assert [(await c.reply())["result"]["payload"] for c in cs] == [i, i]
+        assert daemon.gate.commits - before < 10  # batches of two did wait, and committed
+        await close(cs)
 
 
 async def test_a_failing_write_leaves_the_rest_of_its_batch(daemon: Daemon) -> None:
@@ -239,8 +251,17 @@ async def test_a_failed_commit_fails_every_write_of_the_batch(
 
 
 class _FailingDb:
+    """Every commit fails: a batch's (its transaction) and a lone write's (its append)."""
+
     def __init__(self, transaction: Any) -> None:
         self._transaction = transaction
 
     def transaction(self) -> _CommitFails:
         return _CommitFails(self._transaction())
+
+    @property
+    def events(self) -> Any:
+        return self
+
+    def append(self, *args: Any, **kwargs: Any) -> Any:
+        raise db.StorageFailure("database or disk is full", transaction_lost=True)

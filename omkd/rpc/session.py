@@ -113,7 +113,7 @@ class Session:
         tx = self.tx
         if tx is not None:
             return self._run_in_transaction(tx, method, params)
-        result, committed_events = await self.daemon.gate.write(method, params)
+        result, committed_events = await self.daemon.gate.write(method, params, self)
         if committed_events:
             self.daemon.events_committed()
         return result

@@ -7,21 +7,23 @@ writer that has not had it within the lock timeout answers Busy.
 
 Single writes commit in groups. The first one to take the gate opens a *batch*: a SQLite
 transaction in which it runs its call (in a savepoint, as every call in a transaction does).
-When other sessions are connected, it then yields to the scheduler once; single writes of
-other sessions that arrive meanwhile run inside the open batch, each in its own savepoint,
-instead of queueing for the gate. If one did, others are writing too, and the batch waits on
-until every task that can run has run (trio's idle point: nothing runnable, no socket
-ready), at most ``group_commit_window`` seconds; if none did, it commits at once. A write joins
-only while nobody is in line for the gate (a ``tx.begin`` or a write that found the gate
-taken), so arrival order holds. One COMMIT then serves them all, and each call answers only
-once that COMMIT is done, so an answered write is as durable as ever. A call that fails
-rolls back its own savepoint and leaves the others alone. If the COMMIT fails (or SQLite
-loses the transaction), every call of the batch answers the storage failure. With one client
-connected nothing is waited for: each write is its own SQLite transaction.
+When other sessions are writing too (two sessions wrote within ``group_commit_window`` of
+each other lately, or the last batch had joiners), it then yields to the scheduler once;
+single writes of other sessions that arrive meanwhile run inside the open batch, each in its
+own savepoint, instead of queueing for the gate. If one did, the batch waits on until every
+task that can run has run (trio's idle point: nothing runnable, no socket ready), at most
+``group_commit_window`` seconds; if none did, it commits at once. A write joins only while
+nobody is in line for the gate (a ``tx.begin`` or a write that found the gate taken), so
+arrival order holds. One COMMIT then serves them all, and each call answers only once that
+COMMIT is done, so an answered write is as durable as ever. A call that fails rolls back its
+own savepoint and leaves the others alone. If the COMMIT fails (or SQLite loses the
+transaction), every call of the batch answers the storage failure. A write when nobody else
+is writing waits for nothing: it is its own SQLite transaction.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +56,12 @@ class WriteGate:
         self._gate = trio.Semaphore(1)  # trio hands a released unit to the longest waiter
         self._batch: _Batch | None = None
         self._waiting = 0  # writers in line for the gate: a batch takes no joiner past them
-        self.others_connected = False  # set by the daemon: worth waiting for joiners?
+        # Are other sessions writing now? The last single write's session and time, when two
+        # sessions last wrote close together, whether the last batch had joiners.
+        self._last_writer: object = None
+        self._last_write_at = -math.inf
+        self._several_at = -math.inf
+        self._grouping = False
         self.single_writes = 0  # counters for tests and benchmarks
         self.commits = 0
 
@@ -82,8 +89,9 @@ class WriteGate:
     def release(self) -> None:
         self._gate.release()
 
-    async def write(self, method: Method, params: Any) -> tuple[Any, bool]:
-        """Run a single write and commit it (with others when they come together).
+    async def write(self, method: Method, params: Any, writer: object) -> tuple[Any, bool]:
+        """Run a single write of ``writer`` (its session) and commit it, with others when
+        they come together.
 
         Returns (result, whether committed events may wait for subscribers). Raises the
         call's own error, Busy, or the batch's StorageFailure.
@@ -91,9 +99,18 @@ class WriteGate:
         batch = self._batch
         if batch is not None and batch.error is None and not self._waiting:
             return await self._join(batch, method, params)
-        if not self.others_connected:
-            return await self._alone(method, params)
-        return await self._lead(method, params)
+        # Several sessions are writing when two different ones wrote within the window of
+        # each other lately; then a write leads a batch, else it goes alone (no wait).
+        now = trio.current_time()
+        window = self.config.group_commit_window
+        if writer is not self._last_writer:
+            if now - self._last_write_at < window:
+                self._several_at = now
+            self._last_writer = writer
+        self._last_write_at = now
+        if self._grouping or now - self._several_at < window:
+            return await self._lead(method, params)
+        return await self._alone(method, params)
 
     async def _alone(self, method: Method, params: Any) -> tuple[Any, bool]:
         # Nobody to group with: the call is its own transaction, without a savepoint.
@@ -145,7 +162,8 @@ class WriteGate:
         # shielded: a batch is never left half done.
         alone = batch.calls
         await trio.lowlevel.cancel_shielded_checkpoint()
-        if batch.calls == alone:
+        self._grouping = batch.calls > alone
+        if not self._grouping:
             return
         window = self.config.group_commit_window
         with trio.CancelScope(shield=True, deadline=trio.current_time() + window):
