@@ -158,7 +158,12 @@ async def test_oversize_frame_answers_then_closes(client: RawClient) -> None:
     assert (await client.recv())["result"] == "pong"  # earlier requests are answered first
     reply = await client.recv()
     assert reply["error"]["code"] == ErrorCode.INVALID_REQUEST and reply["id"] is None
-    assert reply["error"]["data"] == {"size": LIMIT + 1, "limit": LIMIT}
+    assert reply["error"]["data"] == {
+        "field": None,
+        "detail": "the message is longer than the limit",
+        "size": LIMIT + 1,
+        "limit": LIMIT,
+    }
     assert await client.recv_raw() is None  # closed
 
 

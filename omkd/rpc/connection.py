@@ -205,7 +205,12 @@ class _Connection:
         reply = encode_error(
             ErrorCode.INVALID_REQUEST,
             f"{error}; the connection is closed (raise --max-message-bytes if this is needed)",
-            {"size": error.size, "limit": error.limit},
+            {
+                "field": None,
+                "detail": "the message is longer than the limit",
+                "size": error.size,
+                "limit": error.limit,
+            },
         )
         self.outbox.force(self._frame(reply))  # small, and the last: past the bound is fine
 
