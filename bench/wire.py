@@ -175,9 +175,13 @@ class Server:
 
 
 def start_daemon(directory: Path, db_path: Path, name: str = "omkd") -> Server:
-    """``python -m omkd serve`` on ``directory/<name>.sock`` and ``db_path``."""
+    """``python -m omkd serve`` on ``directory/<name>.sock`` and ``db_path``; with
+    ``--config $OMKD_BENCH_CONFIG`` when that is set (to compare settings)."""
     sock = directory / f"{name}.sock"
     argv = [sys.executable, "-m", "omkd", "serve", "--socket", str(sock), "--db", str(db_path)]
+    config = os.environ.get("OMKD_BENCH_CONFIG")
+    if config:
+        argv += ["--config", config]
     return Server(argv, sock, directory / f"{name}.log")
 
 
