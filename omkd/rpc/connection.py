@@ -147,7 +147,7 @@ class _Connection:
                 return _IDLE
             # No deadline outside a transaction: no cancel scope to arm for every read.
             data = await self._read()
-        except OSError:  # reset by the peer, or closed under us at shutdown
+        except (OSError, trio.ClosedResourceError):  # reset by the peer, or closed under us
             return None
         if not data and self.decoder.pending:
             log.debug("session %d: closed mid-message", self.session.id)

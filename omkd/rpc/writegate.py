@@ -160,14 +160,14 @@ class WriteGate:
         # writing now, and the commit should not wait. Otherwise commit once every task that
         # can run has run: the writes that arrived meanwhile have joined. Bounded, and
         # shielded: a batch is never left half done.
-        alone = batch.calls
+        calls_before = batch.calls
         await trio.lowlevel.cancel_shielded_checkpoint()
-        self._grouping = batch.calls > alone
+        self._grouping = batch.calls > calls_before
         if not self._grouping:
             return
         window = self.config.group_commit_window
         with trio.CancelScope(shield=True, deadline=trio.current_time() + window):
-            await wait_all_tasks_blocked()
+            await wait_all_tasks_blocked()  # trio's idle point (public, in trio.testing)
 
     def _run(self, batch: _Batch, method: Method, params: Any) -> Any:
         try:
