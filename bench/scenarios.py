@@ -530,15 +530,27 @@ def concurrent_writers(bench: Bench, floor: Server, daemon: Server) -> None:
             "p99_ms": bench.row(scenario, "p99 latency", "ms"),
             "max_ms": bench.row(scenario, "max latency", "ms"),
         }
+        per_commit = bench.row(scenario, "writes per COMMIT", "writes", "higher")
         for rep in range(sizes.writer_reps):
             for mode in modes:
                 bench.progress(f"{writers} writers, {mode} (repetition {rep + 1})")
+                before = _write_counters(daemon) if mode == "omkd" else None
                 calls, _ = run_writers(
                     bench, mode, targets[mode], writer_goals(writers), count=count
                 )
                 summary = _summary(calls)
                 for key, row in rows.items():
                     row.add(mode, summary[key])
+                if before is not None:
+                    writes, commits = _write_counters(daemon)
+                    per_commit.add(mode, (writes - before[0]) / max(commits - before[1], 1))
+
+
+def _write_counters(daemon: Server) -> tuple[int, int]:
+    """The daemon's single writes and the COMMITs they took, from daemon.status."""
+    with RawClient(daemon.socket_path) as raw:
+        status = msgspec.json.decode(raw.call("daemon.status"))
+    return status["single_writes"], status["single_write_commits"]
 
 
 def idle_connections(bench: Bench) -> None:

@@ -51,6 +51,9 @@ async def test_concurrent_single_writes_commit_together_and_all_land(daemon: Dae
     commits = daemon.gate.commits - before[1]
     assert writes == 400
     assert commits < writes  # some commits served several writes
+    status = await cs[0].call("daemon.status")  # the same counters, for operators
+    assert status["single_writes"] == daemon.gate.single_writes
+    assert status["single_write_commits"] == daemon.gate.commits
     events = await cs[0].call("event.get_by_goal", goal_id="g1")
     assert len(events) == 400
     for n in range(8):  # each session's writes in its own order

@@ -78,3 +78,7 @@ class DaemonStatus(msgspec.Struct):
     uptime_s: float
     sessions: int
     active_transactions: int
+    # Since the daemon started: single writes (outside a transaction) and the COMMITs they
+    # took; group commit makes the second smaller when sessions write at once.
+    single_writes: int = 0
+    single_write_commits: int = 0

@@ -292,6 +292,8 @@ class Session:
             uptime_s=round(time.monotonic() - d.started, 3),
             sessions=len(d.sessions),
             active_transactions=sum(1 for s in d.sessions if s.in_transaction),
+            single_writes=d.gate.single_writes,
+            single_write_commits=d.gate.commits,
         )
 
     async def discover(self) -> msgspec.Raw:
