@@ -63,3 +63,25 @@ def test_quick_mode_measures_every_scenario(tmp_path: Path) -> None:
     for target in results["targets"]:
         assert isinstance(target["value"], int | float), target
         assert isinstance(target["pass"], bool)
+
+
+def test_inprocess_comparison_runs_for_both_methods() -> None:
+    command = [sys.executable, "-m", "bench.inprocess", "--calls", "50", "--reps", "2"]
+    for method in ("daemon.ping", "event.append"):
+        done = subprocess.run(
+            [*command, "--method", method],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=QUICK_TIMEOUT_S,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        lines = done.stdout.splitlines()
+        assert lines[0].startswith(method)
+        rows = [line.split() for line in lines[1:]]
+        assert len(rows) == 2
+        for row in rows:  # floor F omkd O omkd - floor D: three numbers, no assertion on them
+            assert [row[0], row[2]] == ["floor", "omkd"]
+            floor, omkd = float(row[1]), float(row[3])
+            assert floor > 0 and omkd > 0
