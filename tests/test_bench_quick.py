@@ -35,15 +35,7 @@ SCENARIOS = [
 
 def test_quick_mode_measures_every_scenario(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--out", str(out)],
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=QUICK_TIMEOUT_S,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _run_module("bench", "--quick", "--out", str(out))
     assert "targets" in done.stdout
     results = json.loads(out.read_text())
     assert results["mode"] == "quick"
@@ -66,17 +58,8 @@ def test_quick_mode_measures_every_scenario(tmp_path: Path) -> None:
 
 
 def test_inprocess_comparison_runs_for_both_methods() -> None:
-    command = [sys.executable, "-m", "bench.inprocess", "--calls", "50", "--reps", "2"]
     for method in ("daemon.ping", "event.append"):
-        done = subprocess.run(
-            [*command, "--method", method],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            timeout=QUICK_TIMEOUT_S,
-            check=False,
-        )
-        assert done.returncode == 0, done.stderr[-3000:]
+        done = _run_module("bench.inprocess", "--calls", "50", "--reps", "2", "--method", method)
         lines = done.stdout.splitlines()
         assert lines[0].startswith(method)
         rows = [line.split() for line in lines[1:]]
@@ -85,3 +68,17 @@ def test_inprocess_comparison_runs_for_both_methods() -> None:
             assert [row[0], row[2]] == ["floor", "omkd"]
             floor, omkd = float(row[1]), float(row[3])
             assert floor > 0 and omkd > 0
+
+
+def _run_module(module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """``python -m module args`` from the repository's root; fails the test if it fails."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_S,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done

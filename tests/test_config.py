@@ -47,6 +47,9 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
         ("lock_timeout = 'soon'", "lock_timeout"),
         ("no_such_option = 1", "no_such_option"),
         ("lock_timeout = -1", "lock_timeout must be positive"),
+        ("checkpoint_interval = 0", "checkpoint_interval must be positive"),
+        ("group_commit_window = -0.1", "group_commit_window must not be negative"),
+        ("wal_autocheckpoint = -1", "wal_autocheckpoint must not be negative"),
         ("this is not toml", "not valid TOML"),
     ],
 )

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
-from omkd.db._conn import Conn, Scope, connect, connect_read_only, rollback_quietly
+from omkd.db._conn import Conn, Row, Scope, connect, connect_read_only, rollback_quietly
 from omkd.db.artifacts import ArtifactRepository
 from omkd.db.budgets import BudgetRepository
 from omkd.db.errors import (
@@ -103,6 +103,12 @@ def _configure(conn: Conn, *, busy_timeout_ms: int, synchronous: str | None) -> 
     _expect(conn, SET_WAL, "wal", "journal_mode=WAL")
     conn.execute(SET_SYNCHRONOUS[synchronous])
     _expect(conn, GET_SYNCHRONOUS, SYNCHRONOUS_VALUES[synchronous], "synchronous")
+
+
+def _checkpoint_result(row: Row | None) -> tuple[int, int, int]:
+    """SQLite's (busy, log frames, checkpointed frames) from a wal_checkpoint pragma's row."""
+    assert row is not None
+    return (int(row[0]), int(row[1]), int(row[2]))
 
 
 def _commit(conn: Conn) -> None:
@@ -281,11 +287,9 @@ class Database(_Repositories):
             raise InvalidData("mode", f"must be one of {', '.join(CHECKPOINT)}")
         self._acquire_write(self._lock_timeout)
         try:
-            row = self._writer.query_one(CHECKPOINT[mode])
+            return _checkpoint_result(self._writer.query_one(CHECKPOINT[mode]))
         finally:
             self._write_lock.release()
-        assert row is not None
-        return (int(row[0]), int(row[1]), int(row[2]))
 
     def checkpoint_concurrently(self) -> tuple[int, int, int]:
         """Checkpoint what the WAL holds (PASSIVE) on a connection of its own, without the
@@ -306,9 +310,7 @@ class Database(_Repositories):
                     conn.close()
                     raise
                 self._checkpointer = conn
-            row = self._checkpointer.query_one(CHECKPOINT["PASSIVE"])
-        assert row is not None
-        return (int(row[0]), int(row[1]), int(row[2]))
+            return _checkpoint_result(self._checkpointer.query_one(CHECKPOINT["PASSIVE"]))
 
     @property
     def total_changes(self) -> int:
