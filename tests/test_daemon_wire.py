@@ -236,6 +236,12 @@ class _NullSession:
     async def run_write(self, method: object, params: object) -> None:
         return None
 
+    def pending_commit(self) -> None:
+        return None
+
+    async def settle(self) -> None:
+        return None
+
     def __getattr__(self, name: str) -> object:  # tx_begin, subscribe, status, ...
         async def session_method(*args: object) -> None:
             return None

@@ -159,7 +159,10 @@ def test_protocol_core_imports_without_trio() -> None:
         "sys.meta_path.insert(0, Block())\n"
         "import omkd.rpc.framing, omkd.rpc.dispatch, omkd.rpc.methods, omkd.rpc.openrpc\n"
         "from omkd.rpc.dispatch import Dispatcher\n"
-        'coro = Dispatcher().handle(b\'{"jsonrpc":"2.0","method":"nope","id":1}\', None)\n'
+        "class Session:\n"
+        "    async def settle(self):\n"
+        "        pass\n"
+        'coro = Dispatcher().handle(b\'{"jsonrpc":"2.0","method":"nope","id":1}\', Session())\n'
         "try:\n"
         "    coro.send(None)\n"
         "except StopIteration as done:\n"

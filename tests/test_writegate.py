@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -268,3 +269,119 @@ class _FailingDb:
 
     def append(self, *args: Any, **kwargs: Any) -> Any:
         raise db.StorageFailure("database or disk is full", transaction_lost=True)
+
+
+# A write that joins another session's batch is answered by the batch's leader once the
+# COMMIT is done, while the joiner's own task already waits for its next request.
+
+
+async def _open_batch(daemon: Daemon) -> tuple[RawClient, RawClient]:
+    """Two sessions: the first's write (sent, not yet run) will lead a batch the other's
+    writes join when they are in its socket before the daemon runs."""
+    leader, joiner = await clients(daemon, 2)
+    for c in (leader, joiner):  # both connections served, and waiting for a request
+        await c.request("daemon.ping")
+    _send(leader, _append_frame("g1", "leader", 1))
+    return leader, joiner
+
+
+def _frame(message: Any) -> bytes:
+    return encode_frame(Framing.LENGTH, json.dumps(message).encode())
+
+
+async def test_a_joiner_sees_its_write_and_gets_its_replies_in_order() -> None:
+    async with grouping_daemon() as (daemon, _):
+        before = daemon.gate.commits
+        leader, joiner = await _open_batch(daemon)
+        read = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "event.get_by_goal",
+            "params": {"goal_id": "g1"},
+        }
+        # Pipelined: a write that joins the batch, a read, a message that is not JSON.
+        _send(
+            joiner,
+            _append_frame("g1", "joiner", 2)
+            + _frame(read)
+            + encode_frame(Framing.LENGTH, b"not json"),
+        )
+        assert (await leader.reply())["result"]["kind"] == "leader"
+        written = await joiner.reply()
+        assert written["id"] == 2
+        assert written["result"]["kind"] == "joiner"
+        listed = await joiner.reply()
+        assert listed["id"] == 3
+        # Both committed (which of the two led depends on which task trio ran first).
+        assert sorted(e["kind"] for e in listed["result"]) == ["joiner", "leader"]
+        assert (await joiner.reply())["error"]["code"] == ErrorCode.PARSE_ERROR
+        assert daemon.gate.commits - before == 1  # the joiner did join
+        await close([leader, joiner])
+
+
+async def test_a_joiner_that_stops_sending_still_gets_its_reply() -> None:
+    async with grouping_daemon() as (daemon, _):
+        leader, joiner = await _open_batch(daemon)
+        _send(joiner, _append_frame("g1", "joiner", 2))
+        joiner.stream.socket.shutdown(socket.SHUT_WR)  # as `socat` does at end of input
+        assert (await leader.reply())["result"]["kind"] == "leader"
+        assert (await joiner.reply())["result"]["kind"] == "joiner"
+        assert await joiner.recv_raw() is None  # then the daemon closes the connection
+        await close([leader, joiner])
+
+
+async def test_a_joiner_that_leaves_before_the_commit_harms_no_one() -> None:
+    async with grouping_daemon() as (daemon, creator):
+        before = daemon.gate.commits
+        leader, joiner = await _open_batch(daemon)
+        _send(joiner, _append_frame("g1", "joiner", 2))
+        await joiner.aclose()  # its socket may be closed (and its number reused) before the reply
+        others = await clients(daemon, 3)  # new connections, new sockets
+        assert (await leader.reply())["result"]["kind"] == "leader"
+        for n, c in enumerate(others):  # each gets its own reply, nothing of the joiner's
+            reply = await c.request(
+                "event.append", {"goal_id": "g1", "kind": f"o{n}", "payload": n}
+            )
+            assert reply["result"]["kind"] == f"o{n}"
+        events = await creator.call("event.get_by_goal", goal_id="g1")
+        assert sorted(e["kind"] for e in events[:2]) == ["joiner", "leader"]
+        assert [e["kind"] for e in events[2:]] == ["o0", "o1", "o2"]
+        assert daemon.gate.commits - before >= 1
+        await close([leader, *others])
+
+
+async def test_a_joiner_batch_message_answers_every_element() -> None:
+    async with grouping_daemon() as (daemon, _):
+        leader, joiner = await _open_batch(daemon)
+        elements = [
+            {
+                "jsonrpc": "2.0",
+                "id": n,
+                "method": "event.append",
+                "params": {"goal_id": "g1", "kind": f"b{n}", "payload": n},
+            }
+            for n in (10, 11)
+        ]
+        _send(joiner, _frame(elements))
+        assert (await leader.reply())["result"]["kind"] == "leader"
+        replies = await joiner.recv()
+        assert [(r["id"], r["result"]["kind"]) for r in replies] == [(10, "b10"), (11, "b11")]
+        await close([leader, joiner])
+
+
+async def test_a_joiner_reply_larger_than_the_socket_buffer_arrives_whole() -> None:
+    async with grouping_daemon() as (daemon, _):
+        leader, joiner = await _open_batch(daemon)
+        payload = "p" * (4 << 20)  # more than a Unix socket's buffer: written in parts
+        message = {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "event.append",
+            "params": {"goal_id": "g1", "kind": "big", "payload": payload},
+        }
+        async with trio.open_nursery() as nursery:  # the request too is larger than the buffer
+            nursery.start_soon(joiner.send_bytes, _frame(message))
+            assert (await leader.reply())["result"]["kind"] == "leader"
+        reply = await joiner.reply()
+        assert reply["result"]["payload"] == payload
+        await close([leader, joiner])

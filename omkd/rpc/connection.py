@@ -7,8 +7,10 @@ buffer, falling back to trio's ``send_all`` for what does not fit); it reads mor
 the buffered messages are answered, so a client that sends faster than it is served waits in
 the kernel, and the daemon holds at most one message's worth of its requests. Replies to
 calls pipelined inside a transaction (which never wait) are held until the requests already
-received are answered, then sent in one write. Notifications, and replies that find the
-socket busy, go through the ``Outbox``, which a writer task drains in order.
+received are answered, then sent in one write. The reply to a write that joined another
+session's group commit is sent by that batch's leader once the COMMIT is done, while this
+task already waits for the next request. Notifications, and replies that find the socket
+busy, go through the ``Outbox``, which a writer task drains in order.
 While the session holds a transaction, the task waits for more bytes only until the idle
 timeout, then rolls the transaction back. (One task on the request path, not a reader, a
 worker and a writer handing each message on: every hand-off was a trip through trio's
@@ -24,13 +26,14 @@ daemon's nursery.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import os
 from typing import TYPE_CHECKING, Final
 
 import trio
 
-from omkd.rpc.dispatch import encode_error
+from omkd.rpc.dispatch import DeferredReply, encode_error
 from omkd.rpc.framing import NEED_DATA, FrameDecoder, FrameTooLarge, Framing, encode_frame
 from omkd.rpc.outbox import Outbox
 from omkd.rpc.session import Session
@@ -99,6 +102,7 @@ class _Connection:
                     return False
                 data = await self._receive()
                 if data is None:
+                    await session.settle()  # a reply still to send after its COMMIT
                     return True
                 if data is _IDLE:
                     session.idle_abort()
@@ -106,6 +110,11 @@ class _Connection:
                     self.decoder.receive_data(data)
                 continue
             reply = await self.daemon.dispatcher.handle(message, session)
+            if isinstance(reply, DeferredReply):
+                # Nothing is held (only calls in a transaction are), and the next message
+                # waits for the COMMIT: the order of replies holds.
+                reply.commit.when_done(functools.partial(self._send_deferred, reply))
+                continue
             if reply is not None:
                 self._held.append(self._frame(reply))
                 self._held_bytes += len(self._held[-1])
@@ -174,11 +183,8 @@ class _Connection:
         # Nothing queued before it: straight into the socket's buffer, which nearly always
         # has room; trio's send_all (a trip through the scheduler, a cancel scope) only for
         # what does not fit.
-        try:
-            sent = os.write(self.fd, frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError:
+        sent = self._write_now(frame)
+        if sent is None:
             return False
         if sent == len(frame):
             return True
@@ -192,6 +198,27 @@ class _Connection:
             return False
         finally:
             self.sending.release()
+
+    def _write_now(self, frame: bytes) -> int | None:
+        """Write what the socket's buffer takes of ``frame``; None if the client is gone."""
+        try:
+            return os.write(self.fd, frame)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            return None
+
+    def _send_deferred(self, reply: DeferredReply) -> None:
+        # Called by the batch's leader once the COMMIT is done; must not block or raise.
+        if self.outbox.closed:  # the connection is ending: its socket may be closed
+            return
+        frame = self._frame(reply.resolve())
+        if self.outbox.queued_bytes or self.sending.locked():
+            self.outbox.force(frame)
+            return
+        sent = self._write_now(frame)
+        if sent is not None and sent < len(frame):
+            self.outbox.force(frame[sent:])  # the writer task sends the rest
 
     def _stall_timeout(self) -> float:
         # A client holding the write lock gets no longer than an idle transaction would.

@@ -8,14 +8,20 @@ reply. The same code serves the socket, the
 tests and the benchmarks. It imports nothing of trio: the session decides where work runs.
 
 Batches run their elements in order, one after another; replies come back in request order
-and notifications get none. An exception the error table does not know is logged with its
-traceback and answered as an internal error that says nothing of the daemon's insides.
+and notifications get none. A write that joined another session's group commit answers only
+once that COMMIT is done: ``handle`` returns it as a ``DeferredReply`` for the connection to
+send when the COMMIT is done, and every message waits for the session's last write to be
+committed before it runs (a session sees its own writes; replies keep their order).
+
+An exception the error table does not know is logged with its traceback and answered as an
+internal error that says nothing of the daemon's insides.
 """
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
 import msgspec
@@ -41,7 +47,7 @@ from omkd.rpc.errors import (
 from omkd.rpc.methods import METHODS, Access, Method, SessionFn, SessionLike
 from omkd_client.codes import ErrorCode
 
-__all__ = ["DispatchSession", "Dispatcher", "encode_error"]
+__all__ = ["DeferredReply", "DispatchSession", "Dispatcher", "PendingCommit", "encode_error"]
 
 log = logging.getLogger("omkd.rpc")
 
@@ -50,6 +56,15 @@ _ID_FIRST_BYTES: Final = frozenset(b'"-0123456789n')
 _FIELD_AT: Final = re.compile(r"at `\$\.([A-Za-z0-9_.\[\]]+)`")
 _FIELD_NAMED: Final = re.compile(r"field `([^`]+)`")
 _AT_BYTE: Final = re.compile(r"\(byte (\d+)\)")
+
+
+class PendingCommit(Protocol):
+    """A COMMIT still to come (the write gate's ``Commit``)."""
+
+    @property
+    def error(self) -> Exception | None: ...
+
+    def when_done(self, callback: Callable[[], None]) -> None: ...
 
 
 class DispatchSession(SessionLike, Protocol):
@@ -61,6 +76,29 @@ class DispatchSession(SessionLike, Protocol):
     def run_read(self, method: Method, params: Any) -> Any: ...
 
     async def run_write(self, method: Method, params: Any) -> Any: ...
+
+    def pending_commit(self) -> PendingCommit | None: ...
+
+    async def settle(self) -> None: ...
+
+
+class DeferredReply:
+    """The reply to a write whose COMMIT is still to come: send ``resolve()`` once it is
+    done (``commit.when_done``); it answers the batch's error if the COMMIT failed."""
+
+    __slots__ = ("_id", "_reply", "commit")
+
+    def __init__(self, commit: PendingCommit, reply: bytes, id: msgspec.Raw) -> None:
+        self.commit = commit
+        self._reply = reply
+        self._id = id
+
+    def resolve(self) -> bytes:
+        error = self.commit.error
+        if error is None:
+            return self._reply
+        code, text, data = error_body(error)
+        return encode_error(code, text, data, self._id)
 
 
 class _Envelope(msgspec.Struct, forbid_unknown_fields=True):
@@ -117,8 +155,11 @@ class Dispatcher:
         self._decoders = {m.name: msgspec.json.Decoder(m.params) for m in self.methods.values()}
         self._routes = {name: self._route(m) for name, m in self.methods.items()}
 
-    async def handle(self, message: bytes, session: DispatchSession) -> bytes | None:
+    async def handle(
+        self, message: bytes, session: DispatchSession
+    ) -> bytes | DeferredReply | None:
         """Answer one message (a request, a notification or a batch); None: no reply."""
+        await session.settle()
         if message.lstrip()[:1] != b"[":
             return await self._one(message, session)
         try:
@@ -135,10 +176,19 @@ class Dispatcher:
                 "an empty batch is not a request",
                 {"field": None, "detail": "the batch is empty"},
             )
-        replies = [r for item in items if (r := await self._one(item, session)) is not None]
+        replies: list[bytes] = []
+        for item in items:
+            reply = await self._one(item, session)
+            await session.settle()  # before the next element, and before answering
+            if isinstance(reply, DeferredReply):
+                reply = reply.resolve()
+            if reply is not None:
+                replies.append(reply)
         return b"[" + b",".join(replies) + b"]" if replies else None
 
-    async def _one(self, message: bytes | msgspec.Raw, session: DispatchSession) -> bytes | None:
+    async def _one(
+        self, message: bytes | msgspec.Raw, session: DispatchSession
+    ) -> bytes | DeferredReply | None:
         try:
             envelope = _ENVELOPE.decode(message)
             if envelope.jsonrpc != "2.0":
@@ -176,7 +226,9 @@ class Dispatcher:
             else:
                 message_text = failure.message
             return encode_error(failure.code, message_text, data, envelope.id)
-        return _ENCODER.encode(_Success("2.0", response._value.result, envelope.id))
+        reply = _ENCODER.encode(_Success("2.0", response._value.result, envelope.id))
+        pending = session.pending_commit()
+        return reply if pending is None else DeferredReply(pending, reply, envelope.id)
 
     def _route(self, method: Method) -> Any:
         decoder = self._decoders[method.name]

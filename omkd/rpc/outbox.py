@@ -29,6 +29,10 @@ class Outbox:
     def queued_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def _full(self) -> bool:
         # An empty outbox takes any frame, however large: a reply is never refused for size.
         return self._bytes >= self.limit_bytes and bool(self._frames)

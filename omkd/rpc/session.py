@@ -38,6 +38,7 @@ from omkd.rpc import params as P
 from omkd.rpc.errors import NoTransaction, TransactionAborted, TransactionActive
 from omkd.rpc.methods import Method
 from omkd.rpc.outbox import Outbox
+from omkd.rpc.writegate import Commit
 from omkd_client.records import EventRecord
 
 if TYPE_CHECKING:
@@ -86,6 +87,7 @@ class Session:
         self.outbox = outbox
         self.encode_frame = framing
         self.tx: db.Transaction | None = None
+        self._pending: Commit | None = None  # a write's batch whose COMMIT is to come
         self._aborted = False
         self._subscriptions: dict[int, _Subscription] = {}
         self._to_start: list[_Subscription] = []
@@ -110,13 +112,32 @@ class Session:
         return self._run_in_transaction(tx, method, params)
 
     async def run_write(self, method: Method, params: Any) -> Any:
+        """Run a write; its result stands once ``pending_commit()`` is None or done."""
         tx = self.tx
         if tx is not None:
             return self._run_in_transaction(tx, method, params)
-        result, committed_events = await self.daemon.gate.write(method, params, self)
+        result, committed_events, pending = await self.daemon.gate.write(method, params, self)
         if committed_events:
             self.daemon.events_committed()
+        self._pending = pending
         return result
+
+    def pending_commit(self) -> Commit | None:
+        """The COMMIT the last write waits for (it joined another session's batch), if
+        that is not done yet: its reply may go out only after it."""
+        pending = self._pending
+        if pending is None or pending.done.is_set():
+            return None
+        return pending
+
+    async def settle(self) -> None:
+        """Wait for the COMMIT of this session's last write, if it is still to come: the
+        dispatcher calls this before each call, so a session sees its own writes."""
+        pending = self._pending
+        if pending is not None:
+            if not pending.done.is_set():
+                await pending.done.wait()
+            self._pending = None
 
     def _run_in_transaction(self, tx: db.Transaction, method: Method, params: Any) -> Any:
         """Run a read or a write inside the session's transaction.

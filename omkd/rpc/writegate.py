@@ -12,18 +12,24 @@ each other lately, or the last batch had joiners), it then yields to the schedul
 single writes of other sessions that arrive meanwhile run inside the open batch, each in its
 own savepoint, instead of queueing for the gate. If one did, the batch waits on until every
 task that can run has run (trio's idle point: nothing runnable, no socket ready), at most
-``group_commit_window`` seconds; if none did, it commits at once. A write joins only while
+``group_commit_window`` seconds; if none did, it commits at once. While batches keep getting
+joiners, the next one waits for the idle point straight away. A write joins only while
 nobody is in line for the gate (a ``tx.begin`` or a write that found the gate taken), so
 arrival order holds. One COMMIT then serves them all, and each call answers only once that
-COMMIT is done, so an answered write is as durable as ever. A call that fails rolls back its
-own savepoint and leaves the others alone. If the COMMIT fails (or SQLite loses the
-transaction), every call of the batch answers the storage failure. A write when nobody else
-is writing waits for nothing: it is its own SQLite transaction.
+COMMIT is done, so an answered write is as durable as ever: a joiner's call returns at once
+with the batch as its ``Commit``, and its session holds the reply until the commit, sent by
+the leader's task through ``Commit.when_done`` (no wake-up of the joiner's task just to send
+it). A call that fails rolls back its own savepoint and leaves the others alone. If the
+COMMIT fails (or SQLite loses the transaction), every call of the batch answers the storage
+failure. A write when nobody else is writing waits for nothing: it is its own SQLite
+transaction.
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -37,16 +43,34 @@ if TYPE_CHECKING:
     from omkd.config import Config
     from omkd.rpc.methods import Method
 
-__all__ = ["WriteGate"]
+__all__ = ["Commit", "WriteGate"]
+
+log = logging.getLogger("omkd.writegate")
 
 
 @dataclass(eq=False)
-class _Batch:
+class Commit:
+    """A batch: one SQLite transaction shared by single writes, and its COMMIT to come."""
+
     tx: db.Transaction
     done: trio.Event = field(default_factory=trio.Event)
-    error: db.DbError | None = None
+    error: db.DbError | None = None  # set when the batch failed: every call answers it
     appends_events: bool = False
     calls: int = 0
+    _when_done: list[Callable[[], None]] = field(default_factory=list)
+
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Have ``callback`` called once the COMMIT is done or failed (``error`` tells),
+        from the leader's task, before ``done`` is set. It must not block or raise."""
+        self._when_done.append(callback)
+
+    def _finish(self) -> None:
+        for callback in self._when_done:
+            try:
+                callback()
+            except Exception:  # one joiner's bug must not leave the others unanswered
+                log.exception("callback after a group commit failed")
+        self.done.set()
 
 
 class WriteGate:
@@ -54,7 +78,7 @@ class WriteGate:
         self.db = database
         self.config = config
         self._gate = trio.Semaphore(1)  # trio hands a released unit to the longest waiter
-        self._batch: _Batch | None = None
+        self._batch: Commit | None = None
         self._waiting = 0  # writers in line for the gate: a batch takes no joiner past them
         # Are other sessions writing now? The last single write's session and time, when two
         # sessions last wrote close together, whether the last batch had joiners.
@@ -89,16 +113,21 @@ class WriteGate:
     def release(self) -> None:
         self._gate.release()
 
-    async def write(self, method: Method, params: Any, writer: object) -> tuple[Any, bool]:
+    async def write(
+        self, method: Method, params: Any, writer: object
+    ) -> tuple[Any, bool, Commit | None]:
         """Run a single write of ``writer`` (its session) and commit it, with others when
         they come together.
 
-        Returns (result, whether committed events may wait for subscribers). Raises the
-        call's own error, Busy, or the batch's StorageFailure.
+        Returns (result, whether committed events may wait for subscribers, the Commit still
+        to come when the call joined another session's batch: its result stands only once
+        that is done without error, and must not be answered before). Raises the call's own
+        error, Busy, or the batch's StorageFailure.
         """
         batch = self._batch
         if batch is not None and batch.error is None and not self._waiting:
-            return await self._join(batch, method, params)
+            # The leader commits; the caller waits for it (or has it send the reply).
+            return self._run(batch, method, params), False, batch
         # Several sessions are writing when two different ones wrote within the window of
         # each other lately; then a write leads a batch, else it goes alone (no wait).
         now = trio.current_time()
@@ -112,7 +141,7 @@ class WriteGate:
             return await self._lead(method, params)
         return await self._alone(method, params)
 
-    async def _alone(self, method: Method, params: Any) -> tuple[Any, bool]:
+    async def _alone(self, method: Method, params: Any) -> tuple[Any, bool, None]:
         # Nobody to group with: the call is its own transaction, without a savepoint.
         await self.acquire()
         try:
@@ -121,19 +150,12 @@ class WriteGate:
             self._gate.release()
         self.single_writes += 1
         self.commits += 1
-        return result, method.appends_events
+        return result, method.appends_events, None
 
-    async def _join(self, batch: _Batch, method: Method, params: Any) -> tuple[Any, bool]:
-        result = self._run(batch, method, params)
-        await batch.done.wait()
-        if batch.error is not None:
-            raise batch.error
-        return result, False  # the leader wakes the subscribers once for the whole batch
-
-    async def _lead(self, method: Method, params: Any) -> tuple[Any, bool]:
+    async def _lead(self, method: Method, params: Any) -> tuple[Any, bool, None]:
         await self.acquire()
         try:
-            batch = _Batch(self.db.transaction())
+            batch = Commit(self.db.transaction())
         except BaseException:
             self._gate.release()
             raise
@@ -153,23 +175,27 @@ class WriteGate:
             raise own_error
         if batch.error is not None:
             raise batch.error
-        return result, batch.appends_events
+        # The leader wakes the subscribers once for the whole batch.
+        return result, batch.appends_events, None
 
-    async def _gather_joiners(self, batch: _Batch) -> None:
+    async def _gather_joiners(self, batch: Commit) -> None:
         # One turn of the scheduler first: if no other write came meanwhile, nobody else is
-        # writing now, and the commit should not wait. Otherwise commit once every task that
-        # can run has run: the writes that arrived meanwhile have joined. Bounded, and
-        # shielded: a batch is never left half done.
-        calls_before = batch.calls
-        await trio.lowlevel.cancel_shielded_checkpoint()
-        self._grouping = batch.calls > calls_before
+        # writing now, and the commit should not wait. Otherwise (or at once while the
+        # batches before this one had joiners) commit once every task that can run has run:
+        # the writes that arrived meanwhile have joined. Bounded, and shielded: a batch is
+        # never left half done.
         if not self._grouping:
-            return
+            calls_before = batch.calls
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            self._grouping = batch.calls > calls_before
+            if not self._grouping:
+                return
         window = self.config.group_commit_window
         with trio.CancelScope(shield=True, deadline=trio.current_time() + window):
             await wait_all_tasks_blocked()  # trio's idle point (public, in trio.testing)
+        self._grouping = batch.calls > 1
 
-    def _run(self, batch: _Batch, method: Method, params: Any) -> Any:
+    def _run(self, batch: Commit, method: Method, params: Any) -> Any:
         try:
             result = method.run(batch.tx, params)  # type: ignore[arg-type]
         except db.StorageFailure as exc:
@@ -181,7 +207,7 @@ class WriteGate:
         self.single_writes += 1
         return result
 
-    def _commit(self, batch: _Batch) -> None:
+    def _commit(self, batch: Commit) -> None:
         try:
             if batch.error is None:
                 batch.tx.commit()
@@ -190,4 +216,4 @@ class WriteGate:
             batch.error = exc
         finally:
             self._gate.release()
-            batch.done.set()
+            batch._finish()
