@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from omkd import db
 from omkd.rpc.framing import Framing, encode_frame
@@ -385,3 +386,27 @@ async def test_a_joiner_reply_larger_than_the_socket_buffer_arrives_whole() -> N
         reply = await joiner.reply()
         assert reply["result"]["payload"] == payload
         await close([leader, joiner])
+
+
+async def test_writes_that_queued_behind_a_transaction_group_again_once_it_ends() -> None:
+    async with grouping_daemon() as (daemon, _):
+        holder, *writers = await clients(daemon, 5)
+        await holder.call("tx.begin")
+        counts: dict[str, int] = {}
+
+        async def writer(c: RawClient, n: int) -> None:
+            for i in range(40):
+                await c.call("event.append", goal_id="g1", kind=f"w{n}", payload=i)
+
+        async with trio.open_nursery() as nursery:
+            for n, c in enumerate(writers):
+                nursery.start_soon(writer, c, n)
+            await trio.testing.wait_all_tasks_blocked()  # every writer in line for the gate
+            counts["before"] = daemon.gate.commits
+            await holder.call("tx.commit")
+        writes = 4 * 40
+        commits = daemon.gate.commits - counts["before"]
+        # Writers that found the gate taken lead one batch each; then new writes join
+        # batches again (they used to keep queueing behind each other: one COMMIT a write).
+        assert commits <= writes // 2
+        await close([holder, *writers])

@@ -13,16 +13,19 @@ single writes of other sessions that arrive meanwhile run inside the open batch,
 own savepoint, instead of queueing for the gate. If one did, the batch waits on until every
 task that can run has run (trio's idle point: nothing runnable, no socket ready), at most
 ``group_commit_window`` seconds; if none did, it commits at once. While batches keep getting
-joiners, the next one waits for the idle point straight away. A write joins only while
-nobody is in line for the gate (a ``tx.begin`` or a write that found the gate taken), so
-arrival order holds. One COMMIT then serves them all, and each call answers only once that
-COMMIT is done, so an answered write is as durable as ever: a joiner's call returns at once
-with the batch as its ``Commit``, and its session holds the reply until the commit, sent by
-the leader's task through ``Commit.when_done`` (no wake-up of the joiner's task just to send
-it). A call that fails rolls back its own savepoint and leaves the others alone. If the
-COMMIT fails (or SQLite loses the transaction), every call of the batch answers the storage
-failure. A write when nobody else is writing waits for nothing: it is its own SQLite
-transaction.
+joiners, the next one waits for the idle point straight away. A write joins only while no
+``tx.begin`` is in line for the gate, so it never overtakes a transaction that came first.
+(Single writes that found the gate taken, behind a transaction, lead a batch each when
+their turn comes; newer writes join those batches rather than queue behind them, so group
+commit resumes as soon as the transaction ends.)
+
+One COMMIT then serves them all, and each call answers only once that COMMIT is done, so an
+answered write is as durable as ever: a joiner's call returns at once with the batch as its
+``Commit``, and its session holds the reply until the commit, sent by the leader's task
+through ``Commit.when_done`` (no wake-up of the joiner's task just to send it). A call that
+fails rolls back its own savepoint and leaves the others alone. If the COMMIT fails (or
+SQLite loses the transaction), every call of the batch answers the storage failure. A write
+when nobody else is writing waits for nothing: it is its own SQLite transaction.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class WriteGate:
         self.config = config
         self._gate = trio.Semaphore(1)  # trio hands a released unit to the longest waiter
         self._batch: Commit | None = None
-        self._waiting = 0  # writers in line for the gate: a batch takes no joiner past them
+        self._transactions_waiting = 0  # in line for the gate: a batch takes no joiner past
         # Are other sessions writing now? The last single write's session and time, when two
         # sessions last wrote close together, whether the last batch had joiners.
         self._last_writer: object = None
@@ -89,21 +92,25 @@ class WriteGate:
         self.single_writes = 0  # counters for tests and benchmarks
         self.commits = 0
 
-    async def acquire(self) -> None:
-        """Take the gate, waiting in line up to the lock timeout; raises Busy."""
+    async def acquire(self, *, transaction: bool = True) -> None:
+        """Take the gate, waiting in line up to the lock timeout; raises Busy.
+
+        ``transaction``: for a session's transaction (``tx.begin``), which single writes
+        must not overtake by joining a batch while it waits; False for a single write.
+        """
         try:
             self._gate.acquire_nowait()
             return
         except trio.WouldBlock:
             pass
         timeout = self.config.lock_timeout
-        self._waiting += 1
+        self._transactions_waiting += transaction
         try:
             with trio.move_on_after(timeout):
                 await self._gate.acquire()
                 return
         finally:
-            self._waiting -= 1
+            self._transactions_waiting -= transaction
         raise Busy(
             f"another session held the write lock for longer than the lock timeout "
             f"({timeout:g} s); retry, or raise --lock-timeout",
@@ -125,7 +132,7 @@ class WriteGate:
         error, Busy, or the batch's StorageFailure.
         """
         batch = self._batch
-        if batch is not None and batch.error is None and not self._waiting:
+        if batch is not None and batch.error is None and not self._transactions_waiting:
             # The leader commits; the caller waits for it (or has it send the reply).
             return self._run(batch, method, params), False, batch
         # Several sessions are writing when two different ones wrote within the window of
@@ -143,7 +150,7 @@ class WriteGate:
 
     async def _alone(self, method: Method, params: Any) -> tuple[Any, bool, None]:
         # Nobody to group with: the call is its own transaction, without a savepoint.
-        await self.acquire()
+        await self.acquire(transaction=False)
         try:
             result = method.run(self.db, params)  # type: ignore[arg-type]
         finally:
@@ -153,7 +160,7 @@ class WriteGate:
         return result, method.appends_events, None
 
     async def _lead(self, method: Method, params: Any) -> tuple[Any, bool, None]:
-        await self.acquire()
+        await self.acquire(transaction=False)
         try:
             batch = Commit(self.db.transaction())
         except BaseException:
