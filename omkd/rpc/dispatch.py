@@ -35,7 +35,6 @@ from omkd.rpc._jsonrpcserver import (
     Request,
     Success,
     call,
-    to_response,
 )
 from omkd.rpc.errors import (
     InvalidParams,
@@ -216,9 +215,9 @@ class Dispatcher:
             result = await call(request, _Call(session, envelope.params), route)
         if request.id is NOID:
             return None
-        response = to_response(request, result)
-        if isinstance(response, Left):  # MethodNotFound from jsonrpcserver, or one of ours
-            failure = response._error
+        # What jsonrpcserver's to_response would make of the result, without its copies.
+        if isinstance(result, Left):  # MethodNotFound from jsonrpcserver, or one of ours
+            failure = result._error
             data = None if failure.data is NODATA else failure.data
             if failure.code == ErrorCode.METHOD_NOT_FOUND:
                 message_text = f"method not found: {envelope.method}"
@@ -226,7 +225,7 @@ class Dispatcher:
             else:
                 message_text = failure.message
             return encode_error(failure.code, message_text, data, envelope.id)
-        reply = _ENCODER.encode(_Success("2.0", response._value.result, envelope.id))
+        reply = _ENCODER.encode(_Success("2.0", result._value.result, envelope.id))
         pending = session.pending_commit()
         return reply if pending is None else DeferredReply(pending, reply, envelope.id)
 
