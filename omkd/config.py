@@ -71,6 +71,11 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # runs on the event loop: during a 500 MB backup one at 10,000 pages stalled writers for
     # ~250 ms. 0: never.
     wal_autocheckpoint: int = 100_000
+    # WAL pages past which the background checkpoint, when writes went on during it, runs
+    # once more with writes held back (a few ms), so that the WAL starts over from its
+    # beginning instead of growing for as long as writes never pause; also the size the WAL
+    # file is cut back to when it starts over. 0: never hold writes back for it.
+    wal_restart_pages: int = 4096
     # Events fetched per query when feeding a subscription.
     page_size: int = 500
     # Pending connections the kernel may hold before accept().
@@ -95,7 +100,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("group_commit_window", "wal_autocheckpoint"):
+        for name in ("group_commit_window", "wal_autocheckpoint", "wal_restart_pages"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
 

@@ -50,6 +50,7 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
         ("checkpoint_interval = 0", "checkpoint_interval must be positive"),
         ("group_commit_window = -0.1", "group_commit_window must not be negative"),
         ("wal_autocheckpoint = -1", "wal_autocheckpoint must not be negative"),
+        ("wal_restart_pages = -1", "wal_restart_pages must not be negative"),
         ("this is not toml", "not valid TOML"),
     ],
 )

@@ -328,3 +328,44 @@ def _events_in_main_file(path: Path, tmp_path: Path) -> int:
         return 0
     finally:
         conn.close()
+
+
+def _wal_restarts(path: Path) -> int:
+    """The WAL header's checkpoint sequence number: SQLite adds 1 each time it starts the
+    WAL over from its beginning (0 when there is no WAL yet)."""
+    try:
+        with path.open("rb") as wal:
+            header = wal.read(16)
+    except FileNotFoundError:
+        return 0
+    return int.from_bytes(header[12:16], "big") if len(header) == 16 else 0
+
+
+async def test_the_wal_starts_over_while_writes_never_stop() -> None:
+    with short_tempdir() as directory:
+        overrides = {"checkpoint_interval": 0.02, "wal_autocheckpoint": 0, "wal_restart_pages": 64}
+        async with running_daemon(directory, **overrides) as daemon:
+            wal = Path(daemon.config.db_path + "-wal")
+            cs = [await RawClient.connect(daemon.config.socket_path) for _ in range(4)]
+            await cs[0].call("goal.create", **goal("g1"))
+            stop = trio.Event()
+            largest = 0
+
+            async def writer(c: RawClient) -> None:
+                while not stop.is_set():
+                    await c.call("event.append", goal_id="g1", kind="k", payload="p" * 200)
+
+            async with trio.open_nursery() as nursery:
+                for c in cs:
+                    nursery.start_soon(writer, c)
+                first = _wal_restarts(wal)
+                before = daemon.gate.commits
+                for _ in range(30):
+                    await trio.sleep(0.05)
+                    largest = max(largest, wal.stat().st_size)
+                stop.set()
+            # Each COMMIT adds at least two pages to the WAL: growing, it would pass this.
+            assert largest < (daemon.gate.commits - before) * 4096
+            assert _wal_restarts(wal) > first
+            for c in cs:
+                await c.aclose()

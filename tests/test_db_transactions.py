@@ -428,5 +428,27 @@ def test_wal_autocheckpoint_must_not_be_negative(tmp_path: Path) -> None:
         assert _pragma_of(db, "wal_autocheckpoint") == 1000  # SQLite's own default
 
 
+def test_wal_size_limit_cuts_the_wal_back_when_it_starts_over(
+    tmp_path: Path, make_goal: MakeGoal
+) -> None:
+    path = tmp_path / "t.db"
+    wal = Path(f"{path}-wal")
+    with pytest.raises(InvalidData):
+        Database.open(path, wal_size_limit=-1)
+    with Database.open(path, wal_autocheckpoint=0, wal_size_limit=16) as db:
+        assert _pragma_of(db, "journal_size_limit") == 16 * 4096  # pages of 4 KiB
+        db.goals.create(make_goal("g1"))
+        events = [EventInput(kind="k", payload="p" * 1000) for _ in range(2000)]
+        db.events.append_batch("g1", events)
+        grown = wal.stat().st_size
+        assert grown > 64 * 4096  # about 2 MB of events in the WAL
+        busy, log, done = db.checkpoint_concurrently()
+        assert busy == 0 and done == log
+        db.events.append("g1", "k", None)  # every frame checkpointed: the WAL starts over
+        assert wal.stat().st_size <= 16 * 4096 + 2 * 4120  # cut back, then one commit
+    with Database.open(path) as db:
+        assert _pragma_of(db, "journal_size_limit") == -1  # SQLite's default: never cut
+
+
 def _pragma_of(db: Database, name: str) -> object:
     return db._writer.raw.execute(f"PRAGMA {name}").fetchone()[0]

@@ -60,6 +60,8 @@ SET_FOREIGN_KEYS = "PRAGMA foreign_keys = ON"
 GET_FOREIGN_KEYS = "PRAGMA foreign_keys"
 SET_WAL = "PRAGMA journal_mode = WAL"
 SET_WAL_AUTOCHECKPOINT = "PRAGMA wal_autocheckpoint = {pages:d}"
+GET_PAGE_SIZE = "PRAGMA page_size"
+SET_JOURNAL_SIZE_LIMIT = "PRAGMA journal_size_limit = {size:d}"
 SET_QUERY_ONLY = "PRAGMA query_only = ON"
 SET_SYNCHRONOUS = {"NORMAL": "PRAGMA synchronous = NORMAL", "FULL": "PRAGMA synchronous = FULL"}
 SYNCHRONOUS_VALUES = {"NORMAL": 1, "FULL": 2}
@@ -185,6 +187,7 @@ class Database(_Repositories):
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         lock_timeout: float | None = None,
         wal_autocheckpoint: int | None = None,
+        wal_size_limit: int | None = None,
     ) -> Database:
         """Open (creating it and its directory if needed) and migrate the database at ``path``.
 
@@ -194,6 +197,8 @@ class Database(_Repositories):
         ``wal_autocheckpoint`` is the WAL size in pages past which a commit checkpoints
         (SQLite's default, 1000, when None; 0 never): raise it when something else calls
         :meth:`checkpoint_concurrently`, so that commits do not pay for checkpoints.
+        ``wal_size_limit``, in pages: when the WAL starts over, its file is cut back to this
+        size (SQLite's journal_size_limit; None: never cut).
 
         Raises InvalidData (bad option), SchemaTooNew, MigrationMismatch, MigrationFailed,
         Busy, StorageFailure (not a database, unwritable, ...). Nothing stays open on error.
@@ -215,6 +220,12 @@ class Database(_Repositories):
                 if wal_autocheckpoint < 0:
                     raise InvalidData("wal_autocheckpoint", "must not be negative")
                 writer.execute(SET_WAL_AUTOCHECKPOINT.format(pages=wal_autocheckpoint))
+            if wal_size_limit is not None:
+                if wal_size_limit < 0:
+                    raise InvalidData("wal_size_limit", "must not be negative")
+                page_size = writer.query_one(GET_PAGE_SIZE)
+                assert page_size is not None
+                writer.execute(SET_JOURNAL_SIZE_LIMIT.format(size=wal_size_limit * page_size[0]))
             applied = apply_migrations(writer, migrations)
             reader = connect(str(path))
             stack.callback(reader.close)
