@@ -110,9 +110,9 @@ async def test_writers_queue_behind_a_transaction_in_order(daemon: Daemon) -> No
         await trio.sleep(0.1)
         assert order == []  # all still waiting for the transaction
         await owner.call("tx.commit")
-    assert order == [0, 1, 2]
+    assert sorted(order) == [0, 1, 2]  # replies that come together are read in any order
     events = await owner.call("event.get_by_goal", goal_id="g1")
-    assert [e["payload"] for e in events] == [0, 0, 1, 2]
+    assert [e["payload"] for e in events] == [0, 0, 1, 2]  # written in arrival order
 
 
 async def test_lock_timeout_answers_busy(daemon: Daemon) -> None:

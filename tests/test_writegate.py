@@ -410,3 +410,22 @@ async def test_writes_that_queued_behind_a_transaction_group_again_once_it_ends(
         # batches again (they used to keep queueing behind each other: one COMMIT a write).
         assert commits <= writes // 2
         await close([holder, *writers])
+
+
+async def test_writes_in_line_behind_a_transaction_commit_together_in_arrival_order() -> None:
+    async with grouping_daemon() as (daemon, _):
+        holder, *writers = await clients(daemon, 6)
+        await holder.call("tx.begin")
+        for n, c in enumerate(writers):  # each in line before the next is sent
+            _send(c, _append_frame("g1", f"w{n}", n))
+            with trio.fail_after(10):
+                while len(daemon.gate._line) < n + 1:
+                    await trio.sleep(0.001)
+        before = daemon.gate.commits  # (a transaction's COMMIT is not counted)
+        await holder.call("tx.commit")
+        replies = [await c.reply() for c in writers]
+        assert [r["result"]["kind"] for r in replies] == [f"w{n}" for n in range(5)]
+        assert daemon.gate.commits - before == 1  # one batch: the first led, the rest joined
+        ids = [r["result"]["event_id"] for r in replies]
+        assert ids == sorted(ids)  # written in the order they came
+        await close([holder, *writers])

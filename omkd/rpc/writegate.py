@@ -1,7 +1,7 @@
 """The write gate: one writer at a time, in arrival order, with group commit of single writes.
 
-Theory of operation. SQLite has one writer; so does the daemon. The gate is a fair FIFO
-semaphore of one: a session's transaction holds it from ``tx.begin`` to its end, and a
+Theory of operation. SQLite has one writer; so does the daemon. The gate is a lock with a
+line in arrival order: a session's transaction holds it from ``tx.begin`` to its end, and a
 single write (a write call outside a transaction) holds it for one SQLite transaction. A
 writer that has not had it within the lock timeout answers Busy.
 
@@ -13,11 +13,12 @@ single writes of other sessions that arrive meanwhile run inside the open batch,
 own savepoint, instead of queueing for the gate. If one did, the batch waits on until every
 task that can run has run (trio's idle point: nothing runnable, no socket ready), at most
 ``group_commit_window`` seconds; if none did, it commits at once. While batches keep getting
-joiners, the next one waits for the idle point straight away. A write joins only while no
-``tx.begin`` is in line for the gate, so it never overtakes a transaction that came first.
-(Single writes that found the gate taken, behind a transaction, lead a batch each when
-their turn comes; newer writes join those batches rather than queue behind them, so group
-commit resumes as soon as the transaction ends.)
+joiners, the next one waits for the idle point straight away. A write joins at once only
+while nobody is in line for the gate; otherwise it gets in line, so nothing overtakes a
+``tx.begin`` or a write that came first. Single writes in line get their turn together:
+the first of them opens a batch, and each that runs in it lets in the next, up to the next
+``tx.begin`` in line, so group commit resumes as soon as a transaction ends, in arrival
+order.
 
 One COMMIT then serves them all, and each call answers only once that COMMIT is done, so an
 answered write is as durable as ever: a joiner's call returns at once with the batch as its
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -60,6 +62,7 @@ class Commit:
     error: db.DbError | None = None  # set when the batch failed: every call answers it
     appends_events: bool = False
     calls: int = 0
+    admitted: int = 0  # single writes let in from the line
     _when_done: list[Callable[[], None]] = field(default_factory=list)
 
     def when_done(self, callback: Callable[[], None]) -> None:
@@ -76,13 +79,23 @@ class Commit:
         self.done.set()
 
 
+@dataclass(eq=False)
+class _Waiter:
+    """One writer in line for the gate."""
+
+    transaction: bool  # a tx.begin: the batch before it takes nobody from behind it
+    turn: trio.Event = field(default_factory=trio.Event)
+    served: bool = False  # out of the line: holds the gate, or has ``batch`` to join
+    batch: Commit | None = None
+
+
 class WriteGate:
     def __init__(self, database: db.Database, config: Config) -> None:
         self.db = database
         self.config = config
-        self._gate = trio.Semaphore(1)  # trio hands a released unit to the longest waiter
+        self._held = False
+        self._line: deque[_Waiter] = deque()  # arrival order
         self._batch: Commit | None = None
-        self._transactions_waiting = 0  # in line for the gate: a batch takes no joiner past
         # Are other sessions writing now? The last single write's session and time, when two
         # sessions last wrote close together, whether the last batch had joiners.
         self._last_writer: object = None
@@ -92,33 +105,53 @@ class WriteGate:
         self.single_writes = 0  # counters for tests and benchmarks
         self.commits = 0
 
-    async def acquire(self, *, transaction: bool = True) -> None:
-        """Take the gate, waiting in line up to the lock timeout; raises Busy.
+    async def acquire(self) -> None:
+        """Take the gate for a transaction, waiting in line up to the lock timeout; raises
+        Busy."""
+        await self._take(transaction=True)
 
-        ``transaction``: for a session's transaction (``tx.begin``), which single writes
-        must not overtake by joining a batch while it waits; False for a single write.
-        """
-        try:
-            self._gate.acquire_nowait()
+    def release(self) -> None:
+        """Hand the gate to the first in line, or leave it free."""
+        if not self._line:
+            self._held = False
             return
-        except trio.WouldBlock:
-            pass
+        first = self._line.popleft()
+        first.served = True
+        first.turn.set()  # it holds the gate now
+
+    async def _take(self, *, transaction: bool) -> Commit | None:
+        """Take the gate (None), or for a single write in line, a batch to join that the
+        single write ahead of it opened. Raises Busy after the lock timeout."""
+        if not self._held and not self._line:
+            self._held = True
+            return None
+        waiter = _Waiter(transaction)
+        self._line.append(waiter)
         timeout = self.config.lock_timeout
-        self._transactions_waiting += transaction
         try:
             with trio.move_on_after(timeout):
-                await self._gate.acquire()
-                return
+                await waiter.turn.wait()
         finally:
-            self._transactions_waiting -= transaction
+            if not waiter.served:  # timed out or cancelled: out of the line
+                self._line.remove(waiter)
+        if waiter.served:
+            return waiter.batch
         raise Busy(
             f"another session held the write lock for longer than the lock timeout "
             f"({timeout:g} s); retry, or raise --lock-timeout",
             {"lock_timeout_s": timeout},
         )
 
-    def release(self) -> None:
-        self._gate.release()
+    def _admit_next(self, batch: Commit) -> None:
+        # The single write first in line joins the batch, and lets in the next once its call
+        # ran: one after another, in arrival order.
+        line = self._line
+        if line and not line[0].transaction and batch is self._batch and batch.error is None:
+            waiter = line.popleft()
+            waiter.served = True
+            waiter.batch = batch
+            batch.admitted += 1
+            waiter.turn.set()
 
     async def write(
         self, method: Method, params: Any, writer: object
@@ -131,8 +164,8 @@ class WriteGate:
         that is done without error, and must not be answered before). Raises the call's own
         error, Busy, or the batch's StorageFailure.
         """
-        batch = self._batch
-        if batch is not None and batch.error is None and not self._transactions_waiting:
+        batch = self._joinable()
+        if batch is not None:
             # The leader commits; the caller waits for it (or has it send the reply).
             return self._run(batch, method, params), False, batch
         # Several sessions are writing when two different ones wrote within the window of
@@ -144,29 +177,44 @@ class WriteGate:
                 self._several_at = now
             self._last_writer = writer
         self._last_write_at = now
-        if self._grouping or now - self._several_at < window:
+        group = self._grouping or now - self._several_at < window
+        batch = await self._take(transaction=False)
+        if batch is not None:  # let in from the line, into the batch of the writes ahead
+            if batch is not self._batch or batch.error is not None:
+                return await self.write(method, params, writer)  # it committed without us
+            try:
+                return self._run(batch, method, params), False, batch
+            finally:
+                self._admit_next(batch)
+        if group:
             return await self._lead(method, params)
-        return await self._alone(method, params)
+        return self._alone(method, params)
 
-    async def _alone(self, method: Method, params: Any) -> tuple[Any, bool, None]:
+    def _joinable(self) -> Commit | None:
+        batch = self._batch
+        if batch is None or batch.error is not None or self._line:
+            return None
+        return batch
+
+    def _alone(self, method: Method, params: Any) -> tuple[Any, bool, None]:
         # Nobody to group with: the call is its own transaction, without a savepoint.
-        await self.acquire(transaction=False)
         try:
             result = method.run(self.db, params)  # type: ignore[arg-type]
         finally:
-            self._gate.release()
+            self.release()
         self.single_writes += 1
         self.commits += 1
         return result, method.appends_events, None
 
     async def _lead(self, method: Method, params: Any) -> tuple[Any, bool, None]:
-        await self.acquire(transaction=False)
+        # Holds the gate.
         try:
             batch = Commit(self.db.transaction())
         except BaseException:
-            self._gate.release()
+            self.release()
             raise
         self._batch = batch
+        self._admit_next(batch)
         own_error: Exception | None = None
         try:
             try:
@@ -191,7 +239,7 @@ class WriteGate:
         # batches before this one had joiners) commit once every task that can run has run:
         # the writes that arrived meanwhile have joined. Bounded, and shielded: a batch is
         # never left half done.
-        if not self._grouping:
+        if not self._grouping and not batch.admitted:
             calls_before = batch.calls
             await trio.lowlevel.cancel_shielded_checkpoint()
             self._grouping = batch.calls > calls_before
@@ -222,5 +270,5 @@ class WriteGate:
         except db.DbError as exc:
             batch.error = exc
         finally:
-            self._gate.release()
+            self.release()
             batch._finish()
