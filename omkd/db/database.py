@@ -398,6 +398,7 @@ class _DatabaseScope:
 
     def __init__(self, db: Database) -> None:
         self._db = db
+        self._own_transaction = _OwnTransaction(db)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Conn]:
@@ -406,19 +407,42 @@ class _DatabaseScope:
             db._check_open()
             yield db._reader
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[Conn]:
+    def write(self) -> _OwnTransaction:
+        return self._own_transaction
+
+
+class _OwnTransaction:
+    """A write call outside a transaction: the write lock, and a SQLite transaction of its
+    own, committed when the call succeeds. (A class, not a generator, like _Savepoint.)"""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __enter__(self) -> Conn:
         db = self._db
         db._acquire_write(db._lock_timeout)
         try:
             conn = db._writer
             conn.execute(BEGIN)
-            try:
-                yield conn
-            except BaseException:
-                rollback_quietly(conn)
-                raise
-            _commit(conn)
+        except BaseException:
+            db._write_lock.release()
+            raise
+        return conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        db = self._db
+        try:
+            if exc is not None:
+                rollback_quietly(db._writer)
+                return
+            _commit(db._writer)
         finally:
             db._write_lock.release()
 
@@ -524,6 +548,7 @@ class _TransactionScope:
 
     def __init__(self, tx: Transaction) -> None:
         self._tx = tx
+        self._savepoint = _Savepoint(tx)
 
     @contextlib.contextmanager
     def read(self) -> Iterator[Conn]:
@@ -536,26 +561,56 @@ class _TransactionScope:
                     raise tx._lose(exc) from exc
                 raise
 
-    @contextlib.contextmanager
-    def write(self) -> Iterator[Conn]:
+    def write(self) -> _Savepoint:
+        return self._savepoint
+
+
+class _Savepoint:
+    """A write call inside a transaction: holds the transaction's lock, and runs in a
+    savepoint that the call's failure rolls back. (A class, not a generator: this is on the
+    path of every write in a transaction, group commits included.)"""
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    def __enter__(self) -> Conn:
         tx = self._tx
-        with tx._use() as conn:
+        tx._lock.acquire()
+        try:
+            if not tx._active:
+                raise TransactionClosed()
+            conn = tx._conn
             try:
                 conn.execute(SAVEPOINT)
             except DbError as exc:
                 if not conn.raw.in_transaction:
                     raise tx._lose(exc) from exc
                 raise
+        except BaseException:
+            tx._lock.release()
+            raise
+        return conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tx = self._tx
+        try:
+            if exc is not None:
+                tx._undo_call(exc)  # raises StorageFailure if the transaction is gone
+                return  # the call's own error goes on
             try:
-                yield conn
-            except BaseException as exc:
-                tx._undo_call(exc)
+                tx._conn.execute(RELEASE)
+            except DbError as error:
+                tx._undo_call(error)
                 raise
-            try:
-                conn.execute(RELEASE)
-            except DbError as exc:
-                tx._undo_call(exc)
-                raise
+        finally:
+            tx._lock.release()
 
 
 def migrate(path: str | os.PathLike[str], *, migrations_dir: Path | None = None) -> list[Migration]:
