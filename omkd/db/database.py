@@ -397,18 +397,34 @@ class _DatabaseScope:
     """Reads on the reader; each write its own transaction on the writer."""
 
     def __init__(self, db: Database) -> None:
-        self._db = db
+        self._read = _Read(db)
         self._own_transaction = _OwnTransaction(db)
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Conn]:
-        db = self._db
-        with db._read_lock:
-            db._check_open()
-            yield db._reader
+    def read(self) -> _Read:
+        return self._read
 
     def write(self) -> _OwnTransaction:
         return self._own_transaction
+
+
+class _Read:
+    """A read call outside a transaction: the reader connection, one thread at a time."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __enter__(self) -> Conn:
+        db = self._db
+        db._read_lock.acquire()
+        if db._closed:
+            db._read_lock.release()
+            raise DatabaseClosed()
+        return db._reader
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._db._read_lock.release()
 
 
 class _OwnTransaction:
@@ -547,22 +563,45 @@ class _TransactionScope:
     """Reads and writes on the writer, inside the transaction; each call a savepoint."""
 
     def __init__(self, tx: Transaction) -> None:
-        self._tx = tx
+        self._read = _ReadInTransaction(tx)
         self._savepoint = _Savepoint(tx)
 
-    @contextlib.contextmanager
-    def read(self) -> Iterator[Conn]:
-        tx = self._tx
-        with tx._use() as conn:
-            try:
-                yield conn
-            except BaseException as exc:
-                if not conn.raw.in_transaction:
-                    raise tx._lose(exc) from exc
-                raise
+    def read(self) -> _ReadInTransaction:
+        return self._read
 
     def write(self) -> _Savepoint:
         return self._savepoint
+
+
+class _ReadInTransaction:
+    """A read call inside a transaction: holds the transaction's lock; a failure that cost
+    the transaction (SQLite rolled it back) ends it."""
+
+    __slots__ = ("_tx",)
+
+    def __init__(self, tx: Transaction) -> None:
+        self._tx = tx
+
+    def __enter__(self) -> Conn:
+        tx = self._tx
+        tx._lock.acquire()
+        if not tx._active:
+            tx._lock.release()
+            raise TransactionClosed()
+        return tx._conn
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        tx = self._tx
+        try:
+            if exc is not None and not tx._conn.raw.in_transaction:
+                raise tx._lose(exc) from exc
+        finally:
+            tx._lock.release()
 
 
 class _Savepoint:
