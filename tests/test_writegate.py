@@ -429,3 +429,54 @@ async def test_writes_in_line_behind_a_transaction_commit_together_in_arrival_or
         ids = [r["result"]["event_id"] for r in replies]
         assert ids == sorted(ids)  # written in the order they came
         await close([holder, *writers])
+
+
+async def test_single_writes_transactions_and_wal_restarts_together_lose_nothing() -> None:
+    # Everything that takes the gate at once: single writes (grouped), transactions that
+    # commit or roll back, and the WAL restart holding it in between.
+    with short_tempdir() as directory:
+        overrides = {"checkpoint_interval": 0.01, "wal_restart_pages": 16}
+        async with running_daemon(directory, **overrides) as daemon:
+            creator = await RawClient.connect(daemon.config.socket_path)
+            await creator.call("goal.create", **goal("g1"))
+            acknowledged: list[str] = []
+            rolled_back: list[str] = []
+
+            async def single(n: int) -> None:
+                c = await RawClient.connect(daemon.config.socket_path)
+                for i in range(60):
+                    kind = f"s{n}.{i}"
+                    await c.call("event.append", goal_id="g1", kind=kind, payload=i)
+                    acknowledged.append(kind)
+                await c.aclose()
+
+            async def transactional(n: int) -> None:
+                c = await RawClient.connect(daemon.config.socket_path)
+                for i in range(15):
+                    await c.call("tx.begin")
+                    kinds = [f"t{n}.{i}.{j}" for j in range(3)]
+                    for kind in kinds:
+                        await c.call("event.append", goal_id="g1", kind=kind, payload=i)
+                    if i % 3 == 2:
+                        await c.call("tx.rollback")
+                        rolled_back.extend(kinds)
+                    else:
+                        await c.call("tx.commit")
+                        acknowledged.extend(kinds)
+                await c.aclose()
+
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    for n in range(6):
+                        nursery.start_soon(single, n)
+                    for n in range(2):
+                        nursery.start_soon(transactional, n)
+            events = await creator.call("event.get_by_goal", goal_id="g1", limit=10_000)
+            stored = [e["kind"] for e in events]
+            assert sorted(stored) == sorted(acknowledged)  # nothing lost, nothing rolled back
+            assert not set(stored) & set(rolled_back)
+            for n in range(6):  # each session's writes in its own order
+                mine = [int(k.split(".")[1]) for k in stored if k.startswith(f"s{n}.")]
+                assert mine == list(range(60))
+            assert daemon.gate.commits < daemon.gate.single_writes  # they did group
+            await creator.aclose()
