@@ -21,6 +21,7 @@ write on the Database itself: it would wait for its own lock (until ``lock_timeo
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import uuid
@@ -126,22 +127,37 @@ def _commit(conn: Conn) -> None:
 
 class _Repositories:
     """The six repositories, the same on a Database and on a Transaction: only the scope
-    (each call its own transaction, or inside one) differs."""
+    (each call its own transaction, or inside one) differs. Each is made on first use: a
+    group commit's Transaction mostly needs one."""
 
-    goals: GoalRepository
-    tasks: TaskRepository
-    events: EventRepository
-    proofs: ProofRepository
-    budgets: BudgetRepository
-    artifacts: ArtifactRepository
+    _scope: Scope
 
     def _bind_repositories(self, scope: Scope) -> None:
-        self.goals = GoalRepository(scope)
-        self.tasks = TaskRepository(scope)
-        self.events = EventRepository(scope)
-        self.proofs = ProofRepository(scope)
-        self.budgets = BudgetRepository(scope)
-        self.artifacts = ArtifactRepository(scope)
+        self._scope = scope
+
+    @functools.cached_property
+    def goals(self) -> GoalRepository:
+        return GoalRepository(self._scope)
+
+    @functools.cached_property
+    def tasks(self) -> TaskRepository:
+        return TaskRepository(self._scope)
+
+    @functools.cached_property
+    def events(self) -> EventRepository:
+        return EventRepository(self._scope)
+
+    @functools.cached_property
+    def proofs(self) -> ProofRepository:
+        return ProofRepository(self._scope)
+
+    @functools.cached_property
+    def budgets(self) -> BudgetRepository:
+        return BudgetRepository(self._scope)
+
+    @functools.cached_property
+    def artifacts(self) -> ArtifactRepository:
+        return ArtifactRepository(self._scope)
 
 
 class Database(_Repositories):
