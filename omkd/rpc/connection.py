@@ -98,7 +98,7 @@ class _Connection:
                 self._refuse_oversize(exc)
                 return True
             if message is NEED_DATA:
-                if not await self._flush():
+                if self._held and not await self._flush():
                     return False
                 data = await self._receive()
                 if data is None:
@@ -127,7 +127,7 @@ class _Connection:
                 and self.decoder.has_message()
             ):
                 continue
-            if not await self._flush():
+            if self._held and not await self._flush():
                 return False
             session.start_pending()
 
