@@ -480,3 +480,25 @@ async def test_single_writes_transactions_and_wal_restarts_together_lose_nothing
                 assert mine == list(range(60))
             assert daemon.gate.commits < daemon.gate.single_writes  # they did group
             await creator.aclose()
+
+
+async def test_a_writer_cancelled_as_its_turn_comes_passes_the_gate_on() -> None:
+    with short_tempdir() as directory:
+        async with running_daemon(directory, lock_timeout=2) as daemon:
+            gate = daemon.gate
+            await gate.acquire()
+            cancelled = trio.CancelScope()
+
+            async def waiter() -> None:
+                with cancelled:
+                    await gate.acquire()
+                    gate.release()  # not reached: cancelled while in line
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()  # in line
+                cancelled.cancel()  # its task is woken with Cancelled...
+                gate.release()  # ...and handed the gate before it runs
+            with trio.fail_after(1):  # the gate is free again, not held by nobody
+                await gate.acquire()
+            gate.release()

@@ -131,11 +131,17 @@ class WriteGate:
         try:
             with trio.move_on_after(timeout):
                 await waiter.turn.wait()
-        finally:
-            if not waiter.served:  # timed out or cancelled: out of the line
+        except BaseException:  # cancelled from outside (the connection or the daemon ends)
+            if not waiter.served:
                 self._line.remove(waiter)
-        if waiter.served:
+            elif waiter.batch is None:  # handed the gate as the cancellation came: pass it on
+                self.release()
+            else:
+                self._admit_next(waiter.batch)
+            raise
+        if waiter.served:  # (possibly just as the lock timeout came)
             return waiter.batch
+        self._line.remove(waiter)
         raise Busy(
             f"another session held the write lock for longer than the lock timeout "
             f"({timeout:g} s); retry, or raise --lock-timeout",
