@@ -21,13 +21,13 @@ write on the Database itself: it would wait for its own lock (until ``lock_timeo
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Generic, TypeVar, overload
 
 from omkd.db._conn import Conn, Row, Scope, connect, connect_read_only, rollback_quietly
 from omkd.db.artifacts import ArtifactRepository
@@ -125,39 +125,48 @@ def _commit(conn: Conn) -> None:
         ) from exc
 
 
+_Repo = TypeVar("_Repo")
+
+
+class _Repository(Generic[_Repo]):
+    """A repository attribute, made from the instance's scope on first use and then kept in
+    the instance (a group commit's Transaction mostly needs one of the six)."""
+
+    def __init__(self, make: Callable[[Scope], _Repo]) -> None:
+        self._make = make
+        self._name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type) -> _Repository[_Repo]: ...
+
+    @overload
+    def __get__(self, instance: _Repositories, owner: type) -> _Repo: ...
+
+    def __get__(self, instance: _Repositories | None, owner: type) -> _Repository[_Repo] | _Repo:
+        if instance is None:
+            return self
+        repository = self._make(instance._scope)
+        instance.__dict__[self._name] = repository  # found before this descriptor next time
+        return repository
+
+
 class _Repositories:
     """The six repositories, the same on a Database and on a Transaction: only the scope
-    (each call its own transaction, or inside one) differs. Each is made on first use: a
-    group commit's Transaction mostly needs one."""
+    (each call its own transaction, or inside one) differs."""
 
     _scope: Scope
+    goals = _Repository(GoalRepository)
+    tasks = _Repository(TaskRepository)
+    events = _Repository(EventRepository)
+    proofs = _Repository(ProofRepository)
+    budgets = _Repository(BudgetRepository)
+    artifacts = _Repository(ArtifactRepository)
 
     def _bind_repositories(self, scope: Scope) -> None:
         self._scope = scope
-
-    @functools.cached_property
-    def goals(self) -> GoalRepository:
-        return GoalRepository(self._scope)
-
-    @functools.cached_property
-    def tasks(self) -> TaskRepository:
-        return TaskRepository(self._scope)
-
-    @functools.cached_property
-    def events(self) -> EventRepository:
-        return EventRepository(self._scope)
-
-    @functools.cached_property
-    def proofs(self) -> ProofRepository:
-        return ProofRepository(self._scope)
-
-    @functools.cached_property
-    def budgets(self) -> BudgetRepository:
-        return BudgetRepository(self._scope)
-
-    @functools.cached_property
-    def artifacts(self) -> ArtifactRepository:
-        return ArtifactRepository(self._scope)
 
 
 class Database(_Repositories):
@@ -285,13 +294,7 @@ class Database(_Repositories):
         Waits for the write lock up to ``timeout`` seconds (default: the Database's
         lock_timeout; None waits as long as it takes). Raises Busy, DatabaseClosed.
         """
-        self._acquire_write(self._lock_timeout if timeout is None else timeout)
-        try:
-            self._writer.execute(BEGIN)
-        except BaseException:
-            self._write_lock.release()
-            raise
-        tx = Transaction(self, self._writer)
+        tx = Transaction(self, self._begin(self._lock_timeout if timeout is None else timeout))
         self._transaction = tx
         return tx
 
@@ -392,6 +395,16 @@ class Database(_Repositories):
         if self._closed:
             raise DatabaseClosed()
 
+    def _begin(self, timeout: float | None) -> Conn:
+        """Take the write lock and begin a transaction on the writer; return the writer."""
+        self._acquire_write(timeout)
+        try:
+            self._writer.execute(BEGIN)
+        except BaseException:
+            self._write_lock.release()
+            raise
+        return self._writer
+
     def _acquire_write(self, timeout: float | None) -> None:
         """Take the write lock, waiting up to ``timeout`` s (None: forever); Busy if not had."""
         if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
@@ -453,15 +466,7 @@ class _OwnTransaction:
         self._db = db
 
     def __enter__(self) -> Conn:
-        db = self._db
-        db._acquire_write(db._lock_timeout)
-        try:
-            conn = db._writer
-            conn.execute(BEGIN)
-        except BaseException:
-            db._write_lock.release()
-            raise
-        return conn
+        return self._db._begin(self._db._lock_timeout)
 
     def __exit__(
         self,
@@ -545,10 +550,20 @@ class Transaction(_Repositories):
 
     @contextlib.contextmanager
     def _use(self) -> Iterator[Conn]:
-        with self._lock:
-            if not self._active:
-                raise TransactionClosed()
-            yield self._conn
+        conn = self._hold()
+        try:
+            yield conn
+        finally:
+            self._lock.release()
+
+    def _hold(self) -> Conn:
+        """Take the transaction's lock for one call (the caller releases it); raises
+        TransactionClosed, without the lock, if the transaction has ended."""
+        self._lock.acquire()
+        if not self._active:
+            self._lock.release()
+            raise TransactionClosed()
+        return self._conn
 
     def _finish(self) -> None:
         self._active = False
@@ -599,12 +614,7 @@ class _ReadInTransaction:
         self._tx = tx
 
     def __enter__(self) -> Conn:
-        tx = self._tx
-        tx._lock.acquire()
-        if not tx._active:
-            tx._lock.release()
-            raise TransactionClosed()
-        return tx._conn
+        return self._tx._hold()
 
     def __exit__(
         self,
@@ -632,19 +642,15 @@ class _Savepoint:
 
     def __enter__(self) -> Conn:
         tx = self._tx
-        tx._lock.acquire()
+        conn = tx._hold()
         try:
-            if not tx._active:
-                raise TransactionClosed()
-            conn = tx._conn
-            try:
-                conn.execute(SAVEPOINT)
-            except DbError as exc:
-                if not conn.raw.in_transaction:
-                    raise tx._lose(exc) from exc
-                raise
-        except BaseException:
+            conn.execute(SAVEPOINT)
+        except BaseException as exc:
+            lost = isinstance(exc, DbError) and not conn.raw.in_transaction
+            error = tx._lose(exc) if lost else None  # SQLite rolled the transaction back
             tx._lock.release()
+            if error is not None:
+                raise error from exc
             raise
         return conn
 
