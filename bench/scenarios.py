@@ -615,7 +615,9 @@ def backup_under_writers(bench: Bench) -> None:
             bench, mode, target, goals, until_file=stop, during=during
         )
         dest.unlink(missing_ok=True)
-        inside = [lat for s, lat in calls if begin <= s < end]
+        # Calls that overlap the backup: one stalled across all of it counts too (a short
+        # backup could otherwise see no call start, with every writer in the busy handler).
+        inside = [lat for s, lat in calls if s < end and s + lat > begin]
         earlier = [lat for s, lat in calls if s < begin]
         summary = latency_summary(inside, end - begin)
         variant = "omkd" if mode == "omkd" else "direct"
