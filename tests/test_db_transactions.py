@@ -107,6 +107,23 @@ def test_failing_call_changes_nothing_and_keeps_the_transaction(
     assert len(db.events.get_by_goal("g1")) == 1
 
 
+def test_failing_lone_append_leaves_nothing_and_frees_the_lock(
+    db: Database, make_goal: MakeGoal
+) -> None:
+    # An append outside a transaction is one statement in SQLite's own transaction.
+    db.goals.create(make_goal("g1"))
+    with pytest.raises(GoalNotFound):
+        db.events.append("missing", "k", 1)
+    with pytest.raises(InvalidData):
+        db.events.append("g1", "k", object())
+    assert db.events.get_by_goal("g1") == []
+    assert not db.transaction_active
+    with db.transaction(timeout=0.05) as tx:  # the write lock is free
+        tx.events.append("g1", "k", 1)
+    assert db.events.append("g1", "k", 2).event_id == 2
+    assert [e.payload for e in db.events.get_by_goal("g1")] == [1, 2]
+
+
 def test_transaction_spans_threads(db: Database, make_goal: MakeGoal) -> None:
     tx = db.transaction()
     tx.goals.create(make_goal("g1"))

@@ -197,9 +197,12 @@ async def test_a_session_that_never_blocks_delays_a_commit_by_the_window_only() 
 
 
 async def test_a_failing_write_leaves_the_rest_of_its_batch(daemon: Daemon) -> None:
-    cs = await clients(daemon, 4)
+    # A failing goal.create (its savepoint rolled back) and a failing event.append (one
+    # statement, undone by SQLite itself) in batches with good appends.
+    cs = await clients(daemon, 5)
     await cs[0].call("goal.create", **goal("g1"))
     errors: list[int] = []
+    missing: list[int] = []
 
     async def appender(c: RawClient) -> None:
         for i in range(40):
@@ -209,11 +212,18 @@ async def test_a_failing_write_leaves_the_rest_of_its_batch(daemon: Daemon) -> N
         for _ in range(40):
             errors.append((await c.error("goal.create", **goal("g1")))["code"])
 
+    async def stray(c: RawClient) -> None:
+        for i in range(40):
+            error = await c.error("event.append", goal_id="nope", kind="k", payload=i)
+            missing.append(error["code"])
+
     async with trio.open_nursery() as nursery:
         for c in cs[:3]:
             nursery.start_soon(appender, c)
         nursery.start_soon(conflicter, cs[3])
+        nursery.start_soon(stray, cs[4])
     assert errors == [ErrorCode.CONFLICT] * 40
+    assert missing == [ErrorCode.NOT_FOUND] * 40
     assert len(await cs[0].call("event.get_by_goal", goal_id="g1")) == 120
     await close(cs)
 

@@ -217,11 +217,17 @@ class Conn:
 
 
 class Scope(Protocol):
-    """Where a repository's calls run: ``read()`` and ``write()`` yield the connection.
+    """Where a repository's calls run: ``read()``, ``write()`` and ``statement()`` yield the
+    connection.
 
-    A write block is atomic: it all happens or, on an exception, none of it does.
+    A write block is atomic: it all happens or, on an exception, none of it does. A
+    ``statement()`` block is a write of exactly one statement that ``execute`` runs to its
+    end (no RETURNING): SQLite makes one statement atomic by itself, so it needs neither a
+    savepoint inside a transaction nor BEGIN and COMMIT outside one.
     """
 
     def read(self) -> AbstractContextManager[Conn]: ...
 
     def write(self) -> AbstractContextManager[Conn]: ...
+
+    def statement(self) -> AbstractContextManager[Conn]: ...

@@ -428,12 +428,16 @@ class _DatabaseScope:
     def __init__(self, db: Database) -> None:
         self._read = _Read(db)
         self._own_transaction = _OwnTransaction(db)
+        self._autocommit = _Autocommit(db)
 
     def read(self) -> _Read:
         return self._read
 
     def write(self) -> _OwnTransaction:
         return self._own_transaction
+
+    def statement(self) -> _Autocommit:
+        return self._autocommit
 
 
 class _Read:
@@ -482,6 +486,24 @@ class _OwnTransaction:
             _commit(db._writer)
         finally:
             db._write_lock.release()
+
+
+class _Autocommit:
+    """A write of one statement outside a transaction: the write lock, and SQLite's own
+    transaction around the statement (no BEGIN and COMMIT of ours)."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def __enter__(self) -> Conn:
+        db = self._db
+        db._acquire_write(db._lock_timeout)
+        return db._writer
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._db._write_lock.release()
 
 
 class Transaction(_Repositories):
@@ -594,19 +616,23 @@ class _TransactionScope:
     """Reads and writes on the writer, inside the transaction; each call a savepoint."""
 
     def __init__(self, tx: Transaction) -> None:
-        self._read = _ReadInTransaction(tx)
+        self._read = _InTransaction(tx)
         self._savepoint = _Savepoint(tx)
 
-    def read(self) -> _ReadInTransaction:
+    def read(self) -> _InTransaction:
+        return self._read
+
+    def statement(self) -> _InTransaction:
+        # SQLite undoes a failed statement and keeps the transaction: no savepoint needed.
         return self._read
 
     def write(self) -> _Savepoint:
         return self._savepoint
 
 
-class _ReadInTransaction:
-    """A read call inside a transaction: holds the transaction's lock; a failure that cost
-    the transaction (SQLite rolled it back) ends it."""
+class _InTransaction:
+    """A read, or a write of one statement, inside a transaction: holds the transaction's
+    lock; a failure that cost the transaction (SQLite rolled it back) ends it."""
 
     __slots__ = ("_tx",)
 

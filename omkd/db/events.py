@@ -100,7 +100,7 @@ class EventRepository:
             _json.encode(payload, "payload"),
             created_at,
         )
-        with self._scope.write() as conn:
+        with self._scope.statement() as conn:
             event_id = conn.execute(INSERT, params, goal_id=goal_id).lastrowid
         assert event_id is not None
         return EventRecord(
