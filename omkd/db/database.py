@@ -502,8 +502,23 @@ class _Autocommit:
         db._acquire_write(db._lock_timeout)
         return db._writer
 
-    def __exit__(self, *exc_info: object) -> None:
-        self._db._write_lock.release()
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        db = self._db
+        try:
+            if exc is None:
+                return
+            rollback_quietly(db._writer)  # (SQLite ended its own transaction already)
+            if isinstance(exc, StorageFailure):  # the disk, not the data: say what it cost
+                raise StorageFailure(
+                    f"the write failed and nothing was written: {exc}", transaction_lost=True
+                ) from exc
+        finally:
+            db._write_lock.release()
 
 
 class Transaction(_Repositories):
