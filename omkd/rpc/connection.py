@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from omkd.rpc.dispatch import DeferredReply, encode_error
+from omkd.rpc.dispatch import NOT_NOW, DeferredReply, encode_error
 from omkd.rpc.framing import NEED_DATA, FrameDecoder, FrameTooLarge, Framing, encode_frame
 from omkd.rpc.outbox import Outbox
 from omkd.rpc.session import Session
@@ -109,7 +109,12 @@ class _Connection:
                 else:
                     self.decoder.receive_data(data)
                 continue
-            reply = await self.daemon.dispatcher.handle(message, session)
+            # A write that joins the open group commit is answered without the async path.
+            joined = self.daemon.dispatcher.join_now(message, session)
+            if joined is NOT_NOW:
+                reply = await self.daemon.dispatcher.handle(message, session)
+            else:
+                reply = joined
             if isinstance(reply, DeferredReply):
                 # Nothing is held (only calls in a transaction are), and the next message
                 # waits for the COMMIT: the order of replies holds.

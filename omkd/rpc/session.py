@@ -122,6 +122,18 @@ class Session:
         self._pending = pending
         return result
 
+    def join_now(self, method: Method, params: Any) -> tuple[Any, Commit] | None:
+        """Run a single write in the open group commit, if the session may join it without
+        waiting (no transaction, no COMMIT of its own still to come); None if not. The
+        result stands once the returned Commit is done."""
+        pending = self._pending
+        if self.tx is not None or (pending is not None and not pending.done.is_set()):
+            return None
+        joined = self.daemon.gate.join_now(method, params)
+        if joined is not None:
+            self._pending = joined[1]
+        return joined
+
     def pending_commit(self) -> Commit | None:
         """The COMMIT the last write waits for (it joined another session's batch), if
         that is not done yet: its reply may go out only after it."""

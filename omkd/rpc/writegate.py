@@ -170,10 +170,10 @@ class WriteGate:
         that is done without error, and must not be answered before). Raises the call's own
         error, Busy, or the batch's StorageFailure.
         """
-        batch = self._joinable()
-        if batch is not None:
+        joined = self.join_now(method, params)
+        if joined is not None:
             # The leader commits; the caller waits for it (or has it send the reply).
-            return self._run(batch, method, params), False, batch
+            return joined[0], False, joined[1]
         # Several sessions are writing when two different ones wrote within the window of
         # each other lately; then a write leads a batch, else it goes alone (no wait).
         now = trio.current_time()
@@ -195,6 +195,14 @@ class WriteGate:
         if group:
             return await self._lead(method, params)
         return self._alone(method, params)
+
+    def join_now(self, method: Method, params: Any) -> tuple[Any, Commit] | None:
+        """Run a single write in the open batch if it may join it now (there is one, and
+        nobody is in line); return (result, the batch), None if not. Raises as ``write``."""
+        batch = self._joinable()
+        if batch is None:
+            return None
+        return self._run(batch, method, params), batch
 
     def _joinable(self) -> Commit | None:
         batch = self._batch
