@@ -14,7 +14,11 @@ import trio
 import trio.testing
 
 from omkd import db
+from omkd.rpc.dispatch import NOT_NOW, DeferredReply
 from omkd.rpc.framing import Framing, encode_frame
+from omkd.rpc.outbox import Outbox
+from omkd.rpc.session import Session
+from omkd.rpc.writegate import Commit
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
 
@@ -328,6 +332,83 @@ async def test_a_joiner_sees_its_write_and_gets_its_replies_in_order() -> None:
         assert (await joiner.reply())["error"]["code"] == ErrorCode.PARSE_ERROR
         assert daemon.gate.commits - before == 1  # the joiner did join
         await close([leader, joiner])
+
+
+async def test_joiners_errors_and_notifications_answer_as_on_the_async_path() -> None:
+    # Writes that meet an open batch take a synchronous path unless they need the async one
+    # (bad params, a notification, a session still waiting for its COMMIT): same answers.
+    async with grouping_daemon() as (daemon, creator):
+        leader, joiner = await _open_batch(daemon)
+        bad_params = {"jsonrpc": "2.0", "id": 2, "method": "event.append", "params": {"x": 1}}
+        no_goal = {
+            "jsonrpc": "2.0",
+            "id": 3,
+            "method": "event.append",
+            "params": {"goal_id": "nope", "kind": "k", "payload": 1},
+        }
+        notification = {
+            "jsonrpc": "2.0",
+            "method": "event.append",
+            "params": {"goal_id": "g1", "kind": "silent", "payload": 1},
+        }
+        _send(
+            joiner,
+            _frame(bad_params)
+            + _frame(no_goal)
+            + _frame(notification)
+            + _append_frame("g1", "joiner", 4),
+        )
+        assert (await leader.reply())["result"]["kind"] == "leader"
+        first = await joiner.reply()
+        assert (first["id"], first["error"]["code"]) == (2, ErrorCode.INVALID_PARAMS)
+        second = await joiner.reply()
+        assert (second["id"], second["error"]["code"]) == (3, ErrorCode.NOT_FOUND)
+        last = await joiner.reply()  # nothing for the notification
+        assert (last["id"], last["result"]["kind"]) == (4, "joiner")
+        events = await creator.call("event.get_by_goal", goal_id="g1")
+        assert sorted(e["kind"] for e in events) == ["joiner", "leader", "silent"]
+        await close([leader, joiner])
+
+
+async def test_join_now_answers_only_what_the_async_path_would_answer_the_same(
+    daemon: Daemon,
+) -> None:
+    # The synchronous path of a write meeting an open batch, call by call: it answers the
+    # writes that join and their errors, and leaves everything else (untouched) to handle().
+    daemon.db.goals.create(db.GoalRecord(**goal("g1")))
+    session = Session(daemon, 99, Outbox(1 << 20), lambda frame: frame)
+    join = daemon.dispatcher.join_now
+
+    def append(goal_id: str, request_id: int | None = 1, **extra: Any) -> bytes:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": "event.append"}
+        message["params"] = {"goal_id": goal_id, "kind": "k", "payload": 1, **extra}
+        if request_id is not None:
+            message["id"] = request_id
+        return json.dumps(message).encode()
+
+    assert join(append("g1"), session) is NOT_NOW  # no batch open: the write would lead one
+    batch = Commit(daemon.db.transaction())
+    daemon.gate._batch = batch  # as a leader gathering joiners leaves it
+    try:
+        assert join(append("g1", bad=1), session) is NOT_NOW  # -32602 comes from handle()
+        assert join(append("g1", None), session) is NOT_NOW  # a notification
+        assert join(b'{"jsonrpc":"2.0","id":1,"method":"event.get_by_goal"}', session) is NOT_NOW
+        assert join(b"[" + append("g1") + b"]", session) is NOT_NOW  # a JSON-RPC batch
+        failed = join(append("nope", 7), session)
+        assert isinstance(failed, bytes)
+        assert json.loads(failed)["error"]["code"] == ErrorCode.NOT_FOUND
+        assert json.loads(failed)["id"] == 7
+        joined = join(append("g1", 8), session)
+        assert isinstance(joined, DeferredReply)
+        assert session.pending_commit() is batch
+        # The session's next write waits for that COMMIT: handle() settles it first.
+        assert join(append("g1", 9), session) is NOT_NOW
+    finally:
+        daemon.gate._batch = None
+        daemon.gate._commit(batch)  # (holds no gate: _commit releases what is free anyway)
+    reply = json.loads(joined.resolve())
+    assert (reply["id"], reply["result"]["kind"]) == (8, "k")
+    assert [e.event_id for e in daemon.db.events.get_by_goal("g1")] == [reply["result"]["event_id"]]
 
 
 async def test_a_joiner_that_stops_sending_still_gets_its_reply() -> None:
