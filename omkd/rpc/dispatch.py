@@ -13,6 +13,12 @@ once that COMMIT is done: ``handle`` returns it as a ``DeferredReply`` for the c
 send when the COMMIT is done, and every message waits for the session's last write to be
 committed before it runs (a session sees its own writes; replies keep their order).
 
+A write that meets the open group commit (most writes, when several sessions write) is
+answered by ``join_now`` instead: synchronously, without the chain of coroutines of
+``handle`` that would find nothing to wait for. It takes only what it answers exactly as
+``handle`` would (a well-formed request with an id, for a write, from a session with no
+transaction and no COMMIT still to come); anything else it leaves untouched, as NOT_NOW.
+
 An exception the error table does not know is logged with its traceback and answered as an
 internal error that says nothing of the daemon's insides.
 """
