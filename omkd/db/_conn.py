@@ -4,7 +4,7 @@
 place that runs SQL and the only place ``sqlite3.Error`` becomes a :class:`DbError` (chained
 with ``from exc``). A :class:`Scope` hands a repository the connection to read or write with:
 the Database's scope makes each write its own transaction, a Transaction's scope makes each
-call a savepoint inside it.
+call a savepoint inside it (a write of one statement needs neither, see ``Scope``).
 """
 
 from __future__ import annotations

@@ -628,7 +628,8 @@ class Transaction(_Repositories):
 
 
 class _TransactionScope:
-    """Reads and writes on the writer, inside the transaction; each call a savepoint."""
+    """Reads and writes on the writer, inside the transaction; each write call a savepoint,
+    but for a write of one statement."""
 
     def __init__(self, tx: Transaction) -> None:
         self._read = _InTransaction(tx)

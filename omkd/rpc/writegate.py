@@ -6,7 +6,8 @@ single write (a write call outside a transaction) holds it for one SQLite transa
 writer that has not had it within the lock timeout answers Busy.
 
 Single writes commit in groups. The first one to take the gate opens a *batch*: a SQLite
-transaction in which it runs its call (in a savepoint, as every call in a transaction does).
+transaction in which it runs its call (in a savepoint, as every call in a transaction does,
+unless it is one statement).
 When other sessions are writing too (two sessions wrote within ``group_commit_window`` of
 each other lately, or the last batch had joiners), it then yields to the scheduler once;
 single writes of other sessions that arrive meanwhile run inside the open batch, each in its
