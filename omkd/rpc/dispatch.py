@@ -96,6 +96,9 @@ class DispatchSession(SessionLike, Protocol):
 
     def join_now(self, method: Method, params: Any) -> tuple[Any, PendingCommit] | None: ...
 
+    @property
+    def may_join(self) -> bool: ...
+
 
 class DeferredReply:
     """The reply to a write whose COMMIT is still to come: send ``resolve()`` once it is
@@ -216,8 +219,8 @@ class Dispatcher:
         coroutines of ``handle`` only to find nothing to wait for. The answer is the one
         ``handle`` gives: a DeferredReply, or the call's error at once.
         """
-        if session.aborted or message[:1] != b"{":
-            return NOT_NOW
+        if not session.may_join or session.aborted or message[:1] != b"{":
+            return NOT_NOW  # (first: no envelope decoded twice when no batch is open)
         try:
             envelope = _ENVELOPE.decode(message)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):

@@ -122,6 +122,11 @@ class Session:
         self._pending = pending
         return result
 
+    @property
+    def may_join(self) -> bool:
+        """Whether a write could join an open group commit now (``join_now`` may say no)."""
+        return self.tx is None and self.daemon.gate.joinable
+
     def join_now(self, method: Method, params: Any) -> tuple[Any, Commit] | None:
         """Run a single write in the open group commit, if the session may join it without
         waiting (no transaction, no COMMIT of its own still to come); None if not. The

@@ -205,6 +205,11 @@ class WriteGate:
             return None
         return self._run(batch, method, params), batch
 
+    @property
+    def joinable(self) -> bool:
+        """Whether a single write would join an open batch now."""
+        return self._joinable() is not None
+
     def _joinable(self) -> Commit | None:
         batch = self._batch
         if batch is None or batch.error is not None or self._line:
