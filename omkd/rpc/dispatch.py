@@ -229,9 +229,8 @@ class Dispatcher:
         if (
             method is None
             or method.access is not Access.WRITE
-            or envelope.jsonrpc != "2.0"
-            or not envelope.id
-            or memoryview(envelope.id)[0] not in _ID_FIRST_BYTES
+            or not envelope.id  # a notification
+            or _envelope_problem(envelope) is not None
         ):
             return NOT_NOW
         try:
@@ -252,15 +251,9 @@ class Dispatcher:
     ) -> bytes | DeferredReply | None:
         try:
             envelope = _ENVELOPE.decode(message)
-            if envelope.jsonrpc != "2.0":
-                raise InvalidRequest(
-                    '"jsonrpc" must be "2.0"', {"field": "jsonrpc", "detail": 'must be "2.0"'}
-                )
-            if envelope.id and memoryview(envelope.id)[0] not in _ID_FIRST_BYTES:
-                raise InvalidRequest(
-                    "id must be a string, a number or null",
-                    {"field": "id", "detail": "must be a string, a number or null"},
-                )
+            problem = _envelope_problem(envelope)
+            if problem is not None:
+                raise problem
         except msgspec.ValidationError as exc:
             return encode_error(
                 ErrorCode.INVALID_REQUEST, f"invalid request: {exc}", _invalid_details(exc)
@@ -318,6 +311,20 @@ class Dispatcher:
         if method.access is Access.WRITE:
             return await session.run_write(method, params)
         return await cast(SessionFn, method.run)(session, params)
+
+
+def _envelope_problem(envelope: _Envelope) -> InvalidRequest | None:
+    """What makes a decoded envelope not a request (the -32600 to answer), if anything."""
+    if envelope.jsonrpc != "2.0":
+        return InvalidRequest(
+            '"jsonrpc" must be "2.0"', {"field": "jsonrpc", "detail": 'must be "2.0"'}
+        )
+    if envelope.id and memoryview(envelope.id)[0] not in _ID_FIRST_BYTES:
+        return InvalidRequest(
+            "id must be a string, a number or null",
+            {"field": "id", "detail": "must be a string, a number or null"},
+        )
+    return None
 
 
 def _failure(method: Method, exc: Exception) -> tuple[int, str, dict[str, Any] | None]:
