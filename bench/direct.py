@@ -20,7 +20,9 @@ from omkd.db import tasks as task_sql
 
 # Each process's busy timeout: long enough that no write of the benchmark ever fails.
 DIRECT_BUSY_TIMEOUT_MS: Final = 30_000
-INSERT_EVENT: Final = event_sql.INSERT
+# The benchmark's events have no event_uuid, run_id or actor: omkd.db inserts such an event
+# with this statement (event_row gives its parameters).
+INSERT_EVENT: Final = event_sql.INSERT_BARE
 SELECT_PAGE_JSON: Final = event_sql.SELECT_PAGE_JSON
 SELECT_GOAL: Final = goal_sql.SELECT
 INSERT_TASK: Final = task_sql.INSERT
@@ -53,8 +55,8 @@ def connect(path: Path, busy_timeout_ms: int = DIRECT_BUSY_TIMEOUT_MS) -> sqlite
 
 
 def event_row(goal_id: str, kind: str, payload: Any, created_at: int) -> tuple[Any, ...]:
-    """The INSERT parameters of one event, as omkd.db builds them."""
-    return (None, None, goal_id, 1, kind, None, _ENCODE(payload).decode(), created_at)
+    """The INSERT_EVENT parameters of one event, as omkd.db builds them."""
+    return event_sql.insert_row(goal_id, kind, _ENCODE(payload).decode(), created_at)
 
 
 def append(conn: sqlite3.Connection, goal_id: str, payload: Any, created_at: int) -> int:

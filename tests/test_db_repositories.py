@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import msgspec
 import pytest
@@ -12,6 +13,7 @@ from omkd.db import (
     Conflict,
     Database,
     EventInput,
+    EventRecord,
     GoalFilter,
     GoalNotFound,
     GoalRecord,
@@ -311,6 +313,47 @@ def test_event_fields_round_trip(db: Database, goal: GoalRecord) -> None:
         "me",
         2,
     )
+
+
+def _event_fields(e: EventInput | EventRecord) -> tuple[Any, ...]:
+    return (e.kind, e.payload, e.event_uuid, e.run_id, e.actor, e.schema_version)
+
+
+def test_event_optional_fields_each_alone_or_none_round_trip(
+    db: Database, goal: GoalRecord
+) -> None:
+    # An event with none of event_uuid, run_id and actor is inserted by another statement
+    # than one with any of them: every combination stores what was given.
+    optional: list[dict[str, Any]] = [
+        {},
+        {"event_uuid": "u"},
+        {"run_id": "r"},
+        {"actor": "a"},
+        {"event_uuid": "u", "actor": "a", "schema_version": 3},
+    ]
+    inputs = [EventInput(kind=f"k{i}", payload={"i": i}, **f) for i, f in enumerate(optional)]
+    expected = [_event_fields(e) for e in inputs]
+    appended = [
+        db.events.append(
+            "g1",
+            e.kind,
+            e.payload,
+            event_uuid=e.event_uuid,
+            run_id=e.run_id,
+            actor=e.actor,
+            schema_version=e.schema_version,
+        )
+        for e in inputs
+    ]
+    assert [_event_fields(e) for e in appended] == expected
+    assert [_event_fields(e) for e in db.events.get_by_goal("g1")] == expected
+    # The same as one batch that mixes them, and a batch with none of them.
+    plain = [EventInput(kind=f"p{i}", payload=i) for i in range(3)]
+    for batch in (inputs, plain):
+        ids = db.events.append_batch("g1", batch)
+        stored = db.events.get_by_goal("g1", after_event_id=ids[0] - 1)
+        assert [e.event_id for e in stored] == ids
+        assert [_event_fields(e) for e in stored] == [_event_fields(e) for e in batch]
 
 
 def test_event_pagination(db: Database, goal: GoalRecord) -> None:
