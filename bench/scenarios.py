@@ -458,9 +458,11 @@ def run_writers(
     count: int | None = None,
     until_file: Path | None = None,
     during: Callable[[], Any] | None = None,
+    layout: int = 0,
 ) -> tuple[list[tuple[int, int]], Any]:
-    """Start one writer process per goal, release them together, return every call's
-    (start ns, latency ns) and what ``during`` returned (it runs while they write)."""
+    """Start one writer process per goal (environment padded for ``layout``, see
+    ``child_env``), release them together, return every call's (start ns, latency ns) and
+    what ``during`` returned (it runs while they write)."""
     procs = []
     outs = []
     stop_args = ["--count", str(count)] if count is not None else ["--until-file", str(until_file)]
@@ -475,7 +477,7 @@ def run_writers(
                     stdin=subprocess.PIPE,
                     stdout=subprocess.PIPE,
                     cwd=REPO_ROOT,
-                    env=child_env(),
+                    env=child_env(layout),
                 )
             )
         for proc in procs:
@@ -532,11 +534,14 @@ def concurrent_writers(bench: Bench, floor: Server, daemon: Server) -> None:
         }
         per_commit = bench.row(scenario, "writes per COMMIT", "writes", "higher")
         for rep in range(sizes.writer_reps):
+            # Each repetition another memory layout for every process (see child_env).
+            floor.restart(layout=rep)
+            daemon.restart(layout=rep)
             for mode in modes:
                 bench.progress(f"{writers} writers, {mode} (repetition {rep + 1})")
                 before = _write_counters(daemon) if mode == "omkd" else None
                 calls, _ = run_writers(
-                    bench, mode, targets[mode], writer_goals(writers), count=count
+                    bench, mode, targets[mode], writer_goals(writers), count=count, layout=rep
                 )
                 summary = _summary(calls)
                 for key, row in rows.items():

@@ -27,6 +27,9 @@ RECEIVE_BYTES: Final = 256 * 1024
 STARTUP_TIMEOUT_S: Final = 60.0
 STOP_TIMEOUT_S: Final = 120.0
 REPO_ROOT: Final = Path(__file__).resolve().parent.parent
+# See child_env: the variable that pads a subprocess's environment, and by how much a step.
+LAYOUT_VARIABLE: Final = "OMKD_BENCH_LAYOUT"
+LAYOUT_STEP_BYTES: Final = 7
 
 
 class RpcError(Exception):
@@ -131,23 +134,33 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], log: Path | None)
 class Server:
     """A server subprocess (the daemon or the floor) on a Unix socket."""
 
-    def __init__(self, argv: list[str], socket_path: Path, log_path: Path) -> None:
+    def __init__(self, argv: list[str], socket_path: Path, log_path: Path, layout: int = 0) -> None:
+        self.argv = argv
         self.socket_path = socket_path
         self.log_path = log_path
-        with log_path.open("ab") as log:
+        self._start(layout)
+
+    def _start(self, layout: int) -> None:
+        with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                argv,
+                self.argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
                 cwd=REPO_ROOT,
-                env=child_env(),
+                env=child_env(layout),
             )
         try:
-            wait_for_socket(socket_path, self.proc, log_path)
+            wait_for_socket(self.socket_path, self.proc, self.log_path)
         except BaseException:
             self.stop()
             raise
+
+    def restart(self, layout: int) -> None:
+        """Stop the server and start it again with the memory layout ``layout`` (see
+        ``child_env``)."""
+        self.stop()
+        self._start(layout)
 
     @property
     def pid(self) -> int:
@@ -199,9 +212,19 @@ def status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def child_env() -> dict[str, str]:
-    """The environment for subprocesses: this checkout (and its client) first on the path."""
+def child_env(layout: int = 0) -> dict[str, str]:
+    """The environment for subprocesses: this checkout (and its client) first on the path.
+
+    ``layout`` pads the environment by ``layout * LAYOUT_STEP_BYTES`` bytes. On these
+    machines a server process's speed depends on the bytes of its arguments and environment
+    (they shift its memory layout): the same floor server answered 8 writers at 35,000 or at
+    23,000 calls/s, and the daemon at 16,700 or 13,800, with nothing else changed than the
+    length of the socket path. Repetitions that start their servers with different layouts
+    sample that spread instead of drawing one layout for the whole run.
+    """
     env = dict(os.environ)
     paths = [str(REPO_ROOT), str(REPO_ROOT / "client"), env.get("PYTHONPATH")]
     env["PYTHONPATH"] = os.pathsep.join(filter(None, paths))
+    if layout:
+        env[LAYOUT_VARIABLE] = "x" * (layout * LAYOUT_STEP_BYTES)
     return env
