@@ -66,15 +66,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"in {bench.info['big_db_build_s']:.1f} s"
             )
         with scenarios.servers(bench) as (floor, daemon):
-            for name, scenario in (
-                ("round_trips", scenarios.round_trips),
-                ("transaction", scenarios.transaction_of_100),
-                ("batches", scenarios.append_batches),
-                ("task_graph", scenarios.task_graph),
-                ("writers", scenarios.concurrent_writers),
-            ):
-                if on(name):
-                    _guarded(bench, name, lambda s=scenario: s(bench, floor, daemon))
+            with scenarios.cross_cpu(bench, floor, daemon):
+                for name, scenario in (
+                    ("round_trips", scenarios.round_trips),
+                    ("transaction", scenarios.transaction_of_100),
+                    ("batches", scenarios.append_batches),
+                    ("task_graph", scenarios.task_graph),
+                ):
+                    if on(name):
+                        _guarded(bench, name, lambda s=scenario: s(bench, floor, daemon))
+            if on("writers"):  # unpinned: the writer processes share every CPU with them
+                writers = scenarios.concurrent_writers
+                _guarded(bench, "writers", lambda: writers(bench, floor, daemon))
         for name, alone in (
             ("rss", scenarios.idle_connections),
             ("pages", scenarios.pages),

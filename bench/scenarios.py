@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -188,6 +188,36 @@ def servers(bench: Bench) -> Iterator[tuple[Server, Server]]:
         floor = stack.enter_context(start_floor(bench.workdir))
         daemon = stack.enter_context(start_daemon(bench.workdir, bench.main_db, "main"))
         yield floor, daemon
+
+
+@contextmanager
+def cross_cpu(bench: Bench, *servers: Server) -> Iterator[None]:
+    """Pin the servers to one CPU and this process, their one client, to another, for the
+    scenarios of one client; restore both after.
+
+    Unpinned, the scheduler puts a request-reply pair on one CPU or on two and keeps it
+    there: a ping to the floor takes ~52 µs on one CPU and ~78 µs across two (the daemon's
+    54 and 83), and the floor and the daemon can land on different ones: one run measured
+    the floor on one CPU and the daemon across two, a ping/floor ratio of 1.56 against
+    1.04-1.07 when both are placed alike. Across two CPUs is what a client among other busy
+    processes gets. With one CPU there is nothing to pin.
+    """
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield
+        return
+    pids = [server.pid for server in servers]
+    before = {pid: os.sched_getaffinity(pid) for pid in [0, *pids]}
+    for pid in pids:
+        os.sched_setaffinity(pid, {cpus[0]})
+    os.sched_setaffinity(0, {cpus[1]})
+    bench.info["one_client_placement"] = f"servers on CPU {cpus[0]}, client on CPU {cpus[1]}"
+    try:
+        yield
+    finally:
+        for pid, mask in before.items():
+            with suppress(ProcessLookupError):  # a server that died meanwhile
+                os.sched_setaffinity(pid, mask)
 
 
 def _timed_calls(call: Callable[[], object], count: int) -> float:
