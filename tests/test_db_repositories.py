@@ -356,6 +356,28 @@ def test_event_optional_fields_each_alone_or_none_round_trip(
         assert [_event_fields(e) for e in stored] == [_event_fields(e) for e in batch]
 
 
+@pytest.mark.parametrize(
+    ("field", "arguments"),
+    [
+        ("goal_id", {"goal_id": 1}),
+        ("kind", {"kind": None}),
+        ("event_uuid", {"event_uuid": 5}),
+        ("run_id", {"run_id": b"r"}),
+        ("actor", {"actor": 1.5}),
+        ("schema_version", {"schema_version": "1"}),
+        ("schema_version", {"schema_version": True}),
+    ],
+)
+def test_event_append_refuses_a_wrong_type_and_writes_nothing(
+    db: Database, goal: GoalRecord, field: str, arguments: dict[str, Any]
+) -> None:
+    call: dict[str, Any] = {"goal_id": "g1", "kind": "k", "payload": 1, **arguments}
+    with pytest.raises(InvalidData) as info:
+        db.events.append(**call)
+    assert info.value.data["field"] == field
+    assert db.events.get_by_goal("g1") == []
+
+
 def test_event_pagination(db: Database, goal: GoalRecord) -> None:
     ids = [db.events.append("g1", "k", i).event_id for i in range(10)]
     page = db.events.get_by_goal("g1", after_event_id=ids[2], limit=3)

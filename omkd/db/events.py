@@ -90,12 +90,21 @@ class EventRepository:
 
         Raises GoalNotFound, InvalidData.
         """
-        _check_str(goal_id, "goal_id")
-        _check_str(kind, "kind")
-        for field, value in (("event_uuid", event_uuid), ("run_id", run_id), ("actor", actor)):
-            if value is not None:
-                _check_str(value, field)
-        _check_int(schema_version, "schema_version")
+        # One expression for the common case, as _check_input for a batch's events.
+        if not (
+            type(goal_id) is str
+            and type(kind) is str
+            and type(schema_version) is int
+            and event_uuid is None
+            and run_id is None
+            and actor is None
+        ):
+            _check_str(goal_id, "goal_id")
+            _check_str(kind, "kind")
+            for field, value in (("event_uuid", event_uuid), ("run_id", run_id), ("actor", actor)):
+                if value is not None:
+                    _check_str(value, field)
+            _check_int(schema_version, "schema_version")
         created_at = now()
         text = _json.encode(payload, "payload")
         row = insert_row(goal_id, kind, text, created_at, event_uuid, run_id, actor, schema_version)
