@@ -134,11 +134,11 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], log: Path | None)
 class Server:
     """A server subprocess (the daemon or the floor) on a Unix socket."""
 
-    def __init__(self, argv: list[str], socket_path: Path, log_path: Path, layout: int = 0) -> None:
+    def __init__(self, argv: list[str], socket_path: Path, log_path: Path) -> None:
         self.argv = argv
         self.socket_path = socket_path
         self.log_path = log_path
-        self._start(layout)
+        self._start(layout=0)
 
     def _start(self, layout: int) -> None:
         with self.log_path.open("ab") as log:

@@ -304,10 +304,12 @@ def insert_row(
 
 
 def insert_sql(row: tuple[Any, ...]) -> str:
+    """The INSERT that takes ``row`` (from ``insert_row``)."""
     return INSERT_BARE if len(row) == _BARE_LENGTH else INSERT
 
 
 def _full(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """``row`` for INSERT, in a batch that mixes both kinds."""
     if len(row) != _BARE_LENGTH:
         return row
     goal_id, schema_version, kind, payload, created_at = row
