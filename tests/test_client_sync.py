@@ -391,6 +391,20 @@ def test_call_many_and_pipeline(client: Client) -> None:
         missing.result()
 
 
+def test_replies_larger_than_a_read_and_many_in_one_read_arrive_intact(client: Client) -> None:
+    # The client reads into one buffer it keeps (256 KiB): a reply spanning several reads,
+    # and many small replies in one read, must each come out whole and unmixed.
+    gid = client.goals.create(make_goal()).goal_id
+    payloads = [{"i": i, "text": f"{i:x}" * (150_000 + 7 * i)} for i in range(4)]
+    for payload in payloads:
+        assert client.events.append(gid, "big", payload).payload == payload
+    assert [e.payload for e in client.events.get_by_goal(gid)] == payloads
+    small = client.call_many([("event.get_by_goal", {"goal_id": gid, "after_event_id": 0,
+                                                     "limit": 0}),
+                              *[("daemon.ping", None)] * 200])  # fmt: skip
+    assert small == [[], *["pong"] * 200]
+
+
 def test_pipelined_requests_are_all_sent_before_any_reply_and_matched_by_id() -> None:
     held: list[dict[str, Any]] = []
 

@@ -201,6 +201,26 @@ async def test_concurrent_calls_share_one_connection(client: TrioClient) -> None
     assert many == ["pong"] * 3
 
 
+async def test_replies_larger_than_a_read_arrive_intact_to_concurrent_callers(
+    client: TrioClient,
+) -> None:
+    # The reader reads into one buffer it keeps (256 KiB): replies spanning several reads,
+    # to calls made at once, must each reach its own caller whole.
+    gid = (await client.goals.create(make_goal())).goal_id
+    payloads = [{"i": i, "text": f"{i:x}" * (150_000 + 7 * i)} for i in range(4)]
+    stored: dict[int, Any] = {}
+
+    async def append(i: int) -> None:
+        stored[i] = (await client.events.append(gid, "big", payloads[i])).payload
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(payloads)):
+            nursery.start_soon(append, i)
+    assert [stored[i] for i in range(len(payloads))] == payloads
+    events = await client.events.get_by_goal(gid)
+    assert sorted((e.payload for e in events), key=lambda p: p["i"]) == payloads
+
+
 async def test_daemon_not_running() -> None:
     with short_tempdir() as directory, pytest.raises(DaemonNotRunning) as caught:
         async with TrioClient.connect(directory / "no.sock"):

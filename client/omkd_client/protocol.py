@@ -109,7 +109,8 @@ class FrameDecoder:
         self.max_message_bytes = max_message_bytes
         self._buffer = bytearray()
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Buffer ``data`` (copied: the caller may reuse its buffer)."""
         self._buffer += data
 
     def next_message(self) -> bytes | NeedData:
@@ -288,7 +289,8 @@ class ClientProtocol:
         if request_id in self._pending:
             self._abandoned.add(request_id)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Take bytes read from the connection (copied: the caller may reuse its buffer)."""
         self._decoder.receive_data(data)
 
     def next_event(self) -> Reply | Notification | NeedData:

@@ -66,6 +66,7 @@ __all__ = ["AsyncSubscription", "AsyncTransaction", "TrioClient", "connect"]
 
 T = TypeVar("T")
 
+# One read takes at most this much, into a buffer the reader keeps (see sync_client).
 _RECEIVE_BYTES: Final = 256 * 1024
 
 
@@ -336,9 +337,10 @@ class TrioClient(_AsyncCalls):
 
     async def _read(self, stream: trio.SocketStream, generation: int) -> None:
         reason = "the daemon closed the connection"
+        chunk = bytearray(_RECEIVE_BYTES)
         try:
-            while data := await stream.receive_some(_RECEIVE_BYTES):
-                self._protocol.receive_data(data)
+            while size := await stream.socket.recv_into(chunk):
+                self._protocol.receive_data(memoryview(chunk)[:size])
                 self._deliver()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             reason = f"connection lost: {exc}"
