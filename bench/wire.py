@@ -64,6 +64,9 @@ class RawClient:
         self.sock.settimeout(timeout)
         self.sock.connect(str(path))
         self._buffer = bytearray()
+        # Reads go into this kept buffer: a recv of RECEIVE_BYTES would allocate 256 KiB a
+        # call, which glibc serves with mmap, mremap and munmap (the bundled client's fix).
+        self._chunk = bytearray(RECEIVE_BYTES)
         self._ids = itertools.count(1)
 
     def close(self) -> None:
@@ -111,10 +114,10 @@ class RawClient:
                     body = bytes(buffer[PREFIX.size : end])
                     del buffer[:end]
                     return body
-            data = self.sock.recv(RECEIVE_BYTES)
-            if not data:
+            size = self.sock.recv_into(self._chunk)
+            if not size:
                 raise ConnectionError("the server closed the connection")
-            buffer += data
+            buffer += memoryview(self._chunk)[:size]
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], log: Path | None) -> None:
