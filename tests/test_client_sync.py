@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +47,7 @@ from client_helpers import (
     Daemon,
     daemon_process,
     fake_server,
+    frame,
     make_goal,
     result,
     short_dir,
@@ -431,6 +434,61 @@ def test_call_timeout_against_a_server_that_never_answers() -> None:
             c.daemon.ping()
         assert 0.15 < time.monotonic() - started < 2
         assert "daemon.ping" in str(caught.value)
+
+
+@contextlib.contextmanager
+def raw_server(serve: Callable[[socket.socket], None]) -> Iterator[Path]:
+    """A Unix socket whose first connection is handed to ``serve`` in a thread."""
+    with short_dir() as directory:
+        path = directory / "raw.sock"
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen()
+
+        def accept() -> None:
+            conn, _ = listener.accept()
+            with conn, contextlib.suppress(OSError):
+                serve(conn)
+
+        thread = threading.Thread(target=accept, daemon=True)
+        thread.start()
+        try:
+            yield path
+        finally:
+            listener.close()
+            thread.join(10)
+
+
+def test_call_timeout_holds_while_the_reply_trickles_in() -> None:
+    # The kernel's receive timeout restarts with every read: the client must still give up
+    # at the call's deadline when each read brings a byte in time.
+    def trickle(conn: socket.socket) -> None:
+        conn.recv(65536)
+        reply = frame({"jsonrpc": "2.0", "id": 1, "result": "x" * 200})
+        for byte in reply:
+            conn.sendall(bytes([byte]))
+            time.sleep(0.05)
+
+    with raw_server(trickle) as path, Client.connect(path, call_timeout=0.3) as c:
+        started = time.monotonic()
+        with pytest.raises(CallTimeout):
+            c.daemon.ping()
+        assert 0.25 < time.monotonic() - started < 3  # the whole reply would take ~10 s
+
+
+def test_call_timeout_when_the_daemon_takes_no_more_bytes() -> None:
+    stop = threading.Event()
+
+    def never_read(conn: socket.socket) -> None:
+        stop.wait(10)
+
+    with raw_server(never_read) as path, Client.connect(path, call_timeout=0.3) as c:
+        started = time.monotonic()
+        with pytest.raises(CallTimeout) as caught:
+            c.events.append("g", "k", "x" * (16 * 1024 * 1024))  # more than the socket buffers
+        assert 0.25 < time.monotonic() - started < 3
+        assert "event.append" in str(caught.value)
+        stop.set()
 
 
 def test_late_reply_after_a_timeout_is_dropped() -> None:
