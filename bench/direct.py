@@ -21,8 +21,10 @@ from omkd.db import tasks as task_sql
 # Each process's busy timeout: long enough that no write of the benchmark ever fails.
 DIRECT_BUSY_TIMEOUT_MS: Final = 30_000
 # The benchmark's events have no event_uuid, run_id or actor: omkd.db inserts such an event
-# with this statement (event_row gives its parameters).
+# with this statement (event_row gives its parameters), and the events of a batch after the
+# first with the second.
 INSERT_EVENT: Final = event_sql.INSERT_BARE
+INSERT_FOLLOWING_EVENT: Final = event_sql.INSERT_BARE_FOLLOWING
 SELECT_PAGE_JSON: Final = event_sql.SELECT_PAGE_JSON
 SELECT_GOAL: Final = goal_sql.SELECT
 INSERT_TASK: Final = task_sql.INSERT
@@ -70,10 +72,12 @@ def append(conn: sqlite3.Connection, goal_id: str, payload: Any, created_at: int
 def append_batch(
     conn: sqlite3.Connection, goal_id: str, payloads: list[Any], created_at: int
 ) -> None:
-    """``executemany`` in one transaction, payloads encoded as the daemon stores them."""
+    """``executemany`` in one transaction, payloads encoded as the daemon stores them (the
+    first event inserted on its own, as omkd.db does: it takes the next event id)."""
     rows = [event_row(goal_id, "step", p, created_at) for p in payloads]
     conn.execute("BEGIN IMMEDIATE")
-    conn.executemany(INSERT_EVENT, rows)
+    conn.execute(INSERT_EVENT, rows[0])
+    conn.executemany(INSERT_FOLLOWING_EVENT, rows[1:])
     conn.execute("COMMIT")
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import trio
 
+from omkd.db import load_migrations
 from omkd.rpc.methods import METHODS
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
@@ -36,7 +37,7 @@ async def test_ping_status_discover(client: RawClient, daemon: Daemon) -> None:
     status = await client.call("daemon.status")
     assert status["db_path"] == daemon.config.db_path
     assert status["socket_path"] == daemon.config.socket_path
-    assert status["schema_version"] == 1
+    assert status["schema_version"] == load_migrations()[-1].version
     assert status["sessions"] == 1 and status["active_transactions"] == 0
     assert status["uptime_s"] >= 0 and status["pid"] > 0
     doc = await client.call("rpc.discover")

@@ -26,6 +26,10 @@ from omkd.db import (
 
 MakeGoal = Callable[..., GoalRecord]
 
+SHIPPED = load_migrations(default_migrations_dir())
+LATEST = SHIPPED[-1].version  # the schema version of a database opened by this code
+NEXT = f"{LATEST + 1:03d}"  # the number a test's own extra migration takes
+
 
 def _pragma(path: Path, name: str) -> object:
     conn = sqlite3.connect(path)
@@ -56,8 +60,11 @@ def test_open_creates_migrates_and_sets_pragmas(db_path: Path) -> None:
     assert not db_path.parent.exists()
     with Database.open(db_path) as db:
         assert db.path == db_path.resolve()
-        assert db.schema_version == 1
-        assert [m.name for m in db.migrations_applied] == ["initial"]
+        assert db.schema_version == LATEST
+        assert [m.name for m in db.migrations_applied] == [
+            "initial",
+            "event_ids_without_autoincrement",
+        ]
         conn = db._writer.raw
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -65,7 +72,7 @@ def test_open_creates_migrates_and_sets_pragmas(db_path: Path) -> None:
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] == 5000
         assert db._reader.raw.execute("PRAGMA foreign_keys").fetchone()[0] == 1
     assert _pragma(db_path, "journal_mode") == "wal"
-    assert _pragma(db_path, "user_version") == 1
+    assert _pragma(db_path, "user_version") == LATEST
     assert {
         "goals",
         "tasks",
@@ -90,35 +97,35 @@ def test_reopen_is_a_no_op_and_keeps_data(db_path: Path, make_goal: MakeGoal) ->
         db.goals.create(make_goal())
     with Database.open(db_path) as db:
         assert db.migrations_applied == []
-        assert db.schema_version == 1
+        assert db.schema_version == LATEST
         assert db.goals.get("g1") is not None
     assert migrate(db_path) == []
     assert pending_migrations(db_path) == []
     conn = sqlite3.connect(db_path)
     assert conn.execute("SELECT version, name FROM schema_migrations").fetchall() == [
-        (1, "initial")
+        (m.version, m.name) for m in SHIPPED
     ]
     conn.close()
 
 
 def test_migrate_helper_reports_what_it_applied(tmp_path: Path) -> None:
     path = tmp_path / "new.db"
-    assert [m.version for m in pending_migrations(path)] == [1]
+    assert [m.version for m in pending_migrations(path)] == [m.version for m in SHIPPED]
     assert not path.exists()
-    assert [m.filename for m in migrate(path)] == ["001_initial.sql"]
+    assert [m.filename for m in migrate(path)] == [m.filename for m in SHIPPED]
     assert migrate(path) == []
 
 
 def test_a_new_migration_is_applied_on_open(db_path: Path, migrations_dir: Path) -> None:
     Database.open(db_path, migrations_dir=migrations_dir).close()
-    (migrations_dir / "002_notes.sql").write_text(
+    (migrations_dir / f"{NEXT}_notes.sql").write_text(
         "-- a second migration\nCREATE TABLE notes (id INTEGER PRIMARY KEY, body TEXT);\n"
         "CREATE INDEX notes_body ON notes (body);\n"
     )
-    assert [m.version for m in pending_migrations(db_path, migrations_dir)] == [2]
+    assert [m.version for m in pending_migrations(db_path, migrations_dir)] == [LATEST + 1]
     with Database.open(db_path, migrations_dir=migrations_dir) as db:
-        assert [m.version for m in db.migrations_applied] == [2]
-        assert db.schema_version == 2
+        assert [m.version for m in db.migrations_applied] == [LATEST + 1]
+        assert db.schema_version == LATEST + 1
     assert "notes" in _tables(db_path)
 
 
@@ -129,25 +136,25 @@ def test_schema_too_new_names_both_versions(db_path: Path) -> None:
     conn.close()
     with pytest.raises(SchemaTooNew) as info:
         Database.open(db_path)
-    assert info.value.data == {"db_version": 7, "code_version": 1}
-    assert "7" in str(info.value) and "1" in str(info.value)
+    assert info.value.data == {"db_version": 7, "code_version": LATEST}
+    assert "7" in str(info.value) and str(LATEST) in str(info.value)
 
 
 def test_failed_migration_keeps_the_old_version(db_path: Path, migrations_dir: Path) -> None:
     Database.open(db_path, migrations_dir=migrations_dir).close()
-    (migrations_dir / "002_broken.sql").write_text(
+    (migrations_dir / f"{NEXT}_broken.sql").write_text(
         "CREATE TABLE half_done (id INTEGER PRIMARY KEY);\nINSERT INTO no_such_table VALUES (1);\n"
     )
     with pytest.raises(MigrationFailed) as info:
         Database.open(db_path, migrations_dir=migrations_dir)
-    assert info.value.data["file"] == "002_broken.sql"
-    assert "002_broken.sql" in str(info.value)
-    assert _pragma(db_path, "user_version") == 1
+    assert info.value.data["file"] == f"{NEXT}_broken.sql"
+    assert f"{NEXT}_broken.sql" in str(info.value)
+    assert _pragma(db_path, "user_version") == LATEST
     assert "half_done" not in _tables(db_path)
     # Fixing the file lets the next open apply it.
-    (migrations_dir / "002_broken.sql").write_text("CREATE TABLE half_done (id INTEGER);\n")
+    (migrations_dir / f"{NEXT}_broken.sql").write_text("CREATE TABLE half_done (id INTEGER);\n")
     with Database.open(db_path, migrations_dir=migrations_dir) as db:
-        assert db.schema_version == 2
+        assert db.schema_version == LATEST + 1
 
 
 def test_failed_first_migration_leaves_an_empty_database(db_path: Path, tmp_path: Path) -> None:
@@ -172,11 +179,11 @@ def test_edited_migration_is_a_mismatch(db_path: Path, migrations_dir: Path) -> 
 
 
 def test_migration_statements_split_without_executescript() -> None:
-    (initial,) = load_migrations()
-    statements = initial.statements()
-    assert len(statements) > 6
-    assert all(sqlite3.complete_statement(s) for s in statements)
-    assert not any(s.upper().startswith(("BEGIN", "COMMIT")) for s in statements)
+    for migration in load_migrations():
+        statements = migration.statements()
+        assert len(statements) > 6
+        assert all(sqlite3.complete_statement(s) for s in statements)
+        assert not any(s.upper().startswith(("BEGIN", "COMMIT")) for s in statements)
 
 
 def test_check_database(db_path: Path, db: Database, make_goal: MakeGoal) -> None:
@@ -230,3 +237,47 @@ def test_storage_layer_imports_without_trio_or_the_wire() -> None:
         "import omkd.db\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+
+
+def test_migration_002_keeps_events_and_their_used_ids(
+    db_path: Path, tmp_path: Path, make_goal: MakeGoal
+) -> None:
+    # A database at schema 1 (event_id AUTOINCREMENT), written as the code of then did,
+    # whose newest events were deleted: ids 2 and 3 were used and must never come again.
+    first_only = tmp_path / "first_only"
+    first_only.mkdir()
+    shutil.copy(default_migrations_dir() / "001_initial.sql", first_only)
+    with Database.open(db_path, migrations_dir=first_only) as old:
+        old.goals.create(make_goal("g1"))
+        old.goals.create(make_goal("g2"))
+    conn = sqlite3.connect(db_path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO events (event_uuid, run_id, goal_id, kind, actor, payload, created_at)"
+            " VALUES (?, ?, ?, 'k', ?, ?, 7)",
+            [("u", "r", "g1", "a", '{"n":1}'), (None, None, "g2", None, "2"),
+             (None, None, "g2", None, "3")],
+        )  # fmt: skip
+        conn.execute("DELETE FROM events WHERE goal_id = 'g2'")
+    conn.close()
+    with Database.open(db_path) as db:
+        assert [m.version for m in db.migrations_applied] == [2]
+        (kept,) = db.events.get_by_goal("g1")
+        assert (kept.event_id, kept.event_uuid, kept.run_id, kept.actor, kept.payload) == (
+            1, "u", "r", "a", {"n": 1},
+        )  # fmt: skip
+        assert kept.created_at == 7 and kept.schema_version == 1
+        assert db.events.append("g1", "k", 4).event_id == 4
+        assert db.quick_check() == []
+    conn = sqlite3.connect(db_path)
+    try:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_schema WHERE name = 'events'").fetchone()
+        assert "AUTOINCREMENT" not in sql.upper() and "STRICT" in sql.upper()
+        assert conn.execute(
+            "SELECT count(*) FROM sqlite_schema WHERE type = 'index' AND name = 'events_goal'"
+        ).fetchone() == (1,)
+        sequences = {name for (name,) in conn.execute("SELECT name FROM sqlite_sequence")}
+        assert "events" not in sequences
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+    finally:
+        conn.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -469,6 +470,51 @@ def test_event_delete_by_goal_and_missing_goal_reads(db: Database, goal: GoalRec
     assert db.events.delete_by_goal("missing") == 0
     # ids are never reused after deletion
     assert db.events.append("g1", "k", 0).event_id == 4
+
+
+def _delete_events(db: Database, how: str) -> None:
+    if how == "events.delete_by_goal":
+        db.events.delete_by_goal("g2")
+    elif how == "goals.delete":
+        db.goals.delete("g2")  # the cascade takes the events
+    else:  # both, in a transaction
+        with db.transaction() as tx:
+            tx.events.delete_by_goal("g2")
+            tx.goals.delete("g2")
+
+
+@pytest.mark.parametrize("how", ["events.delete_by_goal", "goals.delete", "in a transaction"])
+@pytest.mark.parametrize("then", ["append", "append_batch", "append in a transaction"])
+def test_event_ids_are_never_reused_after_the_newest_events_are_deleted(
+    db: Database, goal: GoalRecord, make_goal: MakeGoal, how: str, then: str
+) -> None:
+    db.goals.create(make_goal("g2"))
+    db.events.append("g1", "k", "kept")
+    newest = db.events.append_batch("g2", [EventInput(kind="k", payload=i) for i in range(3)])
+    _delete_events(db, how)
+    if then == "append":
+        ids = [db.events.append("g1", "k", "next").event_id]
+    elif then == "append_batch":
+        ids = db.events.append_batch("g1", [EventInput(kind="k", payload=i) for i in range(3)])
+    else:
+        with db.transaction() as tx:
+            ids = [tx.events.append("g1", "k", i).event_id for i in range(2)]
+    assert ids[0] == newest[-1] + 1 and ids == list(range(ids[0], ids[0] + len(ids)))
+    assert [e.event_id for e in db.events.get_by_goal("g1")][1:] == ids
+
+
+def test_event_ids_stay_used_after_a_rolled_back_delete_and_a_reopen(
+    db: Database, goal: GoalRecord, db_path: Path
+) -> None:
+    first = db.events.append("g1", "k", 1).event_id
+    tx = db.transaction()
+    tx.events.delete_by_goal("g1")
+    tx.rollback()  # nothing deleted: the high-water mark is back where it was too
+    assert [e.event_id for e in db.events.get_by_goal("g1")] == [first]
+    db.events.delete_by_goal("g1")
+    db.close()
+    with Database.open(db_path) as reopened:
+        assert reopened.events.append("g1", "k", 2).event_id == first + 1
 
 
 # proofs, budgets, artifacts

@@ -26,6 +26,7 @@ def test_migrate_backup_check(tmp_path: Path) -> None:
     first = omkd("migrate", "--db", str(db))
     assert first.returncode == 0, first.stderr
     assert "applied 001_initial.sql" in first.stdout
+    assert "applied 002_event_ids_without_autoincrement.sql" in first.stdout
     again = omkd("migrate", env={"OMKD_DB": str(db)})  # found through $OMKD_DB
     assert again.returncode == 0 and "up to date" in again.stdout
     with sqlite3.connect(db) as conn:

@@ -7,6 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from omkd.db import load_migrations
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -31,7 +33,8 @@ def test_wheel_ships_migrations_and_units_and_migrates(tmp_path: Path) -> None:
     )
     (wheel,) = wheels.glob("omkd-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "omkd/migrations/001_initial.sql" in names
+    migrations = load_migrations(ROOT / "migrations")
+    assert {f"omkd/migrations/{m.filename}" for m in migrations} <= set(names)
     assert {"omkd/systemd_units/omkd.service", "omkd/systemd_units/omkd.socket"} <= set(names)
     assert "omkd/py.typed" in names
     site = tmp_path / "site"
@@ -60,4 +63,4 @@ def test_wheel_ships_migrations_and_units_and_migrates(tmp_path: Path) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=tmp_path, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "1"
+    assert result.stdout.strip() == str(migrations[-1].version)

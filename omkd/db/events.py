@@ -1,7 +1,10 @@
 """The events repository: an append-only log per goal, with cursors by event_id.
 
-event_id is an AUTOINCREMENT key: strictly increasing and never reused, so ``after_event_id``
-is a stable cursor for pages and subscriptions.
+event_id is strictly increasing and never reused, so ``after_event_id`` is a stable cursor for
+pages and subscriptions. Not by AUTOINCREMENT, which writes the newest id into
+sqlite_sequence on every insert (one more page for each transaction to write; migration
+002): a new event takes one past the newest event there is, or past the high-water mark
+that the deletes of events raise first (``NEXT_EVENT_ID``, ``RAISE_HIGH_WATER``).
 """
 
 from __future__ import annotations
@@ -23,18 +26,37 @@ NO_CURSOR = 0
 COLUMNS = "event_id, event_uuid, run_id, goal_id, schema_version, kind, actor, payload, created_at"
 
 GOAL_EXISTS = "SELECT count(*) FROM goals WHERE goal_id = ?"
-INSERT = (
-    "INSERT INTO events (event_uuid, run_id, goal_id, schema_version, kind, actor, payload, "
-    "created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+# The id of a new event: past every event_id ever given, the deleted ones included.
+NEXT_EVENT_ID = (
+    "max(coalesce((SELECT max(event_id) FROM events), 0), "
+    "(SELECT high_water FROM events_high_water)) + 1"
+)
+# What every delete of events runs first, in its transaction: the newest event_id there is
+# becomes the high-water mark, so that no later event takes it again.
+RAISE_HIGH_WATER = (
+    "UPDATE events_high_water SET high_water = (SELECT max(event_id) FROM events) "
+    "WHERE high_water < (SELECT max(event_id) FROM events)"
+)
+
+
+def _inserts(columns: str) -> tuple[str, str]:
+    """An INSERT of ``columns`` that gives the event NEXT_EVENT_ID, and one that leaves the id
+    to SQLite (one past the newest): the rows of a batch after its first."""
+    values = ", ".join("?" * len(columns.split(", ")))
+    return (
+        f"INSERT INTO events (event_id, {columns}) VALUES ({NEXT_EVENT_ID}, {values})",
+        f"INSERT INTO events ({columns}) VALUES ({values})",
+    )
+
+
+INSERT, INSERT_FOLLOWING = _inserts(
+    "event_uuid, run_id, goal_id, schema_version, kind, actor, payload, created_at"
 )
 # An event without event_uuid, run_id and actor (the common case) leaves those columns out
 # (NULL by default) instead of binding three Nones: Python's sqlite3 (3.11) asks its adapter
 # protocol about every None it binds, and the failed lookup formats an AttributeError that
 # it then drops, ~0.35 us a None: more than the INSERT itself costs inside a transaction.
-INSERT_BARE = (
-    "INSERT INTO events (goal_id, schema_version, kind, payload, created_at) VALUES (?, ?, ?, ?, ?)"
-)
-LAST_INSERT_ID = "SELECT last_insert_rowid()"
+INSERT_BARE, INSERT_BARE_FOLLOWING = _inserts("goal_id, schema_version, kind, payload, created_at")
 # The cursor is a plain range (no cursor: 0, below every event_id) so the (goal_id, event_id)
 # index serves it; "(? IS NULL OR event_id > ?)" would scan the goal's whole log.
 _PAGE = (
@@ -137,12 +159,16 @@ class EventRepository:
             if not rows:
                 return []
             if all(len(row) == _BARE_LENGTH for row in rows):
-                conn.executemany(INSERT_BARE, rows, goal_id=goal_id)
+                first_sql, following_sql = INSERT_BARE, INSERT_BARE_FOLLOWING
             else:
-                conn.executemany(INSERT, [_full(row) for row in rows], goal_id=goal_id)
-            last = int(conn.scalar(LAST_INSERT_ID))
-        # The write lock is held for the whole batch, so AUTOINCREMENT gave consecutive ids.
-        return list(range(last - len(rows) + 1, last + 1))
+                first_sql, following_sql = INSERT, INSERT_FOLLOWING
+                rows = [_full(row) for row in rows]
+            # The first takes NEXT_EVENT_ID; the others one past it, each the newest then.
+            first = conn.execute(first_sql, rows[0], goal_id=goal_id).lastrowid
+            assert first is not None
+            if len(rows) > 1:
+                conn.executemany(following_sql, rows[1:], goal_id=goal_id)
+        return list(range(first, first + len(rows)))
 
     def get_by_goal(
         self,
@@ -209,6 +235,7 @@ class EventRepository:
     def delete_by_goal(self, goal_id: str) -> int:
         """Delete the goal's events; return how many were deleted."""
         with self._scope.write() as conn:
+            conn.execute(RAISE_HIGH_WATER)
             return conn.change(DELETE_BY_GOAL, (goal_id,))
 
 

@@ -14,6 +14,7 @@ import msgspec
 from omkd.db._codec import RowCodec, field_of, named_params
 from omkd.db._conn import Scope
 from omkd.db.errors import GoalNotFound, InvalidData, VersionConflict
+from omkd.db.events import RAISE_HIGH_WATER
 from omkd_client.records import GoalFilter, GoalRecord, GoalSummary, now
 
 __all__ = ["GoalRepository"]
@@ -179,6 +180,7 @@ class GoalRepository:
         Raises GoalNotFound.
         """
         with self._scope.write() as conn:
+            conn.execute(RAISE_HIGH_WATER)  # its events go too: their ids stay used
             if conn.change(DELETE, (goal_id,)) == 0:
                 raise GoalNotFound(goal_id)
 
