@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"in {bench.info['big_db_build_s']:.1f} s"
             )
         with scenarios.servers(bench) as (floor, daemon):
-            with scenarios.cross_cpu(bench, floor, daemon):
+            with scenarios.placed(bench, scenarios.TWO_CPUS, floor, daemon):
                 for name, scenario in (
                     ("round_trips", scenarios.round_trips),
                     ("transaction", scenarios.transaction_of_100),
@@ -75,6 +75,11 @@ def main(argv: list[str] | None = None) -> int:
                 ):
                     if on(name):
                         _guarded(bench, name, lambda s=scenario: s(bench, floor, daemon))
+            if on("round_trips"):
+                one_cpu = scenarios.ONE_CPU
+                with scenarios.placed(bench, one_cpu, floor, daemon):
+                    trips = scenarios.round_trips
+                    _guarded(bench, "round_trips", lambda: trips(bench, floor, daemon, one_cpu))
             if on("writers"):  # unpinned: the writer processes share every CPU with them
                 writers = scenarios.concurrent_writers
                 _guarded(bench, "writers", lambda: writers(bench, floor, daemon))

@@ -190,17 +190,24 @@ def servers(bench: Bench) -> Iterator[tuple[Server, Server]]:
         yield floor, daemon
 
 
+# Where a one-client scenario runs its client: on another CPU than the servers, or on theirs.
+TWO_CPUS: Final = "two CPUs"
+ONE_CPU: Final = "one CPU"
+
+
 @contextmanager
-def cross_cpu(bench: Bench, *servers: Server) -> Iterator[None]:
-    """Pin the servers to one CPU and this process, their one client, to another, for the
-    scenarios of one client; restore both after.
+def placed(bench: Bench, placement: str, *servers: Server) -> Iterator[None]:
+    """Pin the servers to one CPU and this process, their one client, to another (TWO_CPUS)
+    or to the same (ONE_CPU), for the scenarios of one client; restore all after.
 
     Unpinned, the scheduler puts a request-reply pair on one CPU or on two and keeps it
-    there: a ping to the floor takes ~52 µs on one CPU and ~78 µs across two (the daemon's
-    54 and 83), and the floor and the daemon can land on different ones: one run measured
-    the floor on one CPU and the daemon across two, a ping/floor ratio of 1.56 against
-    1.04-1.07 when both are placed alike. Across two CPUs is what a client among other busy
-    processes gets. With one CPU there is nothing to pin.
+    there, and the floor and the daemon can land differently in one run (a ping/floor ratio
+    of 1.56 against 1.04-1.07 placed alike). Across two CPUs each leg of a round trip wakes
+    a halted CPU, which on these virtual machines takes ~20-35 µs or ~10-20 µs depending on
+    how long it was halted (the host polls briefly before it lets the CPU sleep): a server
+    that answers 3 µs later than the floor can come back 27 µs later (bench/README.md). On
+    one CPU no leg wakes another CPU, and a round trip is the work of both processes. The
+    round trips are measured both ways. With one CPU there is nothing to pin.
     """
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
@@ -208,10 +215,11 @@ def cross_cpu(bench: Bench, *servers: Server) -> Iterator[None]:
         return
     pids = [server.pid for server in servers]
     before = {pid: os.sched_getaffinity(pid) for pid in [0, *pids]}
+    client_cpu = cpus[0] if placement == ONE_CPU else cpus[1]
     for pid in pids:
         os.sched_setaffinity(pid, {cpus[0]})
-    os.sched_setaffinity(0, {cpus[1]})
-    bench.info["one_client_placement"] = f"servers on CPU {cpus[0]}, client on CPU {cpus[1]}"
+    os.sched_setaffinity(0, {client_cpu})
+    bench.info[f"placement, {placement}"] = f"servers on CPU {cpus[0]}, client on CPU {client_cpu}"
     try:
         yield
     finally:
@@ -246,8 +254,9 @@ def _timed(call: Callable[[], object]) -> float:
 # -- scenarios ---------------------------------------------------------------------------
 
 
-def round_trips(bench: Bench, floor: Server, daemon: Server) -> None:
-    """daemon.ping, goal.get and event.append, one call at a time on one connection."""
+def round_trips(bench: Bench, floor: Server, daemon: Server, placement: str = TWO_CPUS) -> None:
+    """daemon.ping, goal.get and event.append, one call at a time on one connection; the
+    rows of the ONE_CPU placement are named so ("round trip daemon.ping, one CPU")."""
     sizes = bench.sizes
     append_params = {"goal_id": "rt", "kind": workload.KIND, "payload": workload.PAYLOAD}
     with ExitStack() as stack:
@@ -272,8 +281,9 @@ def round_trips(bench: Bench, floor: Server, daemon: Server) -> None:
             ),
         ]
         for method, params, via_client, via_direct in cases:
-            bench.progress(f"round trips: {method}")
-            row = bench.row(f"round trip {method}", "median latency", "µs")
+            suffix = f", {ONE_CPU}" if placement == ONE_CPU else ""
+            bench.progress(f"round trips: {method}{suffix}")
+            row = bench.row(f"round trip {method}{suffix}", "median latency", "µs")
             for _ in range(sizes.reps):
                 n = sizes.round_trip_calls
                 row.add("floor", _timed_calls(lambda m=method, p=params: to_floor.call(m, p), n))

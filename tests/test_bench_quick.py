@@ -20,6 +20,8 @@ SCENARIOS = [
     "round trip daemon.ping",
     "round trip goal.get",
     "round trip event.append",
+    "round trip daemon.ping, one CPU",
+    "round trip event.append, one CPU",
     "transaction of 100 event.append",
     "event.append_batch of 1,000",
     "event.append_batch of 10,000",
@@ -51,7 +53,7 @@ def test_quick_mode_measures_every_scenario(tmp_path: Path) -> None:
                 assert len(row["median"]) >= 2, f"{scenario}: no baseline beside omkd"
             for variant, value in row["median"].items():
                 assert isinstance(value, int | float), (scenario, row["metric"], variant)
-    assert len(results["targets"]) == 8
+    assert len(results["targets"]) == 10
     for target in results["targets"]:
         assert isinstance(target["value"], int | float), target
         assert isinstance(target["pass"], bool)
