@@ -262,6 +262,44 @@ async def test_money_as_float_refused(client: RawClient) -> None:
     assert await client.call("goal.get", goal_id="g1") is None
 
 
+TOO_BIG = 2**63  # one past SQLite's largest integer
+TOO_SMALL = -(2**63) - 1
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "field"),
+    [
+        ("goal.create", goal("g1", max_agents=TOO_BIG), "max_agents"),
+        ("goal.create", goal("g1", budget_usd=TOO_SMALL), "budget_usd"),
+        ("goal.list", {"older_than": 2**64 - 1}, "older_than"),
+        ("goal.update", {"goal_id": "g0", "expected_version": 1,
+                         "changes": {"budget_tokens": TOO_BIG}}, "budget_tokens"),
+        ("event.append", {"goal_id": "g0", "kind": "k", "payload": 1,
+                          "schema_version": TOO_BIG}, "schema_version"),
+        ("event.get_by_goal", {"goal_id": "g0", "limit": TOO_BIG}, "limit"),
+        ("event.get_by_goal", {"goal_id": "g0", "after_event_id": TOO_BIG}, "after_event_id"),
+        ("task.create_batch", {"goal_id": "g0", "tasks": [{"task_id": "t", "kind": "k",
+                                                           "retry_count": TOO_BIG}]},
+         "tasks[0].retry_count"),
+        ("budget.append_checkpoint", {"goal_id": "g0", "used_tokens": TOO_BIG}, "used_tokens"),
+        ("artifact.delete", {"artifact_id": TOO_SMALL}, "artifact_id"),
+    ],
+)  # fmt: skip
+async def test_integers_beyond_64_bits_are_invalid_params_naming_the_field(
+    client: RawClient, method: str, params: dict[str, Any], field: str
+) -> None:
+    # They decode as Python ints; SQLite cannot store them (an OverflowError, once a -32603).
+    await client.call("goal.create", **goal("g0"))
+    error = await client.error(method, **params)
+    assert error["code"] == ErrorCode.INVALID_PARAMS, error
+    assert error["data"]["field"] == field
+    assert (await client.call("goal.get", goal_id="g0"))["version"] == 1  # nothing written
+    assert await client.call("event.get_by_goal", goal_id="g0") == []
+    largest = {"goal_id": "g0", "kind": "k", "payload": TOO_BIG, "schema_version": TOO_BIG - 1}
+    stored = await client.call("event.append", **largest)  # the largest fits; JSON keeps any
+    assert (stored["schema_version"], stored["payload"]) == (TOO_BIG - 1, TOO_BIG)
+
+
 async def test_sql_text_is_stored_literally(client: RawClient) -> None:
     nasty = "x'); DROP TABLE goals; --"
     await client.call("goal.create", **goal(nasty, goal_text=nasty))

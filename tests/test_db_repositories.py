@@ -517,6 +517,27 @@ def test_event_ids_stay_used_after_a_rolled_back_delete_and_a_reopen(
         assert reopened.events.append("g1", "k", 2).event_id == first + 1
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda db: db.events.get_by_goal("g1", limit=2**70),
+        lambda db: db.events.get_by_goal("g1", after_event_id=-(2**63) - 1),
+        lambda db: db.events.append("g1", "k", 1, schema_version=2**63),
+        lambda db: db.goals.list(GoalFilter(older_than=2**64)),
+        lambda db: db.goals.update("g1", 1, {"max_agents": 2**63}),
+        lambda db: db.budgets.append_checkpoint(BudgetCheckpoint(goal_id="g1", used_tokens=2**63)),
+        lambda db: db.tasks.create_batch("g1", [task("t1", retry_count=2**63)]),
+    ],
+)
+def test_integers_beyond_64_bits_are_invalid_data(
+    db: Database, goal: GoalRecord, call: Callable[[Database], object]
+) -> None:
+    with pytest.raises(InvalidData):
+        call(db)
+    assert db.events.get_by_goal("g1") == [] and db.tasks.get_by_goal("g1") == []
+    assert db.budgets.get_by_goal("g1") == [] and db.goals.get("g1") == goal
+
+
 # proofs, budgets, artifacts
 
 

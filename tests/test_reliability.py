@@ -603,8 +603,15 @@ _END = json.dumps({"jsonrpc": "2.0", "method": "daemon.ping", "id": END_ID}).enc
 # Methods a probe may call with whatever params: all but the one that writes files.
 _PROBE_METHODS = sorted(set(METHODS) - {"db.backup"})
 
+# Integers at and past SQLite's 64-bit range too: decoded fine, refused only by their type.
+_EDGE_INTEGERS = st.sampled_from([2**63 - 1, 2**63, 2**64 - 1, -(2**63), -(2**63) - 1])
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=30),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | _EDGE_INTEGERS
+    | st.floats(allow_nan=False)
+    | st.text(max_size=30),
     lambda inner: (
         st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
     ),

@@ -12,9 +12,13 @@ daemon decodes it.
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
+
+# SQLite stores an integer in 64 bits: a larger one is refused as invalid (-32602 on the
+# wire, naming the field), never sent on to overflow.
+Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 __all__ = [
     "ArtifactRecord",
@@ -24,6 +28,7 @@ __all__ = [
     "GoalFilter",
     "GoalRecord",
     "GoalSummary",
+    "Int64",
     "ProofRecord",
     "TaskRecord",
     "now",
@@ -54,18 +59,18 @@ class GoalRecord(_Record):
     merge_policy: str = "disabled"
     until_ready: bool = False
     slice_execution: bool = False
-    max_agents: int | None = None
+    max_agents: Int64 | None = None
     budget_time: str | None = None
-    budget_tokens: int | None = None
-    budget_usd: int | None = None
+    budget_tokens: Int64 | None = None
+    budget_usd: Int64 | None = None
     cost_tracker_path: str | None = None
     terminal_criteria: Any = None
     failure: Any = None
-    created_at: int = msgspec.field(default_factory=now)
-    updated_at: int = msgspec.field(default_factory=now)
-    completed_at: int | None = None
-    controller_pid: int | None = None
-    version: int = 1
+    created_at: Int64 = msgspec.field(default_factory=now)
+    updated_at: Int64 = msgspec.field(default_factory=now)
+    completed_at: Int64 | None = None
+    controller_pid: Int64 | None = None
+    version: Int64 = 1
 
 
 class GoalSummary(_Record):
@@ -73,8 +78,8 @@ class GoalSummary(_Record):
     status: str
     phase: str
     goal_text: str
-    created_at: int
-    updated_at: int
+    created_at: Int64
+    updated_at: Int64
 
 
 class GoalFilter(_Record):
@@ -83,8 +88,8 @@ class GoalFilter(_Record):
     status: str | None = None
     phase: str | None = None
     kind: str | None = None
-    older_than: int | None = None
-    limit: int | None = None
+    older_than: Int64 | None = None
+    limit: Int64 | None = None
 
 
 class TaskRecord(_Record):
@@ -101,12 +106,12 @@ class TaskRecord(_Record):
     risk: str = ""
     acceptance: Any = None
     evidence: Any = None
-    retry_count: int = 0
-    max_retries: int = 3
-    lease_expires_at: int | None = None
-    completed_at: int | None = None
-    created_at: int = msgspec.field(default_factory=now)
-    updated_at: int = msgspec.field(default_factory=now)
+    retry_count: Int64 = 0
+    max_retries: Int64 = 3
+    lease_expires_at: Int64 | None = None
+    completed_at: Int64 | None = None
+    created_at: Int64 = msgspec.field(default_factory=now)
+    updated_at: Int64 = msgspec.field(default_factory=now)
 
 
 class EventInput(_Record):
@@ -117,25 +122,25 @@ class EventInput(_Record):
     event_uuid: str | None = None
     run_id: str | None = None
     actor: str | None = None
-    schema_version: int = 1
+    schema_version: Int64 = 1
 
 
 class EventRecord(_Record):
-    event_id: int
+    event_id: Int64
     goal_id: str
     kind: str
     payload: Any
-    created_at: int
+    created_at: Int64
     event_uuid: str | None = None
     run_id: str | None = None
     actor: str | None = None
-    schema_version: int = 1
+    schema_version: Int64 = 1
 
 
 class ProofRecord(_Record):
     goal_id: str
     status: str
-    version: int = 1
+    version: Int64 = 1
     readiness: str = ""
     summary: str = ""
     task_graph_summary: Any = None
@@ -143,8 +148,8 @@ class ProofRecord(_Record):
     commits: Any = None
     git: Any = None
     gates: Any = None
-    gates_passed: int = 0
-    gates_total: int = 0
+    gates_passed: Int64 = 0
+    gates_total: Int64 = 0
     post_mutation_gates_ran: bool = False
     known_gaps: Any = None
     human_decisions_required: Any = None
@@ -153,32 +158,32 @@ class ProofRecord(_Record):
     review_artifacts: Any = None
     integration_evidence: Any = None
     oracle_evidence: Any = None
-    generated_at: int = msgspec.field(default_factory=now)
+    generated_at: Int64 = msgspec.field(default_factory=now)
 
 
 class BudgetCheckpoint(_Record):
     """A budget checkpoint; ``checkpoint_id`` is ``None`` until it is stored. Money in cents."""
 
     goal_id: str
-    checkpoint_id: int | None = None
-    version: int = 1
+    checkpoint_id: Int64 | None = None
+    version: Int64 = 1
     label: str = ""
     status: str = ""
     phase: str = ""
-    recorded_at: int = msgspec.field(default_factory=now)
+    recorded_at: Int64 = msgspec.field(default_factory=now)
     budget_time: str | None = None
-    total_budget_secs: int | None = None
-    elapsed_since_created_secs: int = 0
-    remaining_budget_secs: int | None = None
-    budget_tokens: int | None = None
-    used_tokens: int = 0
-    remaining_budget_tokens: int | None = None
-    budget_usd: int | None = None
-    estimated_cost_usd: int = 0
-    remaining_budget_usd: int | None = None
-    limit_value: int | None = None
-    used_value: int | None = None
-    created_at: int = msgspec.field(default_factory=now)
+    total_budget_secs: Int64 | None = None
+    elapsed_since_created_secs: Int64 = 0
+    remaining_budget_secs: Int64 | None = None
+    budget_tokens: Int64 | None = None
+    used_tokens: Int64 = 0
+    remaining_budget_tokens: Int64 | None = None
+    budget_usd: Int64 | None = None
+    estimated_cost_usd: Int64 = 0
+    remaining_budget_usd: Int64 | None = None
+    limit_value: Int64 | None = None
+    used_value: Int64 | None = None
+    created_at: Int64 = msgspec.field(default_factory=now)
 
 
 class ArtifactRecord(_Record):
@@ -187,6 +192,6 @@ class ArtifactRecord(_Record):
     goal_id: str
     kind: str
     path: str
-    artifact_id: int | None = None
+    artifact_id: Int64 | None = None
     mime_type: str | None = None
-    created_at: int = msgspec.field(default_factory=now)
+    created_at: Int64 = msgspec.field(default_factory=now)

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from omkd.db.errors import (
     Busy,
@@ -23,6 +23,7 @@ from omkd.db.errors import (
     DbError,
     GoalNotFound,
     Interrupted,
+    InvalidData,
     StorageFailure,
 )
 
@@ -52,6 +53,21 @@ _STORAGE_CODES = {
 }
 _DUPLICATE_NAMES = {"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"}
 _BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+INT64_RANGE: Final = range(-(2**63), 2**63)
+
+
+def out_of_range(rows: Iterable[Params]) -> InvalidData:
+    """The InvalidData for statement parameters holding an integer SQLite cannot store (64
+    bits at most), naming its field when the parameters are named."""
+    for params in rows:
+        items = params.items() if isinstance(params, Mapping) else enumerate(params)
+        for name, value in items:
+            if type(value) is int and value not in INT64_RANGE:
+                field = name if isinstance(name, str) else "value"
+                return InvalidData(field, f"{value} is out of the 64-bit integer range")
+    return InvalidData("value", "an integer is out of the 64-bit integer range")
 
 
 def translate(
@@ -146,6 +162,8 @@ class Conn:
             return self.raw.execute(sql, params)
         except sqlite3.Error as exc:
             raise translate(exc, goal_id=goal_id, subject=subject) from exc
+        except OverflowError as exc:
+            raise out_of_range([params]) from exc
 
     def executemany(
         self,
@@ -160,6 +178,8 @@ class Conn:
             return self.raw.executemany(sql, rows).rowcount
         except sqlite3.Error as exc:
             raise translate(exc, goal_id=goal_id, subject=subject) from exc
+        except OverflowError as exc:
+            raise out_of_range(rows) from exc
 
     def change(
         self,
@@ -185,6 +205,8 @@ class Conn:
             return self.raw.execute(sql, params).fetchall()
         except sqlite3.Error as exc:
             raise translate(exc, goal_id=goal_id, subject=subject) from exc
+        except OverflowError as exc:
+            raise out_of_range([params]) from exc
 
     def query_one(
         self,

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from omkd_client.records import BudgetCheckpoint, EventInput, TaskRecord
+from omkd_client.records import BudgetCheckpoint, EventInput, Int64, TaskRecord
 from omkd_client.results import (
     BackupResult,
     Created,
@@ -118,7 +118,7 @@ class GoalUpdateStatus(Params):
 
 class GoalUpdate(Params):
     goal_id: str
-    expected_version: int
+    expected_version: Int64
     changes: dict[str, Any]
 
 
@@ -143,7 +143,7 @@ class EventAppend(Params):
     event_uuid: str | None = None
     run_id: str | None = None
     actor: str | None = None
-    schema_version: int = 1
+    schema_version: Int64 = 1
 
 
 class EventAppendBatch(Params):
@@ -153,19 +153,19 @@ class EventAppendBatch(Params):
 
 class EventQuery(Params):
     goal_id: str
-    since: int | None = None
-    after_event_id: int | None = None
-    limit: int | None = None
-    tail: int | None = None
+    since: Int64 | None = None
+    after_event_id: Int64 | None = None
+    limit: Int64 | None = None
+    tail: Int64 | None = None
 
 
 class EventSubscribe(Params):
     goal_id: str | None = None
-    after_event_id: int | None = None
+    after_event_id: Int64 | None = None
 
 
 class Unsubscribe(Params):
-    subscription: int
+    subscription: Int64
 
 
 class ArtifactRegister(Params):
@@ -181,7 +181,7 @@ class ArtifactQuery(Params):
 
 
 class ArtifactId(Params):
-    artifact_id: int
+    artifact_id: Int64
 
 
 class BackupParams(Params):
