@@ -160,7 +160,7 @@ class Server:
             raise
 
     def restart(self, layout: int) -> None:
-        """Stop the server and start it again with the memory layout ``layout`` (see
+        """Stop the server and start it again, its environment padded for ``layout`` (see
         ``child_env``)."""
         self.stop()
         self._start(layout)
@@ -218,12 +218,12 @@ def status_kib(pid: int, field: str) -> int:
 def child_env(layout: int = 0) -> dict[str, str]:
     """The environment for subprocesses: this checkout (and its client) first on the path.
 
-    ``layout`` pads the environment by ``layout * LAYOUT_STEP_BYTES`` bytes. On these
-    machines a server process's speed depends on the bytes of its arguments and environment
-    (they shift its memory layout): the same floor server answered 8 writers at 35,000 or at
-    23,000 calls/s, and the daemon at 16,700 or 13,800, with nothing else changed than the
-    length of the socket path. Repetitions that start their servers with different layouts
-    sample that spread instead of drawing one layout for the whole run.
+    ``layout`` pads the environment by ``layout * LAYOUT_STEP_BYTES`` bytes. The bytes of a
+    process's arguments and environment shift its memory layout, and on these machines that
+    once decided whole runs: in some layouts the clients' ``recv`` of 256 KiB got a fresh
+    mmap every call (glibc's mmap threshold), and 8 writers reached the floor at 23,000
+    instead of 32,000 calls/s (bench/README.md). Repetitions started with different padding
+    show an effect of that kind as spread instead of drawing one layout for the whole run.
     """
     env = dict(os.environ)
     paths = [str(REPO_ROOT), str(REPO_ROOT / "client"), env.get("PYTHONPATH")]
