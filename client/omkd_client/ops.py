@@ -7,7 +7,6 @@ two flavours cannot drift: what goes on the wire and what comes back is decided 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 import msgspec
@@ -39,9 +38,9 @@ __all__ = ["BackupResult", "DaemonStatus", "Op"]
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Op(Generic[T]):
-    """One call: ``method`` with ``params`` (a mapping or a Struct); ``decode`` its result."""
+class Op(msgspec.Struct, Generic[T], frozen=True):
+    """One call: ``method`` with ``params`` (a mapping or a Struct); ``decode`` its result.
+    (A Struct, not a frozen dataclass, for the cost of making one per call.)"""
 
     method: str
     params: Any
@@ -78,6 +77,14 @@ _checkpoints = _as(list[BudgetCheckpoint])
 _artifact = _as(ArtifactRecord)
 _artifacts = _as(list[ArtifactRecord])
 _count = _field(DeletedCount, "deleted")
+_subscription = _field(Subscribed, "subscription")
+_created = _field(Created, "created")
+_replaced = _field(Replaced, "replaced")
+_event_ids = _field(EventIds, "event_ids")
+_str = _as(str)
+_status = _as(DaemonStatus)
+_backup = _as(BackupResult)
+_document = _as(dict[str, Any])
 _flag = _field(DeletedFlag, "deleted")
 _any = _as(Any)
 
@@ -123,8 +130,7 @@ def goal_delete(goal_id: str) -> Op[bool]:
 
 
 def task_create_batch(goal_id: str, tasks: Sequence[TaskRecord]) -> Op[int]:
-    return Op("task.create_batch", {"goal_id": goal_id, "tasks": list(tasks)},
-              _field(Created, "created"))  # fmt: skip
+    return Op("task.create_batch", {"goal_id": goal_id, "tasks": list(tasks)}, _created)
 
 
 def task_get(task_id: str) -> Op[TaskRecord | None]:
@@ -140,8 +146,8 @@ def task_update_status(task_id: str, status: str) -> Op[TaskRecord]:
 
 
 def task_update_task_graph(goal_id: str, tasks: Sequence[TaskRecord]) -> Op[int]:
-    return Op("task.update_task_graph", {"goal_id": goal_id, "tasks": list(tasks)},
-              _field(Replaced, "replaced"))  # fmt: skip
+    params = {"goal_id": goal_id, "tasks": list(tasks)}
+    return Op("task.update_task_graph", params, _replaced)
 
 
 def task_delete_by_goal(goal_id: str) -> Op[int]:
@@ -168,8 +174,7 @@ def event_append(
 
 
 def event_append_batch(goal_id: str, events: Sequence[EventInput]) -> Op[list[int]]:
-    return Op("event.append_batch", {"goal_id": goal_id, "events": list(events)},
-              _field(EventIds, "event_ids"))  # fmt: skip
+    return Op("event.append_batch", {"goal_id": goal_id, "events": list(events)}, _event_ids)
 
 
 def event_get_by_goal(
@@ -192,7 +197,7 @@ def event_delete_by_goal(goal_id: str) -> Op[int]:
 
 def event_subscribe(goal_id: str | None, after_event_id: int | None) -> Op[int]:
     params = _params(goal_id=goal_id, after_event_id=after_event_id)
-    return Op("event.subscribe", params, _field(Subscribed, "subscription"))
+    return Op("event.subscribe", params, _subscription)
 
 
 def event_unsubscribe(subscription: int) -> Op[Any]:
@@ -251,19 +256,19 @@ def artifact_delete_by_goal(goal_id: str) -> Op[int]:
 
 
 def daemon_ping() -> Op[str]:
-    return Op("daemon.ping", None, _as(str))
+    return Op("daemon.ping", None, _str)
 
 
 def daemon_status() -> Op[DaemonStatus]:
-    return Op("daemon.status", None, _as(DaemonStatus))
+    return Op("daemon.status", None, _status)
 
 
 def db_backup(dest: str) -> Op[BackupResult]:
-    return Op("db.backup", {"dest": dest}, _as(BackupResult))
+    return Op("db.backup", {"dest": dest}, _backup)
 
 
 def rpc_discover() -> Op[dict[str, Any]]:
-    return Op("rpc.discover", None, _as(dict[str, Any]))
+    return Op("rpc.discover", None, _document)
 
 
 def tx(method: str) -> Op[Any]:

@@ -131,9 +131,10 @@ class FrameDecoder:
         return message
 
 
-@dataclass(frozen=True, slots=True)
-class Reply:
-    """The answer to request ``id``: ``result`` (raw JSON) or ``error``."""
+class Reply(msgspec.Struct, frozen=True):
+    """The answer to request ``id``: ``result`` (raw JSON) or ``error``. (A Struct, not a
+    frozen dataclass: one is made per call, and a frozen dataclass's ``__init__`` sets each
+    field through ``object.__setattr__``.)"""
 
     id: int
     method: str

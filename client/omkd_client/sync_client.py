@@ -60,6 +60,10 @@ T = TypeVar("T")
 # size would allocate it anew every call, and glibc serves an allocation over 128 KiB with
 # mmap (then mremap, munmap and a page fault), which doubled a call's client CPU time.
 _RECEIVE_BYTES: Final = 256 * 1024
+# The socket's timeout is set again only when the time a wait may take moves further than
+# this from it: each setting is an ioctl, and a call would otherwise make two. A wait may
+# then last this much past its call's deadline.
+_TIMEOUT_SLACK_S: Final = 0.01
 
 
 class _Broken(Exception):
@@ -116,6 +120,7 @@ class Client(_Calls):
         self.call_timeout = call_timeout
         self._protocol = ClientProtocol()
         self._sock: socket.socket | None = None
+        self._sock_timeout: float | None = None  # what the socket's timeout is set to
         self._chunk = bytearray(_RECEIVE_BYTES)  # see _RECEIVE_BYTES
         self._generation = 0  # counts connections: a transaction belongs to one
         self._bind(self)
@@ -199,6 +204,7 @@ class Client(_Calls):
     def _open(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout)
+        self._sock_timeout = self.connect_timeout
         try:
             sock.connect(str(self.socket_path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -214,6 +220,17 @@ class Client(_Calls):
             raise DaemonNotRunning(self.socket_path, exc.strerror or str(exc)) from exc
         self._sock = sock
         self._generation += 1
+
+    def _set_timeout(self, seconds: float | None) -> None:
+        assert self._sock is not None
+        current = self._sock_timeout
+        if current is None or seconds is None:
+            if current is seconds:
+                return
+        elif abs(current - seconds) <= _TIMEOUT_SLACK_S:
+            return
+        self._sock.settimeout(seconds)
+        self._sock_timeout = seconds
 
     def _alive(self) -> bool:
         """True if the socket is open and the daemon has not closed its end."""
@@ -254,7 +271,7 @@ class Client(_Calls):
             delivered = False
             try:
                 assert self._sock is not None
-                self._sock.settimeout(self.call_timeout)
+                self._set_timeout(self.call_timeout)
                 self._sock.sendall(b"".join(frame for _, frame in frames))
                 delivered = True
                 return self._read_replies(ids)
@@ -302,9 +319,9 @@ class Client(_Calls):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError
-            self._sock.settimeout(remaining)
+            self._set_timeout(remaining)
         else:
-            self._sock.settimeout(None)
+            self._set_timeout(None)
         size = self._sock.recv_into(self._chunk)
         if not size:
             raise _Broken("the daemon closed the connection")
