@@ -370,45 +370,72 @@ async def test_joiners_errors_and_notifications_answer_as_on_the_async_path() ->
         await close([leader, joiner])
 
 
-async def test_join_now_answers_only_what_the_async_path_would_answer_the_same(
+async def test_answer_now_answers_only_what_the_async_path_would_answer_the_same(
     daemon: Daemon,
 ) -> None:
-    # The synchronous path of a write meeting an open batch, call by call: it answers the
-    # writes that join and their errors, and leaves everything else (untouched) to handle().
+    # The synchronous path of a request that will not wait, call by call: it answers reads,
+    # pings, writes that go alone or join the open batch, and their errors, and leaves
+    # everything else (untouched) to handle().
     daemon.db.goals.create(db.GoalRecord(**goal("g1")))
     session = Session(daemon, 99, Outbox(1 << 20), lambda frame: frame)
-    join = daemon.dispatcher.join_now
+    other = Session(daemon, 98, Outbox(1 << 20), lambda frame: frame)
+    now = daemon.dispatcher.answer_now
 
-    def append(goal_id: str, request_id: int | None = 1, **extra: Any) -> bytes:
-        message: dict[str, Any] = {"jsonrpc": "2.0", "method": "event.append"}
-        message["params"] = {"goal_id": goal_id, "kind": "k", "payload": 1, **extra}
+    def request(method: str, request_id: int | None = 1, **params: Any) -> bytes:
+        message: dict[str, Any] = {"jsonrpc": "2.0", "method": method, "params": params}
         if request_id is not None:
             message["id"] = request_id
         return json.dumps(message).encode()
 
-    assert join(append("g1"), session) is NOT_NOW  # no batch open: the write would lead one
+    def append(goal_id: str, request_id: int | None = 1, **extra: Any) -> bytes:
+        return request("event.append", request_id, goal_id=goal_id, kind="k", payload=1, **extra)
+
+    def result(reply: object) -> Any:
+        assert isinstance(reply, bytes)
+        return json.loads(reply)["result"]
+
+    # A ping, a read, a write alone (nobody else writing): answered at once.
+    assert result(now(request("daemon.ping", 3), session)) == "pong"
+    assert result(now(request("goal.get", 4, goal_id="g1"), session))["goal_id"] == "g1"
+    alone = result(now(append("g1", 5), session))
+    assert [e.event_id for e in daemon.db.events.get_by_goal("g1")] == [alone["event_id"]]
+    missing = now(append("nope", 6), session)
+    assert isinstance(missing, bytes)
+    assert (json.loads(missing)["id"], json.loads(missing)["error"]["code"]) == (
+        6,
+        ErrorCode.NOT_FOUND,
+    )
+    # Left to handle(): errors of the envelope or params, notifications, batches, session
+    # methods that may wait, and a write while several sessions write: it would lead a
+    # group commit.
+    assert now(append("g1", bad=1), session) is NOT_NOW  # -32602 comes from handle()
+    assert now(append("g1", None), session) is NOT_NOW  # a notification
+    assert now(b"[" + append("g1") + b"]", session) is NOT_NOW  # a JSON-RPC batch
+    assert now(b'{"jsonrpc":"2.0","id":1,"method":"tx.begin"}', session) is NOT_NOW
+    assert now(request("no.such.method"), session) is NOT_NOW
+    daemon.gate._grouping = True  # as batches that had joiners leave it
+    assert now(append("g1", 7), other) is NOT_NOW
+    daemon.gate._grouping = False
     batch = Commit(daemon.db.transaction())
     daemon.gate._batch = batch  # as a leader gathering joiners leaves it
     try:
-        assert join(append("g1", bad=1), session) is NOT_NOW  # -32602 comes from handle()
-        assert join(append("g1", None), session) is NOT_NOW  # a notification
-        assert join(b'{"jsonrpc":"2.0","id":1,"method":"event.get_by_goal"}', session) is NOT_NOW
-        assert join(b"[" + append("g1") + b"]", session) is NOT_NOW  # a JSON-RPC batch
-        failed = join(append("nope", 7), session)
+        failed = now(append("nope", 7), session)
         assert isinstance(failed, bytes)
         assert json.loads(failed)["error"]["code"] == ErrorCode.NOT_FOUND
-        assert json.loads(failed)["id"] == 7
-        joined = join(append("g1", 8), session)
+        joined = now(append("g1", 8), session)
         assert isinstance(joined, DeferredReply)
         assert session.pending_commit() is batch
-        # The session's next write waits for that COMMIT: handle() settles it first.
-        assert join(append("g1", 9), session) is NOT_NOW
+        # Until that COMMIT, the session's next call waits: handle() settles it first.
+        assert now(append("g1", 9), session) is NOT_NOW
+        assert now(request("daemon.ping", 10), session) is NOT_NOW
     finally:
         daemon.gate._batch = None
         daemon.gate._commit(batch)  # (holds no gate: _commit releases what is free anyway)
     reply = json.loads(joined.resolve())
     assert (reply["id"], reply["result"]["kind"]) == (8, "k")
-    assert [e.event_id for e in daemon.db.events.get_by_goal("g1")] == [reply["result"]["event_id"]]
+    stored = [e.event_id for e in daemon.db.events.get_by_goal("g1")]
+    assert stored == [alone["event_id"], reply["result"]["event_id"]]
+    assert result(now(request("daemon.ping", 11), session)) == "pong"  # settled now
 
 
 async def test_a_joiner_that_stops_sending_still_gets_its_reply() -> None:

@@ -109,8 +109,8 @@ class _Connection:
                 else:
                     self.decoder.receive_data(data)
                 continue
-            # A write that joins the open group commit is answered without the async path.
-            joined = self.daemon.dispatcher.join_now(message, session)
+            # A request that will not wait is answered without the async path.
+            joined = self.daemon.dispatcher.answer_now(message, session)
             if joined is NOT_NOW:
                 reply = await self.daemon.dispatcher.handle(message, session)
             else:

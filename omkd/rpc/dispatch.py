@@ -13,11 +13,14 @@ once that COMMIT is done: ``handle`` returns it as a ``DeferredReply`` for the c
 send when the COMMIT is done, and every message waits for the session's last write to be
 committed before it runs (a session sees its own writes; replies keep their order).
 
-A write that meets the open group commit (most writes, when several sessions write) is
-answered by ``join_now`` instead: synchronously, without the chain of coroutines of
-``handle`` that would find nothing to wait for. It takes only what it answers exactly as
-``handle`` would (a well-formed request with an id, for a write, from a session with no
-transaction and no COMMIT still to come); anything else it leaves untouched, as NOT_NOW.
+A request that will not wait is answered by ``answer_now`` instead: synchronously, without
+the chain of coroutines of ``handle`` and jsonrpcserver's ``call`` (~10k instructions of the
+~46k a ping costs the daemon). That is a read, a write inside the session's transaction, one
+that joins the open group commit (most writes, when several sessions write) or goes alone
+(nobody else writing), and a session method that never waits (``Method.now``). It takes only
+what it answers exactly as ``handle`` would (a well-formed request with an id, from a
+session with no COMMIT still to come); anything else, errors of the envelope or the params
+included, it leaves untouched, as NOT_NOW.
 
 An exception the error table does not know is logged with its traceback and answered as an
 internal error that says nothing of the daemon's insides.
@@ -94,10 +97,11 @@ class DispatchSession(SessionLike, Protocol):
 
     async def settle(self) -> None: ...
 
-    def join_now(self, method: Method, params: Any) -> tuple[Any, PendingCommit] | None: ...
+    def settled(self) -> bool: ...
 
-    @property
-    def may_join(self) -> bool: ...
+    def write_waits(self) -> bool: ...
+
+    def write_now(self, method: Method, params: Any) -> tuple[Any, PendingCommit | None] | None: ...
 
 
 class DeferredReply:
@@ -161,7 +165,7 @@ _EMPTY_OBJECT: Final = b"{}"
 
 
 class _NotNow(enum.Enum):
-    NOT_NOW = "not now"  # join_now: take the async path
+    NOT_NOW = "not now"  # answer_now: take the async path
 
 
 NOT_NOW: Final = _NotNow.NOT_NOW
@@ -211,16 +215,14 @@ class Dispatcher:
                 replies.append(reply)
         return b"[" + b",".join(replies) + b"]" if replies else None
 
-    def join_now(self, message: bytes, session: DispatchSession) -> bytes | DeferredReply | _NotNow:
-        """Answer a single write that can join the open group commit at once, without a
-        trip through the async path; NOT_NOW (having done nothing) for anything else.
-
-        Most writes under load are such joiners: each would otherwise go down the chain of
-        coroutines of ``handle`` only to find nothing to wait for. The answer is the one
-        ``handle`` gives: a DeferredReply, or the call's error at once.
-        """
-        if not session.may_join or session.aborted or message[:1] != b"{":
-            return NOT_NOW  # (first: no envelope decoded twice when no batch is open)
+    def answer_now(
+        self, message: bytes, session: DispatchSession
+    ) -> bytes | DeferredReply | _NotNow:
+        """Answer a request that will not wait without the async path; NOT_NOW (having done
+        nothing) for anything else. The answer is the one ``handle`` gives: a reply, a
+        DeferredReply (a write that joined another session's batch), or the call's error."""
+        if message[:1] != b"{" or not session.settled():
+            return NOT_NOW  # a batch, or a COMMIT of this session's still to come
         try:
             envelope = _ENVELOPE.decode(message)
         except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -228,23 +230,36 @@ class Dispatcher:
         method = self.methods.get(envelope.method)
         if (
             method is None
-            or method.access is not Access.WRITE
             or not envelope.id  # a notification
             or _envelope_problem(envelope) is not None
+            or (session.aborted and not method.when_aborted)
         ):
             return NOT_NOW
+        access = method.access
+        if access is Access.SESSION and method.now is None:
+            return NOT_NOW
+        if access is Access.WRITE and session.write_waits():
+            return NOT_NOW  # for the write lock, or to lead a batch: before decoding params
         try:
             params = _decode_params(method.name, self._decoders[method.name], envelope.params)
         except (InvalidParams, ParseError):  # answered by the async path
             return NOT_NOW
+        pending = None
         try:
-            joined = session.join_now(method, params)
+            if access is Access.READ:
+                result = session.run_read(method, params)
+            elif access is Access.WRITE:
+                done = session.write_now(method, params)
+                if done is None:
+                    return NOT_NOW  # it would wait: for the write lock, or to lead a batch
+                result, pending = done
+            else:
+                assert method.now is not None
+                result = method.now(session, params)
         except Exception as exc:
             return encode_error(*_failure(method, exc), envelope.id)
-        if joined is None:
-            return NOT_NOW
-        result, pending = joined
-        return DeferredReply(pending, _success(result, envelope.id), envelope.id)
+        reply = _success(result, envelope.id)
+        return reply if pending is None else DeferredReply(pending, reply, envelope.id)
 
     async def _one(
         self, message: bytes | msgspec.Raw, session: DispatchSession

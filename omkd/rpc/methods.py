@@ -72,6 +72,8 @@ class Method:
     appends_events: bool = False
     # Answered even when the session's transaction was aborted (contract, section 5).
     when_aborted: bool = False
+    # A session method that never waits, answered at once by Dispatcher.answer_now.
+    now: Callable[[SessionLike, Any], Any] | None = None
 
 
 _NF = ErrorCode.NOT_FOUND
@@ -143,8 +145,11 @@ def _session(
     summary: str,
     *errors: ErrorCode,
     when_aborted: bool = False,
+    now: Callable[[SessionLike, Any], Any] | None = None,
 ) -> Method:
-    return Method(name, params, result, Access.SESSION, run, summary, errors, False, when_aborted)
+    return Method(
+        name, params, result, Access.SESSION, run, summary, errors, False, when_aborted, now
+    )
 
 
 R, W = Access.READ, Access.WRITE
@@ -239,7 +244,7 @@ _TABLE: tuple[Method, ...] = (
              "Write a consistent copy of the database to an absolute path.",
              ErrorCode.INVALID_PARAMS, ErrorCode.STORAGE_FAILURE),
     _session("daemon.ping", P.NoParams, str, lambda s, p: _pong(),
-             "Answer \"pong\".", when_aborted=True),
+             "Answer \"pong\".", when_aborted=True, now=lambda s, p: "pong"),
     _session("daemon.status", P.NoParams, P.DaemonStatus, lambda s, p: s.status(),
              "The daemon's version, paths, pid, uptime and live counts.", when_aborted=True),
     _session("rpc.discover", P.NoParams, dict[str, Any], lambda s, p: s.discover(),

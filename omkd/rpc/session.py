@@ -122,22 +122,37 @@ class Session:
         self._pending = pending
         return result
 
-    @property
-    def may_join(self) -> bool:
-        """Whether a write could join an open group commit now (``join_now`` may say no)."""
-        return self.tx is None and self.daemon.gate.joinable
-
-    def join_now(self, method: Method, params: Any) -> tuple[Any, Commit] | None:
-        """Run a single write in the open group commit, if the session may join it without
-        waiting (no transaction, no COMMIT of its own still to come); None if not. The
-        result stands once the returned Commit is done."""
+    def settled(self) -> bool:
+        """Whether the COMMIT of this session's last write is done (``settle`` would not
+        wait); forgets it if so."""
         pending = self._pending
-        if self.tx is not None or (pending is not None and not pending.done.is_set()):
+        if pending is None:
+            return True
+        if not pending.done.is_set():
+            return False
+        self._pending = None
+        return True
+
+    def write_waits(self) -> bool:
+        """Whether a write of this session would wait now (``write_now`` would say None)."""
+        return self.tx is None and self.daemon.gate.would_wait(self)
+
+    def write_now(self, method: Method, params: Any) -> tuple[Any, Commit | None] | None:
+        """``run_write`` when it would not wait: inside the session's transaction, joining
+        the open group commit, or alone when nobody else writes; None, having run nothing,
+        if it would wait. Returns (result, the Commit it stands on when it joined another
+        session's batch)."""
+        tx = self.tx
+        if tx is not None:
+            return self._run_in_transaction(tx, method, params), None
+        done = self.daemon.gate.write_now(method, params, self)
+        if done is None:
             return None
-        joined = self.daemon.gate.join_now(method, params)
-        if joined is not None:
-            self._pending = joined[1]
-        return joined
+        result, committed_events, pending = done
+        if committed_events:
+            self.daemon.events_committed()
+        self._pending = pending
+        return result, pending
 
     def pending_commit(self) -> Commit | None:
         """The COMMIT the last write waits for (it joined another session's batch), if

@@ -175,16 +175,7 @@ class WriteGate:
         if joined is not None:
             # The leader commits; the caller waits for it (or has it send the reply).
             return joined[0], False, joined[1]
-        # Several sessions are writing when two different ones wrote within the window of
-        # each other lately; then a write leads a batch, else it goes alone (no wait).
-        now = trio.current_time()
-        window = self.config.group_commit_window
-        if writer is not self._last_writer:
-            if now - self._last_write_at < window:
-                self._several_at = now
-            self._last_writer = writer
-        self._last_write_at = now
-        group = self._grouping or now - self._several_at < window
+        group = self._note_writer(writer)
         batch = await self._take(transaction=False)
         if batch is not None:  # let in from the line, into the batch of the writes ahead
             if batch is not self._batch or batch.error is not None:
@@ -197,6 +188,43 @@ class WriteGate:
             return await self._lead(method, params)
         return self._alone(method, params)
 
+    def write_now(
+        self, method: Method, params: Any, writer: object
+    ) -> tuple[Any, bool, Commit | None] | None:
+        """``write`` when it would not wait: the write joins the open batch, or goes alone
+        (the gate is free, nobody else is writing). None, having run nothing, if it would
+        wait (for the gate, or to lead a batch). Raises as ``write``."""
+        joined = self.join_now(method, params)
+        if joined is not None:
+            return joined[0], False, joined[1]
+        if self.would_wait(writer):
+            return None
+        self._held = True
+        return self._alone(method, params)
+
+    def would_wait(self, writer: object) -> bool:
+        """Whether a single write of ``writer`` would wait now (for the gate, or to lead a
+        batch), rather than join the open batch or go alone."""
+        if self._joinable() is not None:
+            return False
+        return self._note_writer(writer) or self._held or bool(self._line)
+
+    def _note_writer(self, writer: object) -> bool:
+        """Count a single write of ``writer``; return whether it should lead a batch.
+
+        Several sessions are writing when two different ones wrote within the window of
+        each other lately; then a write leads a batch, else it goes alone (no wait). Noting
+        the same write twice (``write_now``, then ``write``) changes nothing more.
+        """
+        now = trio.current_time()
+        window = self.config.group_commit_window
+        if writer is not self._last_writer:
+            if now - self._last_write_at < window:
+                self._several_at = now
+            self._last_writer = writer
+        self._last_write_at = now
+        return self._grouping or now - self._several_at < window
+
     def join_now(self, method: Method, params: Any) -> tuple[Any, Commit] | None:
         """Run a single write in the open batch if it may join it now (there is one, and
         nobody is in line); return (result, the batch), None if not. Raises as ``write``."""
@@ -204,11 +232,6 @@ class WriteGate:
         if batch is None:
             return None
         return self._run(batch, method, params), batch
-
-    @property
-    def joinable(self) -> bool:
-        """Whether a single write would join an open batch now."""
-        return self._joinable() is not None
 
     def _joinable(self) -> Commit | None:
         batch = self._batch
