@@ -120,7 +120,6 @@ class Client(_Calls):
         self.call_timeout = call_timeout
         self._protocol = ClientProtocol()
         self._sock: socket.socket | None = None
-        self._sock_timeout: float | None = None  # what the socket's timeout is set to
         self._chunk = bytearray(_RECEIVE_BYTES)  # see _RECEIVE_BYTES
         self._generation = 0  # counts connections: a transaction belongs to one
         self._bind(self)
@@ -204,7 +203,6 @@ class Client(_Calls):
     def _open(self) -> None:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout)
-        self._sock_timeout = self.connect_timeout
         try:
             sock.connect(str(self.socket_path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
@@ -223,14 +221,13 @@ class Client(_Calls):
 
     def _set_timeout(self, seconds: float | None) -> None:
         assert self._sock is not None
-        current = self._sock_timeout
+        current = self._sock.gettimeout()
         if current is None or seconds is None:
             if current is seconds:
                 return
         elif abs(current - seconds) <= _TIMEOUT_SLACK_S:
             return
         self._sock.settimeout(seconds)
-        self._sock_timeout = seconds
 
     def _alive(self) -> bool:
         """True if the socket is open and the daemon has not closed its end."""

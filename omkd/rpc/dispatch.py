@@ -99,8 +99,6 @@ class DispatchSession(SessionLike, Protocol):
 
     def settled(self) -> bool: ...
 
-    def write_waits(self) -> bool: ...
-
     def write_now(self, method: Method, params: Any) -> tuple[Any, PendingCommit | None] | None: ...
 
 
@@ -238,8 +236,6 @@ class Dispatcher:
         access = method.access
         if access is Access.SESSION and method.now is None:
             return NOT_NOW
-        if access is Access.WRITE and session.write_waits():
-            return NOT_NOW  # for the write lock, or to lead a batch: before decoding params
         try:
             params = _decode_params(method.name, self._decoders[method.name], envelope.params)
         except (InvalidParams, ParseError):  # answered by the async path

@@ -133,10 +133,6 @@ class Session:
         self._pending = None
         return True
 
-    def write_waits(self) -> bool:
-        """Whether a write of this session would wait now (``write_now`` would say None)."""
-        return self.tx is None and self.daemon.gate.would_wait(self)
-
     def write_now(self, method: Method, params: Any) -> tuple[Any, Commit | None] | None:
         """``run_write`` when it would not wait: inside the session's transaction, joining
         the open group commit, or alone when nobody else writes; None, having run nothing,

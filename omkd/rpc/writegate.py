@@ -197,17 +197,10 @@ class WriteGate:
         joined = self.join_now(method, params)
         if joined is not None:
             return joined[0], False, joined[1]
-        if self.would_wait(writer):
+        if self._note_writer(writer) or self._held or self._line:
             return None
         self._held = True
         return self._alone(method, params)
-
-    def would_wait(self, writer: object) -> bool:
-        """Whether a single write of ``writer`` would wait now (for the gate, or to lead a
-        batch), rather than join the open batch or go alone."""
-        if self._joinable() is not None:
-            return False
-        return self._note_writer(writer) or self._held or bool(self._line)
 
     def _note_writer(self, writer: object) -> bool:
         """Count a single write of ``writer``; return whether it should lead a batch.
