@@ -44,6 +44,7 @@ from omkd.rpc.connection import serve_connection
 from omkd.rpc.dispatch import Dispatcher
 from omkd.rpc.errors import Busy
 from omkd.rpc.openrpc import openrpc_document
+from omkd.rpc.poller import Poller
 from omkd.rpc.session import Session
 from omkd.rpc.writegate import WriteGate
 
@@ -63,6 +64,8 @@ class Daemon:
         self.version = omkd.__version__
         self.dispatcher = Dispatcher()
         self.gate = WriteGate(database, config)
+        self.poller = Poller()
+        self.gate.turn = self.poller.turn
         self.sessions: set[Session] = set()
         self.new_events = trio.Event()
         self.started = time.monotonic()
@@ -211,23 +214,34 @@ async def _serve_socket(
     daemon: Daemon, sock: socket.socket, task_status: trio.TaskStatus[Daemon]
 ) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    async with listener, trio.open_nursery() as nursery:
-        nursery.start_soon(_accept, daemon, listener, nursery)
-        nursery.start_soon(_checkpoint_wal, daemon)
-        interval = systemd.watchdog_interval()
-        if interval is not None:
-            nursery.start_soon(_watchdog, interval)
-        config = daemon.config
-        log.info(
-            "serving %s on %s (omkd %s, schema %d, pid %d)",
-            config.db_path,
-            config.socket_path,
-            daemon.version,
-            daemon.db.schema_version,
-            os.getpid(),
-        )
-        _notify(lambda: systemd.notify_ready(f"serving {config.db_path}"))
-        task_status.started(daemon)
+    with contextlib.closing(daemon.poller):
+        async with listener, trio.open_nursery() as nursery:
+            _start_serving(daemon, listener, nursery, task_status)
+
+
+def _start_serving(
+    daemon: Daemon,
+    listener: trio.SocketListener,
+    nursery: trio.Nursery,
+    task_status: trio.TaskStatus[Daemon],
+) -> None:
+    nursery.start_soon(_accept, daemon, listener, nursery)
+    nursery.start_soon(daemon.poller.run)
+    nursery.start_soon(_checkpoint_wal, daemon)
+    interval = systemd.watchdog_interval()
+    if interval is not None:
+        nursery.start_soon(_watchdog, interval)
+    config = daemon.config
+    log.info(
+        "serving %s on %s (omkd %s, schema %d, pid %d)",
+        config.db_path,
+        config.socket_path,
+        daemon.version,
+        daemon.db.schema_version,
+        os.getpid(),
+    )
+    _notify(lambda: systemd.notify_ready(f"serving {config.db_path}"))
+    task_status.started(daemon)
 
 
 async def _accept(daemon: Daemon, listener: trio.SocketListener, nursery: trio.Nursery) -> None:

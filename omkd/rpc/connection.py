@@ -1,7 +1,11 @@
 """The trio adapter: one client connection, its tasks and its session.
 
-Theory of operation. The connection's own task reads bytes into the sans-IO
-``FrameDecoder``, answers each whole message in arrival order through the ``Dispatcher`` and
+Theory of operation. While nothing is in progress (no transaction, no reply held back, no
+whole message buffered) the connection is parked in the daemon's ``Poller``, which reads
+for it and answers inline what ``Dispatcher.answer_now`` answers (``serve_ready``); it hands
+the connection back to its task, with what it read, for anything else. The task reads bytes
+into the sans-IO ``FrameDecoder`` itself only inside a transaction (where the idle timeout
+runs), answers each whole message in arrival order through the ``Dispatcher`` and
 sends the reply itself when nothing is queued before it (written straight into the socket's
 buffer, falling back to trio's ``send_all`` for what does not fit); it reads more only when
 the buffered messages are answered, so a client that sends faster than it is served waits in
@@ -34,7 +38,14 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from omkd.rpc.dispatch import NOT_NOW, DeferredReply, encode_error
-from omkd.rpc.framing import NEED_DATA, FrameDecoder, FrameTooLarge, Framing, encode_frame
+from omkd.rpc.framing import (
+    NEED_DATA,
+    FrameDecoder,
+    FrameTooLarge,
+    Framing,
+    NeedData,
+    encode_frame,
+)
 from omkd.rpc.outbox import Outbox
 from omkd.rpc.session import Session
 from omkd_client.codes import ErrorCode
@@ -69,6 +80,10 @@ class _Connection:
         self.sending = trio.Lock()  # one writer on the socket at a time
         self._held: list[bytes] = []  # replies not sent yet, to go out in one write
         self._held_bytes = 0
+        # What the poller read and left to this task (see serve_ready).
+        self._handed: bytes | None = None  # a message it did not answer
+        self._too_large: FrameTooLarge | None = None
+        self._ended = False  # it read the end of the stream, or the socket broke
 
     def _frame(self, message: bytes) -> bytes:
         return encode_frame(self.decoder.framing or Framing.LENGTH, message)
@@ -89,9 +104,11 @@ class _Connection:
     async def _serve(self) -> bool:
         """Answer messages until the client is done (True) or stopped reading (False)."""
         session = self.session
+        poller = self.daemon.poller
         while True:
+            handed = self._handed is not None  # answer_now said no to it already
             try:
-                message = self.decoder.next_message()
+                message = self._next_message()
             except FrameTooLarge as exc:
                 if not await self._flush():
                     return False
@@ -100,7 +117,14 @@ class _Connection:
             if message is NEED_DATA:
                 if self._held and not await self._flush():
                     return False
-                data = await self._receive()
+                if not session.in_transaction and not self._ended:
+                    # Nothing in progress: the poller answers what will not wait.
+                    await poller.park(self)
+                    # Replies it could not send go out before anything answered after them.
+                    if self._held and not await self._flush():
+                        return False
+                    continue
+                data = None if self._ended else await self._receive()
                 if data is None:
                     await session.settle()  # a reply still to send after its COMMIT
                     return True
@@ -110,7 +134,7 @@ class _Connection:
                     self.decoder.receive_data(data)
                 continue
             # A request that will not wait is answered without the async path.
-            joined = self.daemon.dispatcher.answer_now(message, session)
+            joined = NOT_NOW if handed else self.daemon.dispatcher.answer_now(message, session)
             if joined is NOT_NOW:
                 reply = await self.daemon.dispatcher.handle(message, session)
             else:
@@ -136,6 +160,74 @@ class _Connection:
                 return False
             session.start_pending()
 
+    def _next_message(self) -> bytes | NeedData:
+        """The next message: first what the poller left, then the decoder's."""
+        message = self._handed
+        if message is not None:
+            self._handed = None
+            return message
+        too_large = self._too_large
+        if too_large is not None:
+            self._too_large = None
+            raise too_large
+        return self.decoder.next_message()
+
+    def serve_ready(self) -> bool:
+        """Called by the poller while parked: read, and answer what ``answer_now`` answers;
+        False to go back to this connection's task, which goes on from what is left here
+        (a message, an oversize frame, the end of the stream, replies not sent)."""
+        try:
+            data = os.read(self.fd, _RECEIVE_BYTES)
+        except BlockingIOError:
+            return True
+        except OSError:  # reset by the peer
+            self._ended = True
+            return False
+        if not data:
+            if self.decoder.pending:
+                log.debug("session %d: closed mid-message", self.session.id)
+            self._ended = True
+            return False
+        self.decoder.receive_data(data)
+        try:
+            return self._answer_buffered()
+        except Exception:  # a bug: this connection ends, the poller goes on
+            log.exception("session %d: unexpected error; connection closed", self.session.id)
+            self._ended = True
+            return False
+
+    def _answer_buffered(self) -> bool:
+        dispatcher = self.daemon.dispatcher
+        while True:
+            try:
+                message = self.decoder.next_message()
+            except FrameTooLarge as exc:
+                self._too_large = exc
+                return False
+            if message is NEED_DATA:
+                return True
+            reply = dispatcher.answer_now(message, self.session)
+            if reply is NOT_NOW:
+                self._handed = message
+                return False
+            if isinstance(reply, DeferredReply):
+                reply.commit.when_done(functools.partial(self._send_deferred, reply))
+                continue
+            frame = self._frame(reply)
+            sent = 0
+            if not (self.outbox.queued_bytes or self.sending.locked()):
+                written = self._write_now(frame)
+                if written is None:  # the client is gone
+                    self._ended = True
+                    return False
+                if written == len(frame):
+                    continue
+                sent = written
+            # Behind other frames, or the socket's buffer is full: the task sends the rest.
+            self._held.append(frame[sent:])
+            self._held_bytes += len(frame) - sent
+            return False
+
     async def _flush(self) -> bool:
         """Send the replies held back; False if the client stalled (and was logged)."""
         if not self._held:
@@ -153,19 +245,17 @@ class _Connection:
         return False
 
     async def _receive(self) -> bytes | _Idle | None:
-        """The next bytes; _IDLE when an open transaction's idle timeout passed; None at EOF."""
+        """The next bytes for the session's transaction; _IDLE when its idle timeout passed
+        first; None at the end of the stream. (Outside a transaction the poller reads.)"""
         try:
-            if self.session.in_transaction:
-                with trio.move_on_after(self.daemon.config.tx_idle_timeout):
-                    return await self._read() or None
-                return _IDLE
-            # No deadline outside a transaction: no cancel scope to arm for every read.
-            data = await self._read()
+            with trio.move_on_after(self.daemon.config.tx_idle_timeout):
+                data = await self._read()
+                if not data and self.decoder.pending:
+                    log.debug("session %d: closed mid-message", self.session.id)
+                return data or None
+            return _IDLE
         except (OSError, trio.ClosedResourceError):  # reset by the peer, or closed under us
             return None
-        if not data and self.decoder.pending:
-            log.debug("session %d: closed mid-message", self.session.id)
-        return data or None
 
     async def _read(self) -> bytes:
         """Wait until the socket is readable, then read what is there (b"" at end of stream).

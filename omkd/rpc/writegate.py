@@ -9,7 +9,8 @@ Single writes commit in groups. The first one to take the gate opens a *batch*: 
 transaction in which it runs its call (in a savepoint, as every call in a transaction does,
 unless it is one statement).
 When other sessions are writing too (two sessions wrote within ``group_commit_window`` of
-each other lately, or the last batch had joiners), it then yields to the scheduler once;
+each other lately, or the last batch had joiners), it then lets the request path take one
+turn (``turn``: the poller serves every connection that is ready);
 single writes of other sessions that arrive meanwhile run inside the open batch, each in its
 own savepoint, instead of queueing for the gate. If one did, the batch waits on until every
 task that can run has run (trio's idle point: nothing runnable, no socket ready), at most
@@ -35,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -103,6 +104,9 @@ class WriteGate:
         self._last_write_at = -math.inf
         self._several_at = -math.inf
         self._grouping = False
+        # A turn of the request path: the writes that arrived with a batch's first one
+        # have run once it is over (the daemon's poller sets its own).
+        self.turn: Callable[[], Awaitable[None]] = trio.lowlevel.cancel_shielded_checkpoint
         self.single_writes = 0  # counters for tests and benchmarks
         self.commits = 0
 
@@ -277,7 +281,7 @@ class WriteGate:
         # never left half done.
         if not self._grouping and not batch.admitted:
             calls_before = batch.calls
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            await self.turn()
             self._grouping = batch.calls > calls_before
             if not self._grouping:
                 return

@@ -1,0 +1,115 @@
+"""The poller: one task that answers the connections whose requests will not wait.
+
+Theory of operation. A connection with nothing in progress (no transaction, no reply held,
+no whole message buffered) parks here instead of waiting on its own socket. The poller keeps
+the parked sockets in an epoll set of its own, registered once while they stay parked, and
+trio waits on that one descriptor. When it is ready, the poller asks each ready connection
+to ``serve_ready``: read what is there and answer what ``Dispatcher.answer_now`` answers
+(reads, writes that join a group commit or go alone, daemon.ping), all inline. A connection
+whose input needs more than that (a transaction, a batch, an error of the envelope, the end
+of the stream, a reply that finds the socket busy) is handed back to its own task, which
+goes on where the poller stopped.
+
+Why: with several clients writing, waking one task per request (trio re-arms the socket in
+its epoll set, reschedules the task, resumes its coroutines) cost as much as the rest of the
+request's Python; here one wake-up of the poller serves every connection that is ready, and a
+parked socket is not re-armed between its requests.
+
+Resource handling: a parked connection is in the epoll set exactly while it is parked; it
+leaves it when handed back, and when its task is cancelled (the connection ends or the daemon
+stops). Error handling: ``serve_ready`` never raises; the poller ends only when cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+from typing import Protocol
+
+import trio
+
+__all__ = ["Parked", "Poller"]
+
+log = logging.getLogger("omkd.poller")
+
+
+class Parked(Protocol):
+    fd: int
+
+    def serve_ready(self) -> bool:
+        """Answer what the socket's input allows inline; False to be handed back to the
+        connection's task (the connection keeps what it read). Never raises."""
+        ...
+
+
+class Poller:
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._parked: dict[int, tuple[Parked, trio.lowlevel.Task]] = {}
+        self._resumed: trio.Event | None = None  # set by the task handed back, once it runs
+        self._serving = False  # between a wake-up and the last ready connection served
+
+    async def turn(self) -> None:
+        """Shielded: one turn of the scheduler, and more until the poller has served every
+        connection that is ready. A group commit's leader waits this long to see whether
+        other writes join it."""
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        while self._serving:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def close(self) -> None:
+        self._epoll.close()
+
+    async def run(self) -> None:
+        """Serve the parked connections until cancelled."""
+        fd = self._epoll.fileno()
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            self._serving = True
+            try:
+                await self._serve_ready()
+            finally:
+                self._serving = False
+
+    async def _serve_ready(self) -> None:
+        for ready, _ in self._epoll.poll(0):
+            parked = self._parked.get(ready)
+            if parked is not None and not parked[0].serve_ready():
+                # Its task runs a step before the others are served: a write that leads
+                # a group commit opens the batch they then join, instead of each one
+                # leading a batch of its own. (A checkpoint would not do: trio runs the
+                # tasks ready together in either order.)
+                resumed = self._resumed = trio.Event()
+                self._hand_back(ready)
+                await resumed.wait()
+
+    async def park(self, connection: Parked) -> None:
+        """Wait until the poller hands ``connection`` back to its task."""
+        fd = connection.fd
+        self._epoll.register(fd, select.EPOLLIN)
+        self._parked[fd] = (connection, trio.lowlevel.current_task())
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            self._forget(fd)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
+        # Handed back: the poller goes on once this task's step is done.
+        resumed, self._resumed = self._resumed, None
+        if resumed is not None:
+            resumed.set()
+
+    @property
+    def parked(self) -> int:
+        """How many connections are parked here now."""
+        return len(self._parked)
+
+    def _hand_back(self, fd: int) -> None:
+        task = self._forget(fd)
+        trio.lowlevel.reschedule(task)
+
+    def _forget(self, fd: int) -> trio.lowlevel.Task:
+        _, task = self._parked.pop(fd)
+        if not self._epoll.closed:  # (closed: the daemon is stopping)
+            self._epoll.unregister(fd)
+        return task

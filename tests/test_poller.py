@@ -1,0 +1,186 @@
+"""The poller (omkd.rpc.poller): idle connections wait in it, and it answers inline what
+will not wait; everything else goes back to the connection's own task, in order."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from omkd.rpc.framing import Framing, encode_frame
+from omkd.server import Daemon
+
+from rpc_helpers import RawClient, goal, running_daemon, short_tempdir
+
+
+@pytest.fixture
+async def daemon() -> AsyncIterator[Daemon]:
+    with short_tempdir() as directory:
+        async with running_daemon(directory) as d:
+            yield d
+
+
+def _frame(message: Any) -> bytes:
+    return encode_frame(Framing.LENGTH, json.dumps(message).encode())
+
+
+def _request(id: Any, method: str, **params: Any) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": id, "method": method, "params": params}
+
+
+async def _settle() -> None:
+    # The daemon runs in this process: let it read, answer and park.
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_idle_connections_wait_in_the_poller_and_leave_it_when_they_close(
+    daemon: Daemon,
+) -> None:
+    clients = [await RawClient.connect(daemon.config.socket_path) for _ in range(5)]
+    for c in clients:
+        assert await c.call("daemon.ping") == "pong"
+    await _settle()
+    assert daemon.poller.parked == 5
+    for c in clients[:2]:
+        await c.aclose()
+    await _settle()
+    assert daemon.poller.parked == 3
+    assert len(daemon.sessions) == 3
+    for c in clients[2:]:  # the others are served as before
+        assert await c.call("daemon.ping") == "pong"
+        await c.aclose()
+
+
+async def test_quick_and_slow_requests_pipelined_in_one_write_answer_in_order(
+    daemon: Daemon,
+) -> None:
+    c = await RawClient.connect(daemon.config.socket_path)
+    await c.call("goal.create", **goal("g1"))
+    # Each kind of request, several times over, in one write: the poller answers some
+    # inline and hands the rest to the connection's task, which hands the connection back.
+    messages: list[bytes] = []
+    expected: list[Any] = []
+    for round in range(3):
+        base = round * 100
+        messages += [
+            _frame(_request(base + 1, "daemon.ping")),
+            _frame(_request(base + 2, "event.append", goal_id="g1", kind="out", payload=1)),
+            _frame(_request(base + 3, "tx.begin")),
+            _frame(_request(base + 4, "event.append", goal_id="g1", kind="in", payload=2)),
+            _frame(_request(base + 5, "tx.commit")),
+            _frame({"jsonrpc": "2.0", "method": "daemon.ping"}),  # a notification: no reply
+            encode_frame(Framing.LENGTH, b'{"jsonrpc": "2.0", "id": '),  # not JSON
+            _frame(
+                [_request(f"b{base}", "daemon.ping"), _request(base + 6, "goal.get", goal_id="g1")]
+            ),
+            _frame(_request(base + 7, "event.get_by_goal", goal_id="g1", limit=1000)),
+        ]
+        expected += [base + 1, base + 2, base + 3, base + 4, base + 5, None, ("b", base), base + 7]
+    await c.send_bytes(b"".join(messages))
+    appended: list[int] = []
+    for want in expected:
+        reply = await c.recv()
+        if isinstance(want, tuple):  # the batch: both replies, in order
+            base = want[1]
+            assert [r["id"] for r in reply] == [f"b{base}", base + 6]
+            assert reply[1]["result"]["goal_id"] == "g1"
+            continue
+        if want is None:
+            assert reply["id"] is None
+            assert reply["error"]["code"] == -32700
+            continue
+        assert reply["id"] == want, reply
+        result = reply["result"]
+        if want % 100 in (2, 4):
+            appended.append(result["event_id"])
+        if want % 100 == 7:  # every event appended so far is there, committed
+            assert [e["event_id"] for e in result] == appended
+    await c.aclose()
+
+
+async def test_replies_that_fill_the_socket_arrive_whole_and_in_order(daemon: Daemon) -> None:
+    c = await RawClient.connect(daemon.config.socket_path)
+    await c.call("goal.create", **goal("g1", goal_text="x" * 200_000))
+    count = 60  # about 12 MB of replies, far more than a socket buffer holds
+    requests = b"".join(_frame(_request(i, "goal.get", goal_id="g1")) for i in range(count))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(c.send_bytes, requests)
+        await trio.sleep(0.2)  # the daemon's writes to this socket stall meanwhile
+        for i in range(count):
+            reply = await c.recv()
+            assert reply["id"] == i
+            assert len(reply["result"]["goal_text"]) == 200_000
+    assert await c.call("daemon.ping") == "pong"
+    await c.aclose()
+
+
+async def test_a_client_gone_mid_message_ends_its_session_only(daemon: Daemon) -> None:
+    other = await RawClient.connect(daemon.config.socket_path)
+    assert await other.call("daemon.ping") == "pong"
+    c = await RawClient.connect(daemon.config.socket_path)
+    assert await c.call("daemon.ping") == "pong"
+    await c.send_bytes(_frame(_request(1, "daemon.ping"))[:10])
+    await c.aclose()
+    await _settle()
+    assert len(daemon.sessions) == 1
+    assert await other.call("daemon.ping") == "pong"
+    await other.aclose()
+
+
+async def test_a_reset_connection_ends_its_session_only(daemon: Daemon) -> None:
+    other = await RawClient.connect(daemon.config.socket_path)
+    c = await RawClient.connect(daemon.config.socket_path)
+    assert await c.call("daemon.ping") == "pong"
+    # Unread replies at close make the kernel reset the connection (ECONNRESET).
+    sock = c.stream.socket
+    os.write(sock.fileno(), _frame(_request(1, "daemon.ping")) * 3)
+    await _settle()
+    sock.close()
+    await _settle()
+    assert len(daemon.sessions) == 1
+    assert await other.call("daemon.ping") == "pong"
+    await other.aclose()
+
+
+async def test_a_client_gone_before_its_reply_ends_its_session_only(daemon: Daemon) -> None:
+    other = await RawClient.connect(daemon.config.socket_path)
+    c = await RawClient.connect(daemon.config.socket_path)
+    assert await c.call("daemon.ping") == "pong"
+    await _settle()
+    # The request is in the socket and the client gone before the daemon runs again: its
+    # reply finds no one to take it.
+    sock = c.stream.socket
+    os.write(sock.fileno(), _frame(_request(1, "daemon.ping")))
+    sock.close()
+    await _settle()
+    assert len(daemon.sessions) == 1
+    assert daemon.poller.parked == 1
+    assert await other.call("daemon.ping") == "pong"
+    await other.aclose()
+
+
+async def test_an_unexpected_error_while_answering_inline_ends_that_session_only(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = await RawClient.connect(daemon.config.socket_path)
+    assert await other.call("daemon.ping") == "pong"
+    c = await RawClient.connect(daemon.config.socket_path)
+
+    def broken(message: bytes, session: object) -> object:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(daemon.dispatcher, "answer_now", broken)
+    await c.send({"jsonrpc": "2.0", "id": 1, "method": "daemon.ping"})
+    assert await c.recv_raw() is None  # the daemon closed this connection
+    assert "unexpected error; connection closed" in caplog.text
+    monkeypatch.undo()
+    assert await other.call("daemon.ping") == "pong"
+    await _settle()
+    assert len(daemon.sessions) == 1
+    await c.aclose()
+    await other.aclose()
