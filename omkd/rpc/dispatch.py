@@ -167,6 +167,10 @@ class _NotNow(enum.Enum):
 
 
 NOT_NOW: Final = _NotNow.NOT_NOW
+# Looked up for every request: as globals, not through Python 3.11's EnumType.__getattr__.
+_READ: Final = Access.READ
+_WRITE: Final = Access.WRITE
+_SESSION: Final = Access.SESSION
 
 
 def encode_error(code: int, message: str, data: Any = None, id: msgspec.Raw = _NULL) -> bytes:
@@ -234,7 +238,7 @@ class Dispatcher:
         ):
             return NOT_NOW
         access = method.access
-        if access is Access.SESSION and method.now is None:
+        if access is _SESSION and method.now is None:
             return NOT_NOW
         try:
             params = _decode_params(method.name, self._decoders[method.name], envelope.params)
@@ -242,9 +246,9 @@ class Dispatcher:
             return NOT_NOW
         pending = None
         try:
-            if access is Access.READ:
+            if access is _READ:
                 result = session.run_read(method, params)
-            elif access is Access.WRITE:
+            elif access is _WRITE:
                 done = session.write_now(method, params)
                 if done is None:
                     return NOT_NOW  # it would wait: for the write lock, or to lead a batch
@@ -317,9 +321,9 @@ class Dispatcher:
                 {"method": method.name},
             )
         params = _decode_params(method.name, decoder, call.params)
-        if method.access is Access.READ:
+        if method.access is _READ:
             return session.run_read(method, params)
-        if method.access is Access.WRITE:
+        if method.access is _WRITE:
             return await session.run_write(method, params)
         return await cast(SessionFn, method.run)(session, params)
 
