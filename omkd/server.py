@@ -68,6 +68,7 @@ class Daemon:
         self.gate.turn = self.poller.turn
         self.sessions: set[Session] = set()
         self.new_events = trio.Event()
+        self.subscriptions = 0  # live subscription feeders, which wait on new_events
         self.started = time.monotonic()
         self.openrpc = msgspec.Raw(
             msgspec.json.encode(openrpc_document(self.dispatcher.methods.values(), self.version))
@@ -81,6 +82,8 @@ class Daemon:
 
     def events_committed(self) -> None:
         """Wake the subscriptions: new events may be committed."""
+        if not self.subscriptions:  # nobody to wake: no Event made and set per write
+            return
         signal_, self.new_events = self.new_events, trio.Event()
         signal_.set()
 

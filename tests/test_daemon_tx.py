@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
+import trio.testing
 
 from omkd import db
 from omkd.db.goals import GoalRepository
@@ -239,6 +240,30 @@ async def test_subscription_backlog_goal_filter_and_unsubscribe(daemon: Daemon) 
     assert {n["params"]["subscription"] for n in notes} == {everything["subscription"]}
     assert await sub.call("event.unsubscribe", subscription=sid) == {"unsubscribed": True}
     assert (await sub.error("event.unsubscribe", subscription=sid))["code"] == (ErrorCode.NOT_FOUND)
+
+
+async def test_commits_wake_subscriptions_only_while_there_are_some(daemon: Daemon) -> None:
+    writer = await connect(daemon)
+    await writer.call("goal.create", **goal("g1"))
+    idle_signal = daemon.new_events
+    await writer.call("event.append", goal_id="g1", kind="nobody listens", payload=0)
+    assert daemon.new_events is idle_signal and not idle_signal.is_set()
+    for end in ("unsubscribe", "close"):
+        sub = await connect(daemon)
+        sid = (await sub.call("event.subscribe", goal_id="g1"))["subscription"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert daemon.subscriptions == 1
+        appended = await writer.call("event.append", goal_id="g1", kind=end, payload=1)
+        with trio.fail_after(2):
+            assert (await sub.notification())["params"]["event"] == appended
+        if end == "unsubscribe":
+            await sub.call("event.unsubscribe", subscription=sid)
+        else:
+            await sub.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        assert daemon.subscriptions == 0
+        if end == "unsubscribe":
+            await sub.aclose()
 
 
 async def test_sixteen_sessions_mixing_transactions_and_single_writes(daemon: Daemon) -> None:

@@ -297,19 +297,23 @@ class Session:
 
     async def _feed(self, sub: _Subscription) -> None:
         config = self.daemon.config
-        with sub.scope:
-            while True:
-                signal = self.daemon.new_events  # taken before the query: no lost wake-up
-                events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, config.page_size)
-                if not events:
-                    await signal.wait()
-                    continue
-                for event in events:
-                    frame = self._notification(_Appended(sub.id, event))
-                    if not await self.outbox.put_before(frame, config.subscriber_stall_timeout):
-                        self._cut_off(sub)
-                        return
-                    sub.cursor = event.event_id
+        self.daemon.subscriptions += 1  # commits wake new_events while any is counted
+        try:
+            with sub.scope:
+                while True:
+                    signal = self.daemon.new_events  # before the query: no lost wake-up
+                    events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, config.page_size)
+                    if not events:
+                        await signal.wait()
+                        continue
+                    for event in events:
+                        frame = self._notification(_Appended(sub.id, event))
+                        if not await self.outbox.put_before(frame, config.subscriber_stall_timeout):
+                            self._cut_off(sub)
+                            return
+                        sub.cursor = event.event_id
+        finally:
+            self.daemon.subscriptions -= 1
 
     def _cut_off(self, sub: _Subscription) -> None:
         reason = (
