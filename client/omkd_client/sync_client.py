@@ -120,6 +120,7 @@ class Client(_Calls):
         self.call_timeout = call_timeout
         self._protocol = ClientProtocol()
         self._sock: socket.socket | None = None
+        self._readable = select.poll()  # POLLIN of _sock, once connected
         self._chunk = bytearray(_RECEIVE_BYTES)  # see _RECEIVE_BYTES
         self._generation = 0  # counts connections: a transaction belongs to one
         self._bind(self)
@@ -217,6 +218,8 @@ class Client(_Calls):
             sock.close()
             raise DaemonNotRunning(self.socket_path, exc.strerror or str(exc)) from exc
         self._sock = sock
+        self._readable = select.poll()  # kept with the socket: one poll(2) a call, no setup
+        self._readable.register(sock, select.POLLIN)
         self._generation += 1
 
     def _set_timeout(self, seconds: float | None) -> None:
@@ -234,9 +237,7 @@ class Client(_Calls):
         if self._sock is None:
             return False
         # poll, not a non-blocking recv: a socket with a timeout waits before any recv.
-        poller = select.poll()
-        poller.register(self._sock, select.POLLIN)
-        if not poller.poll(0):
+        if not self._readable.poll(0):
             return True
         try:
             data = self._sock.recv(1, socket.MSG_PEEK)
