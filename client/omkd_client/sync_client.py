@@ -253,7 +253,8 @@ class Client(_Calls):
 
     def _exchange(self, requests: list[tuple[str, Any]]) -> list[Reply]:
         """Send ``requests`` together, then return their replies in the same order."""
-        methods = [m for m, _ in requests]
+        # Loops, not comprehensions: on Python 3.11 each comprehension makes a function
+        # object, and most calls are one request.
         retried = False
         while True:
             in_transaction = self._protocol.in_transaction
@@ -261,26 +262,33 @@ class Client(_Calls):
                 self._drop("the daemon closed the connection")
                 if in_transaction:
                     raise error_after_break(
-                        methods, in_transaction=True, delivered=False, retried=False
+                        _methods(requests), in_transaction=True, delivered=False, retried=False
                     ) or ConnectionLost("the connection was lost")
                 self._open()
-            frames = [self._protocol.send_request(m, p) for m, p in requests]
-            ids = [request_id for request_id, _ in frames]
+            ids: list[int] = []
+            frames: list[bytes] = []
+            for method, params in requests:
+                request_id, frame = self._protocol.send_request(method, params)
+                ids.append(request_id)
+                frames.append(frame)
             delivered = False
             try:
                 assert self._sock is not None
                 self._set_timeout(self.call_timeout)
-                self._sock.sendall(b"".join(frame for _, frame in frames))
+                self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
                 delivered = True
                 return self._read_replies(ids)
             except (_Broken, ProtocolError, OSError) as exc:
                 if isinstance(exc, TimeoutError):
                     if not delivered:  # a frame may be half sent: the stream is unusable
                         self._drop("timed out while sending")
-                    raise self._timed_out(ids, methods) from exc
+                    raise self._timed_out(ids, _methods(requests)) from exc
                 self._drop(f"connection lost: {exc}")
                 error = error_after_break(
-                    methods, in_transaction=in_transaction, delivered=delivered, retried=retried
+                    _methods(requests),
+                    in_transaction=in_transaction,
+                    delivered=delivered,
+                    retried=retried,
                 )
                 if error is not None:
                     raise error from exc
@@ -308,7 +316,7 @@ class Client(_Calls):
                 continue
             if event is NEED_DATA:
                 self._receive(deadline)
-        return [replies[i] for i in ids]
+        return list(map(replies.__getitem__, ids))
 
     def _receive(self, deadline: float | None) -> None:
         """Read once into the protocol; raise TimeoutError past ``deadline``, _Broken at EOF."""
@@ -556,3 +564,8 @@ def _decode(op: Op[T], raw: msgspec.Raw) -> T:
         return op.decode(bytes(raw))
     except msgspec.DecodeError as exc:
         raise ProtocolError(f"the result of {op.method} does not decode: {exc}") from exc
+
+
+def _methods(requests: list[tuple[str, Any]]) -> list[str]:
+    """The methods of ``requests``, for an error that names them."""
+    return [method for method, _ in requests]
