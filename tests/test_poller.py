@@ -110,7 +110,9 @@ async def test_replies_that_fill_the_socket_arrive_whole_and_in_order(daemon: Da
     requests = b"".join(_frame(_request(i, "goal.get", goal_id="g1")) for i in range(count))
     async with trio.open_nursery() as nursery:
         nursery.start_soon(c.send_bytes, requests)
-        await trio.sleep(0.2)  # the daemon's writes to this socket stall meanwhile
+        await _settle()
+        # The socket's buffer is full: the poller handed the rest to the connection's task.
+        assert daemon.poller.parked == 0
         for i in range(count):
             reply = await c.recv()
             assert reply["id"] == i
