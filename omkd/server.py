@@ -66,6 +66,7 @@ class Daemon:
         self.gate = WriteGate(database, config)
         self.poller = Poller()
         self.gate.turn = self.poller.turn
+        self.gate.on_events_committed = self.events_committed
         self.sessions: set[Session] = set()
         self.new_events = trio.Event()
         self.subscriptions = 0  # live subscription feeders, which wait on new_events
@@ -230,6 +231,7 @@ def _start_serving(
 ) -> None:
     nursery.start_soon(_accept, daemon, listener, nursery)
     nursery.start_soon(daemon.poller.run)
+    nursery.start_soon(daemon.gate.run_committer)
     nursery.start_soon(_checkpoint_wal, daemon)
     interval = systemd.watchdog_interval()
     if interval is not None:

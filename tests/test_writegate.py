@@ -14,15 +14,17 @@ import trio
 import trio.testing
 
 from omkd import db
+from omkd.rpc import params as P
 from omkd.rpc.dispatch import NOT_NOW, DeferredReply
 from omkd.rpc.framing import Framing, encode_frame
+from omkd.rpc.methods import METHODS
 from omkd.rpc.outbox import Outbox
 from omkd.rpc.session import Session
-from omkd.rpc.writegate import Commit
+from omkd.rpc.writegate import Commit, WriteGate
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
 
-from rpc_helpers import RawClient, goal, running_daemon, short_tempdir
+from rpc_helpers import RawClient, goal, make_config, running_daemon, short_tempdir
 
 
 @pytest.fixture
@@ -406,15 +408,23 @@ async def test_answer_now_answers_only_what_the_async_path_would_answer_the_same
         ErrorCode.NOT_FOUND,
     )
     # Left to handle(): errors of the envelope or params, notifications, batches, session
-    # methods that may wait, and a write while several sessions write: it would lead a
-    # group commit.
+    # methods that may wait, and a write that would wait for the gate.
     assert now(append("g1", bad=1), session) is NOT_NOW  # -32602 comes from handle()
     assert now(append("g1", None), session) is NOT_NOW  # a notification
     assert now(b"[" + append("g1") + b"]", session) is NOT_NOW  # a JSON-RPC batch
     assert now(b'{"jsonrpc":"2.0","id":1,"method":"tx.begin"}', session) is NOT_NOW
     assert now(request("no.such.method"), session) is NOT_NOW
     daemon.gate._grouping = True  # as batches that had joiners leave it
+    daemon.gate._held = True  # as a transaction holding the gate leaves it
     assert now(append("g1", 7), other) is NOT_NOW
+    daemon.gate._held = False
+    # A write while several sessions write opens a batch; the committer commits it.
+    opened = now(append("g1", 7), other)
+    assert isinstance(opened, DeferredReply)
+    with trio.fail_after(5):
+        await opened.commit.done.wait()
+    first = json.loads(opened.resolve())["result"]["event_id"]
+    assert other.settled()
     daemon.gate._grouping = False
     batch = Commit(daemon.db.transaction())
     daemon.gate._batch = batch  # as a leader gathering joiners leaves it
@@ -434,7 +444,7 @@ async def test_answer_now_answers_only_what_the_async_path_would_answer_the_same
     reply = json.loads(joined.resolve())
     assert (reply["id"], reply["result"]["kind"]) == (8, "k")
     stored = [e.event_id for e in daemon.db.events.get_by_goal("g1")]
-    assert stored == [alone["event_id"], reply["result"]["event_id"]]
+    assert stored == [alone["event_id"], first, reply["result"]["event_id"]]
     assert result(now(request("daemon.ping", 11), session)) == "pong"  # settled now
 
 
@@ -620,3 +630,25 @@ async def test_a_writer_cancelled_as_its_turn_comes_passes_the_gate_on() -> None
             with trio.fail_after(1):  # the gate is free again, not held by nobody
                 await gate.acquire()
             gate.release()
+
+
+async def test_a_batch_opened_as_the_committer_stops_is_still_committed() -> None:
+    with short_tempdir() as directory:
+        config = make_config(directory)
+        with db.Database.open(directory / "omk.db") as database:
+            database.goals.create(db.GoalRecord(**goal("g1")))
+            gate = WriteGate(database, config)
+            append = METHODS["event.append"]
+            params = P.EventAppend(goal_id="g1", kind="k", payload=1)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(gate.run_committer)
+                await trio.testing.wait_all_tasks_blocked()
+                gate._grouping = True  # several sessions write: a write opens a batch
+                done = gate.write_now(append, params, object())
+                assert done is not None
+                event, _, batch = done
+                assert batch is not None and not batch.done.is_set()
+                nursery.cancel_scope.cancel()  # the daemon stops before the committer runs
+            assert batch.done.is_set() and batch.error is None
+            assert [e.event_id for e in database.events.get_by_goal("g1")] == [event.event_id]
+            assert gate.write_now(append, params, object()) is None  # no committer: no batch

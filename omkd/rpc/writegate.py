@@ -22,6 +22,11 @@ the first of them opens a batch, and each that runs in it lets in the next, up t
 ``tx.begin`` in line, so group commit resumes as soon as a transaction ends, in arrival
 order.
 
+A batch's first write that comes through ``write_now`` (a request answered at once, as
+most are) opens the batch there and returns like a joiner; the committer task
+(``run_committer``) then does the gathering and the COMMIT, so the write's connection never
+waits for it. A write on the async path (``write``) leads its batch itself.
+
 One COMMIT then serves them all, and each call answers only once that COMMIT is done, so an
 answered write is as durable as ever: a joiner's call returns at once with the batch as its
 ``Commit``, and its session holds the reply until the commit, sent by the leader's task
@@ -107,6 +112,10 @@ class WriteGate:
         # A turn of the request path: the writes that arrived with a batch's first one
         # have run once it is over (the daemon's poller sets its own).
         self.turn: Callable[[], Awaitable[None]] = trio.lowlevel.cancel_shielded_checkpoint
+        self._committer: trio.lowlevel.Task | None = None  # run_committer, while it runs
+        self._committer_lot = trio.lowlevel.ParkingLot()
+        self._opened: Commit | None = None  # opened by write_now, for the committer
+        self.on_events_committed: Callable[[], None] = lambda: None
         self.single_writes = 0  # counters for tests and benchmarks
         self.commits = 0
 
@@ -201,10 +210,55 @@ class WriteGate:
         joined = self.join_now(method, params)
         if joined is not None:
             return joined[0], False, joined[1]
-        if self._note_writer(writer) or self._held or self._line:
+        group = self._note_writer(writer)
+        if self._held or self._line or (group and self._committer is None):
             return None
         self._held = True
-        return self._alone(method, params)
+        if not group:
+            return self._alone(method, params)
+        batch = self._open()
+        try:
+            result = self._run(batch, method, params)
+        finally:
+            self._opened = batch
+            self._committer_lot.unpark()
+        return result, False, batch
+
+    def _open(self) -> Commit:
+        # Holds the gate.
+        try:
+            batch = Commit(self.db.transaction())
+        except BaseException:
+            self.release()
+            raise
+        self._batch = batch
+        return batch
+
+    async def run_committer(self) -> None:
+        """Gather joiners for and commit the batches ``write_now`` opens; until cancelled."""
+        self._committer = trio.lowlevel.current_task()
+        try:
+            while True:
+                while self._opened is None:
+                    await self._committer_lot.park()
+                batch, self._opened = self._opened, None
+                await self._close(batch, calls_before=1)
+        finally:
+            self._committer = None
+            if self._opened is not None:  # cancelled before it got its turn
+                batch, self._opened = self._opened, None
+                self._batch = None
+                self._commit(batch)
+
+    async def _close(self, batch: Commit, calls_before: int) -> None:
+        try:
+            if batch.error is None:
+                await self._gather_joiners(batch, calls_before)
+        finally:
+            self._batch = None
+            self._commit(batch)
+        if batch.error is None and batch.appends_events:
+            self.on_events_committed()
 
     def _note_writer(self, writer: object) -> bool:
         """Count a single write of ``writer``; return whether it should lead a batch.
@@ -247,13 +301,7 @@ class WriteGate:
         return result, method.appends_events, None
 
     async def _lead(self, method: Method, params: Any) -> tuple[Any, bool, None]:
-        # Holds the gate.
-        try:
-            batch = Commit(self.db.transaction())
-        except BaseException:
-            self.release()
-            raise
-        self._batch = batch
+        batch = self._open()
         self._admit_next(batch)
         own_error: Exception | None = None
         try:
@@ -262,7 +310,7 @@ class WriteGate:
             except Exception as exc:  # the others of the batch still commit
                 own_error = exc
             if batch.error is None:
-                await self._gather_joiners(batch)
+                await self._gather_joiners(batch, batch.calls)
         finally:
             self._batch = None
             self._commit(batch)
@@ -273,14 +321,13 @@ class WriteGate:
         # The leader wakes the subscribers once for the whole batch.
         return result, batch.appends_events, None
 
-    async def _gather_joiners(self, batch: Commit) -> None:
+    async def _gather_joiners(self, batch: Commit, calls_before: int) -> None:
         # One turn of the scheduler first: if no other write came meanwhile, nobody else is
         # writing now, and the commit should not wait. Otherwise (or at once while the
         # batches before this one had joiners) commit once every task that can run has run:
         # the writes that arrived meanwhile have joined. Bounded, and shielded: a batch is
         # never left half done.
         if not self._grouping and not batch.admitted:
-            calls_before = batch.calls
             await self.turn()
             self._grouping = batch.calls > calls_before
             if not self._grouping:
