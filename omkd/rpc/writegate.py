@@ -251,6 +251,7 @@ class WriteGate:
                 self._commit(batch)
 
     async def _close(self, batch: Commit, calls_before: int) -> None:
+        """Gather the batch's joiners, commit it, and wake the subscribers once for it."""
         try:
             if batch.error is None:
                 await self._gather_joiners(batch, calls_before)
@@ -309,17 +310,13 @@ class WriteGate:
                 result = self._run(batch, method, params)
             except Exception as exc:  # the others of the batch still commit
                 own_error = exc
-            if batch.error is None:
-                await self._gather_joiners(batch, batch.calls)
         finally:
-            self._batch = None
-            self._commit(batch)
+            await self._close(batch, batch.calls)  # (it wakes the subscribers)
         if own_error is not None:
             raise own_error
         if batch.error is not None:
             raise batch.error
-        # The leader wakes the subscribers once for the whole batch.
-        return result, batch.appends_events, None
+        return result, False, None
 
     async def _gather_joiners(self, batch: Commit, calls_before: int) -> None:
         # One turn of the scheduler first: if no other write came meanwhile, nobody else is
