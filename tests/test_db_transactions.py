@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 import subprocess
 import sys
 import threading
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +84,31 @@ def test_closed_transaction_refuses_use(db: Database, make_goal: MakeGoal) -> No
     tx2.rollback()
     with pytest.raises(TransactionClosed):
         tx2.events.append("g1", "k", 1)
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback"])
+def test_an_ended_transaction_is_freed_at_once(db: Database, make_goal: MakeGoal, end: str) -> None:
+    # The daemon ends a transaction with every group commit: one kept alive by a reference
+    # cycle would wait for the garbage collector. Its repositories refuse use all the same.
+    gc.disable()
+    try:
+        tx = db.transaction()
+        events = tx.events  # taken before the end
+        tx.goals.create(make_goal("g1"))
+        events.append("g1", "k", 1)
+        getattr(tx, end)()
+        with pytest.raises(TransactionClosed):
+            events.append("g1", "k", 2)
+        with pytest.raises(TransactionClosed):
+            tx.events.append("g1", "k", 3)
+        with pytest.raises(TransactionClosed):
+            tx.goals.get("g1")
+        ended = weakref.ref(tx)
+        del tx, events
+        assert ended() is None
+    finally:
+        gc.enable()
+    assert len(db.events.get_by_goal("g1")) == (1 if end == "commit" else 0)
 
 
 def test_failing_call_changes_nothing_and_keeps_the_transaction(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import socket
@@ -126,6 +127,34 @@ async def test_writes_that_arrive_together_share_one_commit() -> None:
         assert [r["result"]["kind"] for r in replies] == [f"w{n}" for n in range(8)]
         assert daemon.gate.single_writes - before[0] == 8
         assert daemon.gate.commits - before[1] == 1
+        await close(cs)
+
+
+async def test_a_group_commit_leaves_nothing_to_the_garbage_collector() -> None:
+    # Each batch makes a Commit and a Transaction, and each joiner a DeferredReply and its
+    # callback: in a reference cycle, only the collector's passes would free them.
+    async with grouping_daemon() as (daemon, _):
+        cs = await clients(daemon, 8)
+        gc.collect()
+        gc.disable()
+        try:
+            before = daemon.gate.commits
+            for n, c in enumerate(cs):
+                _send(c, _append_frame("g1", f"w{n}", n))
+            replies = [await c.reply() for c in cs]
+            for c in cs:  # each session lets go of its batch once it calls again
+                assert await c.call("daemon.ping") == "pong"
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what is unreachable goes to gc.garbage
+            gc.collect()
+            ours = (Commit, DeferredReply, db.Transaction)
+            left = [type(o).__name__ for o in gc.garbage if isinstance(o, ours)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert [r["result"]["kind"] for r in replies] == [f"w{n}" for n in range(8)]
+        assert daemon.gate.commits - before == 1
+        assert left == []
         await close(cs)
 
 

@@ -25,9 +25,10 @@ import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Generic, TypeVar, overload
+from typing import Final, Generic, TypeVar, overload
 
 from omkd.db._conn import Conn, Row, Scope, connect, connect_read_only, rollback_quietly
 from omkd.db.artifacts import ArtifactRepository
@@ -166,7 +167,15 @@ class _Repositories:
     artifacts = _Repository(ArtifactRepository)
 
     def _bind_repositories(self, scope: Scope) -> None:
+        """Make the repositories work in ``scope`` (those already made are dropped)."""
         self._scope = scope
+        for name in _REPOSITORY_NAMES:
+            self.__dict__.pop(name, None)
+
+
+_REPOSITORY_NAMES: Final = tuple(
+    name for name, value in vars(_Repositories).items() if isinstance(value, _Repository)
+)
 
 
 class Database(_Repositories):
@@ -604,6 +613,10 @@ class Transaction(_Repositories):
 
     def _finish(self) -> None:
         self._active = False
+        # The scope and the repositories made from it refer back to this transaction: let
+        # go of them, or the cycle leaves every group commit's Transaction to the garbage
+        # collector. Calls after the end still raise TransactionClosed.
+        self._bind_repositories(_ENDED)
         self._db._end_transaction(self)
 
     def _lose(self, exc: BaseException) -> StorageFailure:
@@ -625,6 +638,18 @@ class Transaction(_Repositories):
             except DbError:
                 pass
         raise self._lose(exc) from exc
+
+
+class _Ended:
+    """The scope of a transaction that has ended: every call raises TransactionClosed."""
+
+    def read(self) -> AbstractContextManager[Conn]:
+        raise TransactionClosed()
+
+    write = statement = read
+
+
+_ENDED: Final = _Ended()
 
 
 class _TransactionScope:
