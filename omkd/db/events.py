@@ -130,8 +130,9 @@ class EventRepository:
         created_at = now()
         text = _json.encode(payload, "payload")
         row = insert_row(goal_id, kind, text, created_at, event_uuid, run_id, actor, schema_version)
+        sql = INSERT_BARE if len(row) == _BARE_LENGTH else INSERT
         with self._scope.statement() as conn:
-            event_id = conn.execute(insert_sql(row), row, goal_id=goal_id).lastrowid
+            event_id = conn.execute(sql, row, goal_id=goal_id).lastrowid
         assert event_id is not None
         return EventRecord(
             event_id=event_id,
@@ -324,15 +325,10 @@ def insert_row(
     schema_version: int = 1,
 ) -> tuple[Any, ...]:
     """The INSERT parameters of one event (``payload`` as stored JSON text): for INSERT_BARE
-    when it has no event_uuid, run_id and actor, else for INSERT (``insert_sql`` gives it)."""
+    when it has no event_uuid, run_id and actor, else for INSERT."""
     if event_uuid is None and run_id is None and actor is None:
         return (goal_id, schema_version, kind, payload, created_at)
     return (event_uuid, run_id, goal_id, schema_version, kind, actor, payload, created_at)
-
-
-def insert_sql(row: tuple[Any, ...]) -> str:
-    """The INSERT that takes ``row`` (from ``insert_row``)."""
-    return INSERT_BARE if len(row) == _BARE_LENGTH else INSERT
 
 
 def _full(row: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -351,7 +351,7 @@ def _failure(method: Method, exc: Exception) -> tuple[int, str, dict[str, Any] |
 
 
 def _success(result: Any, id: msgspec.Raw) -> bytes:
-    return _success_raw(msgspec.Raw(_ENCODER.encode(result)), id)
+    return _ENCODER.encode(_Success("2.0", msgspec.Raw(_ENCODER.encode(result)), id))
 
 
 def _success_raw(result: msgspec.Raw, id: msgspec.Raw) -> bytes:

@@ -96,19 +96,18 @@ class FrameDecoder:
         """
         if self.framing is _LINE:
             return self._next_line()
-        return self._next_length_prefixed()
-
-    def _next_length_prefixed(self) -> bytes | NeedData:
-        if len(self._buffer) < _PREFIX.size:
+        # Length mode inline: this runs twice a request (the message, then NEED_DATA).
+        buffer = self._buffer
+        if len(buffer) < _PREFIX.size:
             return NEED_DATA
-        (size,) = _PREFIX.unpack_from(self._buffer)
+        (size,) = _PREFIX.unpack_from(buffer)
         if size > self.max_message_bytes:
             raise FrameTooLarge(size, self.max_message_bytes)
         end = _PREFIX.size + size
-        if len(self._buffer) < end:
+        if len(buffer) < end:
             return NEED_DATA
-        message = bytes(self._buffer[_PREFIX.size : end])
-        del self._buffer[:end]
+        message = bytes(buffer[_PREFIX.size : end])
+        del buffer[:end]
         return message
 
     def _next_line(self) -> bytes | NeedData:

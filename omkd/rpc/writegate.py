@@ -288,16 +288,10 @@ class WriteGate:
     def join_now(self, method: Method, params: Any) -> tuple[Any, Commit] | None:
         """Run a single write in the open batch if it may join it now (there is one, and
         nobody is in line); return (result, the batch), None if not. Raises as ``write``."""
-        batch = self._joinable()
-        if batch is None:
-            return None
-        return self._run(batch, method, params), batch
-
-    def _joinable(self) -> Commit | None:
         batch = self._batch
         if batch is None or batch.error is not None or self._line:
             return None
-        return batch
+        return self._run(batch, method, params), batch
 
     def _alone(self, method: Method, params: Any) -> tuple[Any, bool, None]:
         # Nobody to group with: the call is its own transaction, without a savepoint.
