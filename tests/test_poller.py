@@ -3,9 +3,11 @@ will not wait; everything else goes back to the connection's own task, in order.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ import trio
 import trio.testing
 
 from omkd.rpc.framing import Framing, encode_frame
+from omkd.rpc.poller import Poller
 from omkd.server import Daemon
 
 from rpc_helpers import RawClient, goal, running_daemon, short_tempdir
@@ -186,3 +189,74 @@ async def test_an_unexpected_error_while_answering_inline_ends_that_session_only
     assert len(daemon.sessions) == 1
     await c.aclose()
     await other.aclose()
+
+
+class _Parked:
+    """A parked connection of the poller's own tests: reads what is there, then ``then``."""
+
+    def __init__(self) -> None:
+        self.server, self.client = socket.socketpair()
+        self.server.setblocking(False)
+        self.fd = self.server.fileno()
+        self.served = 0
+        self.then: Callable[[], object] = lambda: None
+
+    def serve_ready(self) -> bool:
+        self.server.recv(4096)
+        self.served += 1
+        self.then()
+        return True
+
+    def close(self) -> None:
+        self.server.close()
+        self.client.close()
+
+
+@pytest.mark.parametrize(("passes", "wakeups"), [(4, 1), (1, 2)])
+async def test_what_becomes_ready_while_the_poller_serves_is_served_in_the_same_wakeup(
+    passes: int, wakeups: int
+) -> None:
+    with contextlib.closing(Poller(passes_per_wakeup=passes)) as poller:
+        a, b = _Parked(), _Parked()
+        a.then = lambda: b.client.send(b"x")  # as a client answering while A is served
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            nursery.start_soon(poller.park, a)
+            nursery.start_soon(poller.park, b)
+            await trio.testing.wait_all_tasks_blocked()
+            a.client.send(b"x")
+            await trio.testing.wait_all_tasks_blocked()
+            assert (a.served, b.served, poller.wakeups) == (1, 1, wakeups)
+            nursery.cancel_scope.cancel()
+        a.close()
+        b.close()
+
+
+async def test_a_connection_ready_again_and_again_leaves_other_tasks_their_turn() -> None:
+    with contextlib.closing(Poller(passes_per_wakeup=4)) as poller:
+        busy = _Parked()
+        turns = 0  # of this test's task, which wants to run meanwhile
+        seen: list[int] = []  # its turns, each time the busy connection was served
+
+        def again() -> None:
+            seen.append(turns)
+            if busy.served < 40:
+                busy.client.send(b"x")
+
+        busy.then = again
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            nursery.start_soon(poller.park, busy)
+            await trio.testing.wait_all_tasks_blocked()
+            busy.client.send(b"x")
+            with trio.fail_after(5):
+                while busy.served < 40:
+                    turns += 1
+                    await trio.lowlevel.checkpoint()
+            nursery.cancel_scope.cancel()
+        busy.close()
+    # Served 4 times a wake-up at most, and this task got turns between the wake-ups (trio
+    # runs the tasks ready together in either order: two wake-ups may meet between turns).
+    assert poller.wakeups >= 10
+    assert max(seen.count(t) for t in set(seen)) <= 8
+    assert len(set(seen)) >= 5
