@@ -154,9 +154,17 @@ def test_ago() -> None:
     assert ago(None) == "-"
 
 
+# The console entry point with Ctrl-C as a terminal delivers it: a test run started in the
+# background (a shell's `cmd &`) has SIGINT ignored, and a child would inherit that.
+_CLI_WITH_CTRL_C = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('omkd_client.cli', run_name='__main__', alter_sys=True)"
+)
+
+
 def test_events_tail_follow_in_a_subprocess(daemon: Daemon, goal_id: str) -> None:
     """The console entry point: a traceback-free stream, stopped by Ctrl-C."""
-    command = [sys.executable, "-m", "omkd_client.cli", "--socket", str(daemon.socket_path),
+    command = [sys.executable, "-c", _CLI_WITH_CTRL_C, "--socket", str(daemon.socket_path),
                "events", "tail", goal_id, "--follow", "--json", "-n", "1"]  # fmt: skip
     with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           text=True) as process:  # fmt: skip
