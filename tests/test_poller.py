@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -260,3 +261,28 @@ async def test_a_connection_ready_again_and_again_leaves_other_tasks_their_turn(
     assert poller.wakeups >= 10
     assert max(seen.count(t) for t in set(seen)) <= 8
     assert len(set(seen)) >= 5
+
+
+async def test_a_wakeup_that_lasted_its_budget_looks_no_further() -> None:
+    # A client pipelining long runs of requests: one pass answers 64 KiB of them; the next
+    # waits for the next wake-up, so that other tasks are not kept waiting several times that.
+    with contextlib.closing(Poller(passes_per_wakeup=4, wakeup_budget=0.001)) as poller:
+        slow = _Parked()
+
+        def again() -> None:
+            time.sleep(0.002)  # a pass longer than the budget
+            if slow.served < 3:
+                slow.client.send(b"x")
+
+        slow.then = again
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(poller.run)
+            nursery.start_soon(poller.park, slow)
+            await trio.testing.wait_all_tasks_blocked()
+            slow.client.send(b"x")
+            with trio.fail_after(5):
+                while slow.served < 3:
+                    await trio.sleep(0)
+            nursery.cancel_scope.cancel()
+        slow.close()
+    assert poller.wakeups == 3  # one pass each

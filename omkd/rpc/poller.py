@@ -6,10 +6,11 @@ the parked sockets in an epoll set of its own, registered once while they stay p
 trio waits on that one descriptor. When it is ready, the poller asks each ready connection
 to ``serve_ready``: read what is there and answer what ``Dispatcher.answer_now`` answers
 (reads, writes that join a group commit or go alone, daemon.ping), all inline; then it looks
-again, and serves what became ready meanwhile, up to ``passes_per_wakeup`` times. A connection
-whose input needs more than that (a transaction, a batch, an error of the envelope, the end
-of the stream, a reply that finds the socket busy) is handed back to its own task, which
-goes on where the poller stopped.
+again, and serves what became ready meanwhile, up to ``passes_per_wakeup`` times while the
+wake-up has lasted less than ``wakeup_budget``. A connection whose input needs more than
+that (a transaction, a batch, an error of the envelope, the end of the stream, a reply that
+finds the socket busy) is handed back to its own task, which goes on where the poller
+stopped.
 
 Why: a task woken for each request costs a trip through trio's scheduler (the socket
 re-armed in trio's epoll set, the task rescheduled, its coroutines resumed); here one
@@ -26,11 +27,12 @@ stops). Error handling: ``serve_ready`` never raises; the poller ends only when 
 from __future__ import annotations
 
 import select
+import time
 from typing import Final, Protocol
 
 import trio
 
-__all__ = ["PASSES_PER_WAKEUP", "Parked", "Poller"]
+__all__ = ["PASSES_PER_WAKEUP", "WAKEUP_BUDGET_S", "Parked", "Poller"]
 
 
 class Parked(Protocol):
@@ -45,13 +47,19 @@ class Parked(Protocol):
 # After serving what was ready, the poller looks again before going back to trio: under 8
 # writers two times in three more was ready already (their clients answered while the others
 # were served), and each look saves a trip through trio's scheduler. Bounded, so that other
-# tasks (and trio's own look at their sockets) get their turn; 2, 8 and 16 measured the same.
+# tasks (and trio's own look at their sockets) get their turn: in passes (2, 8 and 16
+# measured the same as 4), and in time, for clients that pipeline long runs of requests (a
+# pass may answer 64 KiB of them from each connection).
 PASSES_PER_WAKEUP: Final = 4
+WAKEUP_BUDGET_S: Final = 0.001  # no further pass once a wake-up has served this long
 
 
 class Poller:
-    def __init__(self, passes_per_wakeup: int = PASSES_PER_WAKEUP) -> None:
+    def __init__(
+        self, passes_per_wakeup: int = PASSES_PER_WAKEUP, wakeup_budget: float = WAKEUP_BUDGET_S
+    ) -> None:
         self.passes_per_wakeup = passes_per_wakeup
+        self.wakeup_budget = wakeup_budget
         self.wakeups = 0  # times trio woke the poller (for tests and benchmarks)
         self._epoll = select.epoll()
         self._parked: dict[int, tuple[Parked, trio.lowlevel.Task]] = {}
@@ -77,12 +85,15 @@ class Poller:
             await trio.lowlevel.wait_readable(fd)
             self.wakeups += 1
             self._serving = True
+            until = time.perf_counter() + self.wakeup_budget
             try:
                 for _ in range(self.passes_per_wakeup):
                     ready = epoll.poll(0)
                     if not ready:
                         break
                     await self._serve(ready)
+                    if time.perf_counter() > until:
+                        break
             finally:
                 self._serving = False
 
