@@ -9,6 +9,7 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -213,50 +214,55 @@ class _Parked:
         self.client.close()
 
 
+@asynccontextmanager
+async def _polling(poller: Poller, *parked: _Parked) -> AsyncIterator[None]:
+    """``poller`` running with ``parked`` parked in it until the block ends; then closed."""
+    try:
+        with contextlib.closing(poller):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(poller.run)
+                for connection in parked:
+                    nursery.start_soon(poller.park, connection)
+                await trio.testing.wait_all_tasks_blocked()
+                yield
+                nursery.cancel_scope.cancel()
+    finally:
+        for connection in parked:
+            connection.close()
+
+
 @pytest.mark.parametrize(("passes", "wakeups"), [(4, 1), (1, 2)])
 async def test_what_becomes_ready_while_the_poller_serves_is_served_in_the_same_wakeup(
     passes: int, wakeups: int
 ) -> None:
     # (A budget no slow machine reaches: only the passes bound the wake-up here.)
-    with contextlib.closing(Poller(passes_per_wakeup=passes, wakeup_budget=60)) as poller:
-        a, b = _Parked(), _Parked()
-        a.then = lambda: b.client.send(b"x")  # as a client answering while A is served
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.run)
-            nursery.start_soon(poller.park, a)
-            nursery.start_soon(poller.park, b)
-            await trio.testing.wait_all_tasks_blocked()
-            a.client.send(b"x")
-            await trio.testing.wait_all_tasks_blocked()
-            assert (a.served, b.served, poller.wakeups) == (1, 1, wakeups)
-            nursery.cancel_scope.cancel()
-        a.close()
-        b.close()
+    poller = Poller(passes_per_wakeup=passes, wakeup_budget=60)
+    a, b = _Parked(), _Parked()
+    a.then = lambda: b.client.send(b"x")  # as a client answering while A is served
+    async with _polling(poller, a, b):
+        a.client.send(b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert (a.served, b.served, poller.wakeups) == (1, 1, wakeups)
 
 
 async def test_a_connection_ready_again_and_again_leaves_other_tasks_their_turn() -> None:
-    with contextlib.closing(Poller(passes_per_wakeup=4)) as poller:
-        busy = _Parked()
-        turns = 0  # of this test's task, which wants to run meanwhile
-        seen: list[int] = []  # its turns, each time the busy connection was served
+    poller = Poller(passes_per_wakeup=4)
+    busy = _Parked()
+    turns = 0  # of this test's task, which wants to run meanwhile
+    seen: list[int] = []  # its turns, each time the busy connection was served
 
-        def again() -> None:
-            seen.append(turns)
-            if busy.served < 40:
-                busy.client.send(b"x")
-
-        busy.then = again
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.run)
-            nursery.start_soon(poller.park, busy)
-            await trio.testing.wait_all_tasks_blocked()
+    def again() -> None:
+        seen.append(turns)
+        if busy.served < 40:
             busy.client.send(b"x")
-            with trio.fail_after(5):
-                while busy.served < 40:
-                    turns += 1
-                    await trio.lowlevel.checkpoint()
-            nursery.cancel_scope.cancel()
-        busy.close()
+
+    busy.then = again
+    async with _polling(poller, busy):
+        busy.client.send(b"x")
+        with trio.fail_after(5):
+            while busy.served < 40:
+                turns += 1
+                await trio.lowlevel.checkpoint()
     # Served 4 times a wake-up at most, and this task got turns between the wake-ups (trio
     # runs the tasks ready together in either order: two wake-ups may meet between turns).
     assert poller.wakeups >= 10
@@ -267,23 +273,18 @@ async def test_a_connection_ready_again_and_again_leaves_other_tasks_their_turn(
 async def test_a_wakeup_that_lasted_its_budget_looks_no_further() -> None:
     # A client pipelining long runs of requests: one pass answers 64 KiB of them; the next
     # waits for the next wake-up, so that other tasks are not kept waiting several times that.
-    with contextlib.closing(Poller(passes_per_wakeup=4, wakeup_budget=0.001)) as poller:
-        slow = _Parked()
+    poller = Poller(passes_per_wakeup=4, wakeup_budget=0.001)
+    slow = _Parked()
 
-        def again() -> None:
-            time.sleep(0.002)  # a pass longer than the budget
-            if slow.served < 3:
-                slow.client.send(b"x")
-
-        slow.then = again
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(poller.run)
-            nursery.start_soon(poller.park, slow)
-            await trio.testing.wait_all_tasks_blocked()
+    def again() -> None:
+        time.sleep(0.002)  # a pass longer than the budget
+        if slow.served < 3:
             slow.client.send(b"x")
-            with trio.fail_after(5):
-                while slow.served < 3:
-                    await trio.sleep(0)
-            nursery.cancel_scope.cancel()
-        slow.close()
+
+    slow.then = again
+    async with _polling(poller, slow):
+        slow.client.send(b"x")
+        with trio.fail_after(5):
+            while slow.served < 3:
+                await trio.sleep(0)
     assert poller.wakeups == 3  # one pass each
