@@ -16,6 +16,7 @@ prints it and exits non-zero. Nothing a client does reaches this level.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -218,9 +219,21 @@ async def _serve_socket(
     daemon: Daemon, sock: socket.socket, task_status: trio.TaskStatus[Daemon]
 ) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
-    with contextlib.closing(daemon.poller):
+    with contextlib.closing(daemon.poller), _collector_threshold(daemon.config.gc_threshold):
         async with listener, trio.open_nursery() as nursery:
             _start_serving(daemon, listener, nursery, task_status)
+
+
+@contextlib.contextmanager
+def _collector_threshold(young: int) -> Iterator[None]:
+    """Python's garbage collector starts a young collection at ``young`` new objects while
+    the daemon serves (Config.gc_threshold says why), and as before afterwards."""
+    before = gc.get_threshold()
+    gc.set_threshold(young, *before[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
 
 
 def _start_serving(

@@ -51,6 +51,7 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
         ("group_commit_window = -0.1", "group_commit_window must not be negative"),
         ("wal_autocheckpoint = -1", "wal_autocheckpoint must not be negative"),
         ("wal_restart_pages = -1", "wal_restart_pages must not be negative"),
+        ("gc_threshold = 0", "gc_threshold must be at least 1"),
         ("this is not toml", "not valid TOML"),
     ],
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -408,3 +409,34 @@ async def test_the_wal_starts_over_while_writes_never_stop() -> None:
             assert _wal_restarts(wal) > first
             for c in cs:
                 await c.aclose()
+
+
+async def test_a_bulk_call_runs_without_a_garbage_collection() -> None:
+    # An append_batch of 10,000 events holds 40,000-50,000 objects until it ends: at
+    # Python's own threshold (700 new objects) the collector ran dozens of times during it,
+    # and one such call in three or four ended in a full collection of them all
+    # (Config.gc_threshold).
+    before = gc.get_threshold()
+    with short_tempdir() as directory:
+        async with running_daemon(directory) as daemon:
+            assert gc.get_threshold() == (daemon.config.gc_threshold, *before[1:])
+            client = await RawClient.connect(daemon.config.socket_path)
+            await client.call("goal.create", **goal("g1"))
+            payload = {"step": "edit", "files": ["a.py", "b.py"], "tokens": 1234, "ok": True}
+            events = [{"kind": "step", "payload": payload} for _ in range(10_000)]
+            collections: list[int] = []
+
+            def note(phase: str, info: dict[str, int]) -> None:
+                if phase == "start":
+                    collections.append(info["generation"])
+
+            gc.collect()
+            gc.callbacks.append(note)
+            try:
+                result = await client.call("event.append_batch", goal_id="g1", events=events)
+            finally:
+                gc.callbacks.remove(note)
+            assert len(result["event_ids"]) == 10_000
+            assert collections == []
+            await client.aclose()
+    assert gc.get_threshold() == before  # as it was once the daemon stopped
