@@ -59,9 +59,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # until then it holds whatever it holds, its transaction and the write lock included.
     reply_stall_timeout: float = 30.0
     # Seconds at most a group commit waits for concurrent single writes to join it (it
-    # commits as soon as every task that could run has run, at once if no other write came
-    # during its first turn of the scheduler); also how close together writes of two
-    # sessions must come to count as concurrent. 0: no group commit.
+    # commits as soon as every connection has been served and waits in the poller, or while
+    # one is busy in its own task, once every task that could run has run; at once if no
+    # other write came during its first turn of the scheduler); also how close together
+    # writes of two sessions must come to count as concurrent. 0: no group commit.
     group_commit_window: float = 0.002
     # Seconds between checks for new writes to checkpoint from the WAL into the database;
     # the checkpoints run in a worker thread, so no commit waits for one.

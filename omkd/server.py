@@ -67,6 +67,7 @@ class Daemon:
         self.gate = WriteGate(database, config)
         self.poller = Poller()
         self.gate.turn = self.poller.turn
+        self.poller.on_drained = self._drained
         self.gate.on_events_committed = self.events_committed
         self.sessions: set[Session] = set()
         self.new_events = trio.Event()
@@ -81,6 +82,13 @@ class Daemon:
 
     def remove_session(self, session: Session) -> None:
         self.sessions.discard(session)
+
+    def _drained(self) -> None:
+        # The poller has served every connection that was ready. If every connection waits
+        # in it (none is busy in a task of its own), no write can join the open batch
+        # before a client sends again: commit it now rather than at trio's idle point.
+        if self.poller.parked == len(self.sessions):
+            self.gate.commit_opened()
 
     def events_committed(self) -> None:
         """Wake the subscriptions: new events may be committed."""

@@ -36,7 +36,10 @@ async def daemon() -> AsyncIterator[Daemon]:
 
 
 async def clients(daemon: Daemon, n: int) -> list[RawClient]:
-    return [await RawClient.connect(daemon.config.socket_path) for _ in range(n)]
+    """``n`` sessions, connected and idle (waiting in the poller), as clients between calls."""
+    cs = [await RawClient.connect(daemon.config.socket_path) for _ in range(n)]
+    await trio.testing.wait_all_tasks_blocked()
+    return cs
 
 
 async def close(cs: list[RawClient]) -> None:
@@ -87,14 +90,23 @@ async def never_idle() -> AsyncIterator[None]:
             stop.set()
 
 
-def _append_frame(goal_id: str, kind: str, request_id: int) -> bytes:
-    message = {
+def _append_message(goal_id: str, kind: str, request_id: int) -> dict[str, Any]:
+    return {
         "jsonrpc": "2.0",
         "id": request_id,
         "method": "event.append",
         "params": {"goal_id": goal_id, "kind": kind, "payload": request_id},
     }
+
+
+def _append_frame(goal_id: str, kind: str, request_id: int) -> bytes:
+    message = _append_message(goal_id, kind, request_id)
     return encode_frame(Framing.LENGTH, json.dumps(message).encode())
+
+
+def _batch_frame(*messages: dict[str, Any]) -> bytes:
+    """A JSON-RPC batch: the poller hands it to the connection's own task."""
+    return encode_frame(Framing.LENGTH, json.dumps(list(messages)).encode())
 
 
 @asynccontextmanager
@@ -118,15 +130,18 @@ def _send(client: RawClient, frame: bytes) -> None:
 async def test_writes_that_arrive_together_share_one_commit() -> None:
     async with grouping_daemon() as (daemon, _):
         cs = await clients(daemon, 8)
-        before = (daemon.gate.single_writes, daemon.gate.commits)
-        # Every request is in its socket before the daemon runs again: the first write's
-        # batch waits until each of them has run, then one COMMIT serves all eight.
+        before = (daemon.gate.single_writes, daemon.gate.commits, daemon.gate.prompt_commits)
+        # Every request is in its socket before the daemon runs again: the poller serves
+        # them all in one wake-up, the first write opens a batch and the others join it;
+        # then every connection waits in the poller again, and one COMMIT serves all eight,
+        # at once (no wait for trio's idle point).
         for n, c in enumerate(cs):
             _send(c, _append_frame("g1", f"w{n}", n))
         replies = [await c.reply() for c in cs]
         assert [r["result"]["kind"] for r in replies] == [f"w{n}" for n in range(8)]
         assert daemon.gate.single_writes - before[0] == 8
         assert daemon.gate.commits - before[1] == 1
+        assert daemon.gate.prompt_commits - before[2] == 1
         await close(cs)
 
 
@@ -158,23 +173,62 @@ async def test_a_group_commit_leaves_nothing_to_the_garbage_collector() -> None:
         await close(cs)
 
 
-async def test_once_a_write_joined_the_batch_waits_until_nothing_else_can_run() -> None:
+async def test_a_batch_waits_for_a_write_from_a_connection_in_its_own_task() -> None:
     async with grouping_daemon() as (daemon, _):
         cs = await clients(daemon, 3)
-        before = daemon.gate.commits
-
-        async def late() -> None:  # keeps the process busy, then sends a third write
-            for _ in range(5):
-                await trio.lowlevel.checkpoint()
-            _send(cs[2], _append_frame("g1", "late", 3))
-
+        before = (daemon.gate.commits, daemon.gate.prompt_commits)
+        # The third write comes in a JSON-RPC batch, which the poller hands to the
+        # connection's own task: while that task is busy, not every connection waits in the
+        # poller, so the open batch waits for trio's idle point, and the write joins it.
         _send(cs[0], _append_frame("g1", "first", 1))
         _send(cs[1], _append_frame("g1", "second", 2))
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(late)
+        _send(cs[2], _batch_frame(_append_message("g1", "third", 3)))
+        first, second, third = [await c.reply() for c in cs]
+        assert [first["result"]["kind"], second["result"]["kind"]] == ["first", "second"]
+        assert third[0]["result"]["kind"] == "third"  # type: ignore[index]
+        assert daemon.gate.commits - before[0] == 1
+        assert daemon.gate.prompt_commits == before[1]
+        await close(cs)
+
+
+async def test_a_batch_waits_while_a_connection_is_busy_in_its_own_task() -> None:
+    async with grouping_daemon() as (daemon, creator):
+        await creator.call("goal.create", **goal("big", goal_text="x" * 4_000_000))
+        reader, *cs = await clients(daemon, 3)
+        # A reply larger than the socket takes, to a client that does not read yet: its
+        # connection's task waits to send the rest, outside the poller. It might still
+        # write (it may hold more requests), so a batch opened meanwhile is left to the
+        # committer, which commits at trio's idle point instead of at once.
+        await reader.send(
+            {"jsonrpc": "2.0", "id": 1, "method": "goal.get", "params": {"goal_id": "big"}}
+        )
+        await trio.testing.wait_all_tasks_blocked()
+        assert daemon.poller.parked < len(daemon.sessions)
+        before = (daemon.gate.commits, daemon.gate.prompt_commits)
+        for n, c in enumerate(cs):
+            _send(c, _append_frame("g1", f"w{n}", n))
         replies = [await c.reply() for c in cs]
-        assert [r["result"]["kind"] for r in replies] == ["first", "second", "late"]
-        assert daemon.gate.commits - before == 1
+        assert [r["result"]["kind"] for r in replies] == ["w0", "w1"]
+        assert daemon.gate.commits - before[0] == 1
+        assert daemon.gate.prompt_commits == before[1]
+        assert len((await reader.reply())["result"]["goal_text"]) == 4_000_000
+        await close([reader, *cs])
+
+
+async def test_a_batch_does_not_wait_for_tasks_that_are_not_connections() -> None:
+    async with grouping_daemon() as (daemon, _):  # (a window of 30 s)
+        cs = await clients(daemon, 2)
+        before = (daemon.gate.commits, daemon.gate.prompt_commits)
+        # Something else keeps the daemon busy: trio's idle point never comes. Once both
+        # writes are in and both connections wait in the poller, the batch commits anyway.
+        async with never_idle():
+            with trio.fail_after(20):
+                for n, c in enumerate(cs):
+                    _send(c, _append_frame("g1", f"w{n}", n))
+                replies = [await c.reply() for c in cs]
+        assert [r["result"]["kind"] for r in replies] == ["w0", "w1"]
+        assert daemon.gate.commits - before[0] == 1
+        assert daemon.gate.prompt_commits - before[1] == 1
         await close(cs)
 
 
@@ -223,10 +277,14 @@ async def test_a_session_that_never_blocks_delays_a_commit_by_the_window_only() 
         before = daemon.gate.commits
         async with never_idle():
             with trio.fail_after(30):  # without the window, it would wait forever
-                for i in range(5):  # two writes at once: the batch has a joiner, and waits
+                for i in range(5):
+                    # Two writes at once, each in a JSON-RPC batch (the connections' own
+                    # tasks run them): the batch has a joiner, and waits for an idle point
+                    # that never comes.
                     for n, c in enumerate(cs):
-                        _send(c, _append_frame("g1", f"c{n}", i))
-                    assert [(await c.reply())["result"]["payload"] for c in cs] == [i, i]
+                        _send(c, _batch_frame(_append_message("g1", f"c{n}", i)))
+                    payloads = [(await c.reply())[0]["result"]["payload"] for c in cs]  # type: ignore[index]
+                    assert payloads == [i, i]
         assert daemon.gate.commits - before < 10  # batches of two did wait, and committed
         await close(cs)
 

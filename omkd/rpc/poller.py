@@ -10,7 +10,9 @@ again, and serves what became ready meanwhile, up to ``passes_per_wakeup`` times
 wake-up has lasted less than ``wakeup_budget``. A connection whose input needs more than
 that (a transaction, a batch, an error of the envelope, the end of the stream, a reply that
 finds the socket busy) is handed back to its own task, which goes on where the poller
-stopped.
+stopped. Once a wake-up has served every connection that was ready, it calls
+``on_drained`` (the daemon commits an open group commit there when every connection is
+parked: no write can join it before a client sends again).
 
 Why: a task woken for each request costs a trip through trio's scheduler (the socket
 re-armed in trio's epoll set, the task rescheduled, its coroutines resumed); here one
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import select
 import time
+from collections.abc import Callable
 from typing import Final, Protocol
 
 import trio
@@ -65,6 +68,9 @@ class Poller:
         self._parked: dict[int, tuple[Parked, trio.lowlevel.Task]] = {}
         self._resumed: trio.Event | None = None  # set by the task handed back, once it runs
         self._serving = False  # between a wake-up and the last ready connection served
+        # Called once a wake-up has served every connection that was ready; it must not
+        # block or raise.
+        self.on_drained: Callable[[], None] = lambda: None
 
     async def turn(self) -> None:
         """Shielded: one turn of the scheduler, and more until the poller has served every
@@ -90,6 +96,7 @@ class Poller:
                 for _ in range(self.passes_per_wakeup):
                     ready = epoll.poll(0)
                     if not ready:
+                        self.on_drained()
                         break
                     await self._serve(ready)
                     if time.perf_counter() > until:

@@ -25,7 +25,11 @@ order.
 A batch's first write that comes through ``write_now`` (a request answered at once, as
 most are) opens the batch there and returns like a joiner; the committer task
 (``run_committer``) then does the gathering and the COMMIT, so the write's connection never
-waits for it. A write on the async path (``write``) leads its batch itself.
+waits for it. A write on the async path (``write``) leads its batch itself. The daemon may
+end the gathering sooner with ``commit_opened``: once its poller has served every
+connection that was ready and every connection waits in the poller (none is busy in a task
+of its own), no write can join before a client sends again, and trio's idle point would
+only cost a trip through the scheduler.
 
 One COMMIT then serves them all, and each call answers only once that COMMIT is done, so an
 answered write is as durable as ever: a joiner's call returns at once with the batch as its
@@ -122,6 +126,7 @@ class WriteGate:
         self.on_events_committed: Callable[[], None] = lambda: None
         self.single_writes = 0  # counters for tests and benchmarks
         self.commits = 0
+        self.prompt_commits = 0  # batches commit_opened committed
 
     async def acquire(self) -> None:
         """Take the gate for a transaction, waiting in line up to the lock timeout; raises
@@ -258,14 +263,28 @@ class WriteGate:
         assert batch is not None
         await self._close(batch, calls_before=1)
 
+    def commit_opened(self) -> None:
+        """Commit the batch ``write_now`` opened, now, instead of letting the committer
+        gather more writes for it; the caller knows none can come (see the module's
+        docstring). Nothing to do when there is none, or the committer has it already."""
+        batch, self._opened = self._opened, None
+        if batch is None:
+            return
+        self.prompt_commits += 1
+        self._grouping = batch.calls > 1  # as after the committer's first turn
+        self._end(batch)
+
     async def _close(self, batch: Commit, calls_before: int) -> None:
         """Gather the batch's joiners, commit it, and wake the subscribers once for it."""
         try:
             if batch.error is None:
                 await self._gather_joiners(batch, calls_before)
         finally:
-            self._batch = None
-            self._commit(batch)
+            self._end(batch)
+
+    def _end(self, batch: Commit) -> None:
+        self._batch = None
+        self._commit(batch)
         if batch.error is None and batch.appends_events:
             self.on_events_committed()
 
