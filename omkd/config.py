@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 import msgspec
 
@@ -34,6 +34,9 @@ MiB = 1024 * 1024
 
 # The settings that an environment variable may give (between the flags and the file).
 ENV_VARS = {"socket_path": "OMKD_SOCKET", "db_path": "OMKD_DB"}
+
+
+GC_THRESHOLD_MAX: Final = 2**31 - 1
 
 
 class ConfigError(Exception):
@@ -113,6 +116,8 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in ("group_commit_window", "wal_autocheckpoint", "wal_restart_pages"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.gc_threshold > GC_THRESHOLD_MAX:  # what gc.set_threshold takes (a C int)
+            raise ValueError(f"gc_threshold must be at most {GC_THRESHOLD_MAX}")
 
 
 def default_db_path(env: Mapping[str, str] | None = None) -> Path:

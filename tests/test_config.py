@@ -52,6 +52,7 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
         ("wal_autocheckpoint = -1", "wal_autocheckpoint must not be negative"),
         ("wal_restart_pages = -1", "wal_restart_pages must not be negative"),
         ("gc_threshold = 0", "gc_threshold must be at least 1"),
+        ("gc_threshold = 2147483648", "gc_threshold must be at most 2147483647"),
         ("this is not toml", "not valid TOML"),
     ],
 )
