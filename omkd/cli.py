@@ -93,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     backup = commands.add_parser(
         "backup", help="write a consistent copy of the database, as it is (never migrated)"
     )
-    backup.add_argument("dest", help="absolute path of the copy (replaced if it exists)")
+    backup.add_argument("dest", help="path of the copy (replaced if it exists)")
     _db_flag(backup)
     check = commands.add_parser("check", help="integrity and foreign-key check")
     _db_flag(check)
@@ -166,8 +166,9 @@ def _backup(args: argparse.Namespace) -> int:
     path = resolve_db_path(args.db)
     if not path.exists():
         raise StartupError(f"no database at {path}")
-    size = db.backup_database(path, args.dest)  # as the file is: never migrated
-    print(f"wrote {args.dest} ({size} bytes)")
+    dest = Path(args.dest).expanduser().absolute()  # relative to where it is run, as cp
+    size = db.backup_database(path, dest)  # as the file is: never migrated
+    print(f"wrote {dest} ({size} bytes)")
     return 0
 
 

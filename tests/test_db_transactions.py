@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
+import os
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -363,8 +366,22 @@ def test_backup_refuses_bad_destinations(db: Database, tmp_path: Path) -> None:
         assert info.value.data["field"] == "dest"
     link = tmp_path / "link.db"
     link.symlink_to(live)
-    with pytest.raises(InvalidData):
-        db.backup_to(link)
+    hard_link = tmp_path / "hard-link.db"
+    hard_link.hardlink_to(live)
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(tmp_path / "s"))
+    locked = tmp_path / "held.lock"
+    fd = os.open(locked, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        for dest in (link, hard_link, tmp_path / "s", locked):
+            with pytest.raises(InvalidData):
+                db.backup_to(dest)
+        assert os.fstat(fd).st_size == 0 and os.stat(locked).st_ino == os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+        listening.close()
+    assert db.backup_to(locked) > 0  # nobody holds it now: an ordinary file to replace
 
 
 _DIE_MID_WRITE = """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import sqlite3
 import subprocess
@@ -43,12 +44,40 @@ def test_migrate_backup_check(tmp_path: Path) -> None:
     assert check.returncode == 0 and "ok" in check.stdout
 
 
-def test_backup_refuses_relative_destination(tmp_path: Path) -> None:
+def test_backup_writes_a_relative_destination_where_it_is_run(tmp_path: Path) -> None:
     db = tmp_path / "omk.db"
     assert omkd("migrate", "--db", str(db)).returncode == 0
-    result = omkd("backup", "relative.db", "--db", str(db))
-    assert result.returncode != 0
-    assert "absolute" in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "backups").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-m", "omkd", "backup", "copy.db", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path / "backups",
+    )
+    assert result.returncode == 0, result.stderr
+    copy = tmp_path / "backups" / "copy.db"
+    assert f"wrote {copy}" in result.stdout
+    with sqlite3.connect(copy) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] >= 2
+
+
+def test_backup_refuses_the_lock_file_of_a_running_daemon(tmp_path: Path) -> None:
+    # Replacing <db>.lock (a new file, unlocked) would let a second daemon start on the
+    # database; the lock is an flock, held here as the daemon holds it.
+    db = tmp_path / "omk.db"
+    assert omkd("migrate", "--db", str(db)).returncode == 0
+    lock = tmp_path / "omk.db.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = omkd("backup", str(lock), "--db", str(db))
+        assert result.returncode != 0
+        assert "locked" in result.stderr and "Traceback" not in result.stderr
+        assert os.path.samefile(lock, f"/proc/self/fd/{fd}")  # still the file locked
+    finally:
+        os.close(fd)
+    assert omkd("backup", str(lock), "--db", str(db)).returncode == 0  # nobody holds it
 
 
 def test_check_reports_a_damaged_file(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ from omkd.rpc.framing import NEED_DATA, FrameDecoder, Framing, encode_frame
 from omkd.rpc.methods import METHODS
 from omkd_client.codes import ErrorCode
 
-from proc_helpers import goal_params, recv_frame, sync_call
+from proc_helpers import DaemonProcess, goal_params, recv_frame, sync_call
 from rpc_helpers import short_tempdir
 
 MiB = 1024 * 1024
@@ -484,6 +484,9 @@ def test_backup_refuses_bad_destinations_and_never_leaves_a_partial_file(workdir
         live = daemon.db_path
         link = workdir / "link.db"
         link.symlink_to(live)
+        hard_link = workdir / "hard-link.db"
+        hard_link.hardlink_to(live)
+        own_socket = daemon.socket_path
         refused = [
             "backup.db",
             "./x.db",
@@ -491,14 +494,24 @@ def test_backup_refuses_bad_destinations_and_never_leaves_a_partial_file(workdir
             f"{live}-wal",
             f"{live}-shm",
             str(link),
+            str(hard_link),
             str(workdir),
             str(workdir / "missing" / "x.db"),
             "",
+            # The daemon's own socket and lock files: replacing a lock file would let a
+            # second daemon start on the same database.
+            str(own_socket),
+            f"{own_socket}.lock",
+            f"{live}.lock",
         ]
         for dest in refused:
             error = conn.request("db.backup", {"dest": dest})["error"]
             assert error["code"] == ErrorCode.INVALID_PARAMS, (dest, error)
             assert error["data"]["field"] == "dest"
+        assert conn.call("daemon.ping") == "pong"
+        second = DaemonProcess(workdir, socket_path=workdir / "second.sock", db_path=live)
+        assert second.start(wait=False).wait() != 0  # the lock still holds
+        assert "already in use" in second.log()
     assert integrity(live) == ["ok"]
     size = live.stat().st_size
     assert size > 512 * 1024  # checkpointed into the file at shutdown

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 from pathlib import Path
 
@@ -15,21 +17,63 @@ FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
 
 
 def backup_target(dest: object, live: Path) -> Path:
-    """Return the resolved backup destination; InvalidData if it is not an acceptable one."""
+    """Return the resolved backup destination; InvalidData if it is not an acceptable one.
+
+    Refused: a relative path; the live database or its -wal, -shm or -journal file (by
+    path, symbolic link or hard link); anything but a regular file (a directory, a socket,
+    a FIFO); a file that a process holds an ``flock`` on (a running omkd's lock files:
+    replacing one would let a second daemon start on the same database); a missing directory.
+    """
     if not isinstance(dest, str | os.PathLike):
         raise InvalidData("dest", "expected a path")
     path = Path(dest)
     if not path.is_absolute():
         raise InvalidData("dest", f"{str(dest)!r} is not an absolute path", dest=str(dest))
     target = path.resolve()
-    forbidden = {live, *(live.with_name(live.name + s) for s in ("-wal", "-shm", "-journal"))}
-    if target in forbidden:
+    if _is_live_file(target, live):
         raise InvalidData("dest", f"{target} is the live database", dest=str(dest))
     if target.is_dir():
         raise InvalidData("dest", f"{target} is a directory", dest=str(dest))
+    if target.exists() and not target.is_file():
+        raise InvalidData("dest", f"{target} is not a regular file", dest=str(dest))
+    if _locked(target):
+        raise InvalidData(
+            "dest", f"{target} is locked by a running process (a lock file?)", dest=str(dest)
+        )
     if not target.parent.is_dir():
         raise InvalidData("dest", f"directory {target.parent} does not exist", dest=str(dest))
     return target
+
+
+def _is_live_file(target: Path, live: Path) -> bool:
+    for name in (live, *(live.with_name(live.name + s) for s in ("-wal", "-shm", "-journal"))):
+        if target == name:
+            return True
+        with contextlib.suppress(OSError):  # either missing: not the same file
+            if target.samefile(name):  # a hard link
+                return True
+    return False
+
+
+def _locked(target: Path) -> bool:
+    """True if some process holds an flock on ``target`` (taken and dropped at once).
+
+    Only ever opened once ``target`` is known not to be one of the live database's files:
+    closing a descriptor drops the POSIX locks SQLite holds on that file in this process.
+    """
+    try:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:  # missing or unreadable: writing the copy reports what matters
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # drops the lock if it was had
+    return False
 
 
 def sync_and_rename(temporary: Path, target: Path) -> None:
