@@ -28,7 +28,7 @@ import msgspec
 
 from omkd_client.paths import default_socket_path
 
-__all__ = ["Config", "ConfigError", "default_db_path", "load_config"]
+__all__ = ["Config", "ConfigError", "canonical_db_path", "default_db_path", "load_config"]
 
 MiB = 1024 * 1024
 
@@ -133,13 +133,20 @@ def default_db_path(env: Mapping[str, str] | None = None) -> Path:
 
 
 def resolve_db_path(flag: str | None, env: Mapping[str, str] | None = None) -> Path:
-    """Return the database path: the flag, else ``$OMKD_DB``, else the default."""
+    """Return the database path: the flag, else ``$OMKD_DB``, else the default; canonical."""
     env = os.environ if env is None else env
     if flag:
-        return Path(flag)
+        return canonical_db_path(flag)
     if env.get("OMKD_DB"):
-        return Path(env["OMKD_DB"])
-    return default_db_path(env)
+        return canonical_db_path(env["OMKD_DB"])
+    return canonical_db_path(default_db_path(env))
+
+
+def canonical_db_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` absolute, ``~`` expanded and symbolic links resolved, as ``Database.open``
+    opens it: one file has one name, so its lock file (``<path>.lock``) is one file too,
+    however a second daemon or ``omkd migrate`` is told the path."""
+    return Path(path).expanduser().resolve()
 
 
 def load_config(
@@ -161,10 +168,15 @@ def load_config(
     if not fields.get("db_path"):
         fields["db_path"] = str(default_db_path(env))
     try:
-        return msgspec.convert(fields, Config)
+        config = msgspec.convert(fields, Config)
     except msgspec.ValidationError as exc:
         where = f" in {config_file}" if config_file else ""
         raise ConfigError(f"invalid configuration{where}: {exc}") from exc
+    return msgspec.structs.replace(
+        config,
+        db_path=str(canonical_db_path(config.db_path)),
+        socket_path=os.path.expanduser(config.socket_path),  # a config file's "~/..."
+    )
 
 
 def _read_config_file(config_file: str) -> dict[str, Any]:

@@ -98,3 +98,27 @@ def test_a_path_of_the_wrong_type_in_the_file_is_named(tmp_path: Path) -> None:
     file.write_text("db_path = 5\n")
     with pytest.raises(ConfigError, match=r"db_path"):
         load_config(str(file), env={})
+
+
+def test_a_database_has_one_name_however_it_is_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lock file is <db_path>.lock: a second name for the same file must not make a
+    # second lock (a symbolic link, "~" in a config file, a relative path).
+    home = tmp_path / "home"
+    (home / "state").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    real = home / "state" / "omk.db"
+    (tmp_path / "link.db").symlink_to(real)
+    file = tmp_path / "omkd.toml"
+    file.write_text('db_path = "~/state/omk.db"\nsocket_path = "~/omkd.sock"\n')
+    config = load_config(str(file), env={})
+    assert config.db_path == str(real)
+    assert config.socket_path == str(home / "omkd.sock")
+    assert load_config(overrides={"db_path": str(tmp_path / "link.db")}, env={}).db_path == str(
+        real
+    )
+    monkeypatch.chdir(home)
+    assert load_config(overrides={"db_path": "state/omk.db"}, env={}).db_path == str(real)
+    assert resolve_db_path(str(tmp_path / "link.db"), {}) == real
+    assert resolve_db_path(None, {"OMKD_DB": "~/state/omk.db"}) == real

@@ -60,6 +60,17 @@ def test_second_daemon_refused(workdir: Path) -> None:
         assert sync_call(first.socket_path, "daemon.ping")["result"] == "pong"
 
 
+def test_second_daemon_refused_on_another_name_of_the_database(workdir: Path) -> None:
+    with DaemonProcess(workdir) as first:
+        link = workdir / "link.db"
+        link.symlink_to(first.db_path)
+        through_link = DaemonProcess(workdir, socket_path=workdir / "s2", db_path=link)
+        assert through_link.start(wait=False).wait() != 0
+        assert f"database {first.db_path} is already in use" in through_link.log()
+        assert not Path(f"{link}.lock").exists()
+        assert sync_call(first.socket_path, "daemon.ping")["result"] == "pong"
+
+
 def _tree(directory: Path) -> set[str]:
     """Every path under ``directory`` but the daemons' logs."""
     return {str(p) for p in directory.rglob("*") if not p.name.endswith(".log")}
