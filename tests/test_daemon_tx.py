@@ -153,6 +153,30 @@ async def test_idle_abort_then_recovery(daemon: Daemon) -> None:
     assert (await a.call("goal.get", goal_id="g2"))["goal_id"] == "g2"
 
 
+async def test_bytes_of_an_unfinished_message_do_not_keep_a_transaction_alive(
+    daemon: Daemon,
+) -> None:
+    # Idle is counted from the last whole message: a client trickling the bytes of one it
+    # never finishes does not hold the write lock past the idle timeout.
+    a, b = await connect(daemon), await connect(daemon)
+    await a.call("tx.begin")
+    await a.call("goal.create", **goal("g1"))
+    frame = encode_frame(
+        Framing.LENGTH, json.dumps({"jsonrpc": "2.0", "id": 9, "method": "daemon.ping"}).encode()
+    )
+    start = trio.current_time()
+    for byte in frame[:12]:  # one byte every 0.1 s for 1.2 s, twice the idle timeout
+        await a.send_bytes(bytes([byte]))
+        await trio.sleep(0.1)
+    assert trio.current_time() - start >= 1.2
+    with trio.fail_after(0.15):  # under the lock timeout: the write lock is free
+        await b.call("goal.create", **goal("g2"))
+    assert await b.call("goal.get", goal_id="g1") is None  # rolled back
+    await a.send_bytes(frame[12:])  # the message, finished, is answered as usual
+    assert await a.recv() == {"jsonrpc": "2.0", "id": 9, "result": "pong"}
+    assert (await a.error("goal.get", goal_id="g2"))["code"] == ErrorCode.TRANSACTION_ABORTED
+
+
 async def test_commit_after_idle_abort_answers_aborted_and_ends_it(daemon: Daemon) -> None:
     a = await connect(daemon)
     await a.call("tx.begin")

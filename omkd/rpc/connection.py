@@ -105,6 +105,10 @@ class _Connection:
         """Answer messages until the client is done (True) or stopped reading (False)."""
         session = self.session
         poller = self.daemon.poller
+        # When the transaction's idle timeout runs out: counted from the last whole message,
+        # so a client trickling the bytes of one it never finishes does not keep the write
+        # lock (None: no wait for bytes since that message).
+        idle_deadline: float | None = None
         while True:
             handed = self._handed is not None  # answer_now said no to it already
             try:
@@ -124,7 +128,9 @@ class _Connection:
                     if self._held and not await self._flush():
                         return False
                     continue
-                data = None if self._ended else await self._receive()
+                if idle_deadline is None:
+                    idle_deadline = trio.current_time() + self.daemon.config.tx_idle_timeout
+                data = None if self._ended else await self._receive(idle_deadline)
                 if data is None:
                     await session.settle()  # a reply still to send after its COMMIT
                     return True
@@ -133,6 +139,7 @@ class _Connection:
                 else:
                     self.decoder.receive_data(data)
                 continue
+            idle_deadline = None
             # A request that will not wait is answered without the async path.
             joined = NOT_NOW if handed else self.daemon.dispatcher.answer_now(message, session)
             if joined is NOT_NOW:
@@ -244,11 +251,12 @@ class _Connection:
         )
         return False
 
-    async def _receive(self) -> bytes | _Idle | None:
-        """The next bytes for the session's transaction; _IDLE when its idle timeout passed
-        first; None at the end of the stream. (Outside a transaction the poller reads.)"""
+    async def _receive(self, idle_deadline: float) -> bytes | _Idle | None:
+        """The next bytes for the session's transaction; _IDLE when ``idle_deadline`` (trio's
+        clock) passed first; None at the end of the stream. (Outside a transaction the
+        poller reads.)"""
         try:
-            with trio.move_on_after(self.daemon.config.tx_idle_timeout):
+            with trio.move_on_at(idle_deadline):
                 data = await self._read()
                 if not data and self.decoder.pending:
                     log.debug("session %d: closed mid-message", self.session.id)
