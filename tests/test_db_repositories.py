@@ -230,6 +230,10 @@ def test_task_batch_with_a_task_of_another_goal_is_refused(
 def test_task_batch_unknown_goal_and_duplicates(db: Database, goal: GoalRecord) -> None:
     with pytest.raises(GoalNotFound):
         db.tasks.create_batch("missing", [task("t1", "missing")])
+    with pytest.raises(GoalNotFound):  # wrong in both ways: the goal is what to fix first
+        db.tasks.create_batch("missing", [task("t1", "missing"), task("t1", "missing")])
+    with pytest.raises(GoalNotFound):
+        db.tasks.update_task_graph("missing", [task("t1", "missing"), task("t1", "missing")])
     db.tasks.create_batch("g1", [task("t1")])
     with pytest.raises(Conflict) as info:
         db.tasks.create_batch("g1", [task("t2"), task("t3"), task("t1")])

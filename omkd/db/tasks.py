@@ -43,7 +43,7 @@ class TaskRepository:
         """
         rows = _rows(goal_id, tasks)
         with self._scope.write() as conn:
-            _require_goal(conn, goal_id)
+            _check_batch(conn, goal_id, rows)
             _insert(conn, goal_id, rows)
         return len(rows)
 
@@ -78,7 +78,7 @@ class TaskRepository:
         """
         rows = _rows(goal_id, tasks)
         with self._scope.write() as conn:
-            _require_goal(conn, goal_id)
+            _check_batch(conn, goal_id, rows)
             conn.change(DELETE_BY_GOAL, (goal_id,))
             _insert(conn, goal_id, rows)
         return len(rows)
@@ -93,7 +93,6 @@ def _rows(goal_id: str, tasks: list[TaskRecord]) -> list[dict[str, object]]:
     """Return the insert parameters of ``tasks`` after checking them (InvalidData)."""
     if not isinstance(tasks, list):
         raise InvalidData("tasks", "expected a list of tasks")
-    seen: set[str] = set()
     rows = []
     for index, task in enumerate(tasks):
         if not isinstance(task, TaskRecord):
@@ -105,18 +104,21 @@ def _rows(goal_id: str, tasks: list[TaskRecord]) -> list[dict[str, object]]:
                 index=index,
                 task_id=task.task_id,
             )
-        if task.task_id in seen:
-            raise Conflict(
-                f"task {task.task_id!r} appears twice in the batch", kind="task", id=task.task_id
-            )
-        seen.add(task.task_id)
         rows.append(_codec.params(task))
     return rows
 
 
-def _require_goal(conn: Conn, goal_id: str) -> None:
+def _check_batch(conn: Conn, goal_id: str, rows: list[dict[str, object]]) -> None:
+    """GoalNotFound for an unknown goal, then Conflict for a task_id twice in ``rows``: a
+    batch that is wrong in both ways is refused for the goal, what the caller fixes first."""
     if not conn.scalar(GOAL_EXISTS, (goal_id,)):
         raise GoalNotFound(goal_id)
+    seen: set[object] = set()
+    for row in rows:
+        task_id = row["task_id"]
+        if task_id in seen:
+            raise Conflict(f"task {task_id!r} appears twice in the batch", kind="task", id=task_id)
+        seen.add(task_id)
 
 
 def _insert(conn: Conn, goal_id: str, rows: list[dict[str, object]]) -> None:
