@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import trio
 
+import omkd
 from omkd.db import load_migrations
 from omkd.rpc.methods import METHODS
 from omkd.server import Daemon
@@ -40,7 +42,8 @@ async def test_ping_status_discover(client: RawClient, daemon: Daemon) -> None:
     assert status["socket_path"] == daemon.config.socket_path
     assert status["schema_version"] == load_migrations()[-1].version
     assert status["sessions"] == 1 and status["active_transactions"] == 0
-    assert status["uptime_s"] >= 0 and status["pid"] > 0
+    assert status["uptime_s"] >= 0 and status["pid"] == os.getpid()  # (in-process daemon)
+    assert status["version"] == omkd.__version__
     doc = await client.call("rpc.discover")
     assert doc["openrpc"].startswith("1.")
     assert sorted(m["name"] for m in doc["methods"]) == sorted(METHODS)
