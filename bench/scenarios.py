@@ -10,6 +10,7 @@ report the median.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import sqlite3
@@ -24,7 +25,7 @@ from typing import Any, Final
 
 import msgspec
 
-from bench import direct, workload
+from bench import direct, procstat, workload
 from bench.clientlib import open_client
 from bench.stats import Row, latency_summary, median
 from bench.wire import REPO_ROOT, RawClient, Server, child_env, start_daemon, start_floor
@@ -573,6 +574,13 @@ def concurrent_writers(bench: Bench, floor: Server, daemon: Server) -> None:
             "max_ms": bench.row(scenario, "max latency", "ms"),
         }
         per_commit = bench.row(scenario, "writes per COMMIT", "writes", "higher")
+        usage_rows = {
+            "server_cpu_us_per_call": bench.row(scenario, "server CPU per call", "us"),
+            "server_runqueue_wait": bench.row(scenario, "server waiting for a CPU", "share"),
+            "machine_idle": bench.row(scenario, "machine idle", "share"),
+            "machine_steal": bench.row(scenario, "machine steal (host)", "share"),
+        }
+        servers = {"floor": floor, "omkd": daemon, "client": daemon}
         for rep in range(sizes.writer_reps):
             # Each repetition another memory layout for every process (see child_env).
             floor.restart(layout=rep)
@@ -580,15 +588,47 @@ def concurrent_writers(bench: Bench, floor: Server, daemon: Server) -> None:
             for mode in modes:
                 bench.progress(f"{writers} writers, {mode} (repetition {rep + 1})")
                 before = _write_counters(daemon) if mode == "omkd" else None
-                calls, _ = run_writers(
-                    bench, mode, targets[mode], writer_goals(writers), count=count, layout=rep
+                server = servers.get(mode)
+                calls, started = run_writers(
+                    bench,
+                    mode,
+                    targets[mode],
+                    writer_goals(writers),
+                    count=count,
+                    layout=rep,
+                    during=lambda s=server: _usage_sample(s),
                 )
+                ended = _usage_sample(server)
                 summary = _summary(calls)
                 for key, row in rows.items():
                     row.add(mode, summary[key])
+                used = _usage_between(started, ended, len(calls))
+                for key, row in usage_rows.items():
+                    value = getattr(used, key)
+                    if not math.isnan(value):
+                        row.add(mode, value)
                 if before is not None:
                     writes, commits = _write_counters(daemon)
                     per_commit.add(mode, (writes - before[0]) / max(commits - before[1], 1))
+
+
+_UsageSample = tuple[float, procstat.ServerSample | None, procstat.MachineSample]
+
+
+def _usage_sample(server: Server | None) -> _UsageSample:
+    return (
+        time.monotonic(),
+        None if server is None else procstat.sample_server(server.pid),
+        procstat.sample_machine(),
+    )
+
+
+def _usage_between(start: _UsageSample, end: _UsageSample, calls: int) -> procstat.Usage:
+    """From the writers' release to their end (their exit included: a few ms in seconds)."""
+    servers = None
+    if start[1] is not None and end[1] is not None:
+        servers = (start[1], end[1])
+    return procstat.usage(servers, (start[2], end[2]), end[0] - start[0], calls)
 
 
 def _write_counters(daemon: Server) -> tuple[int, int]:
