@@ -163,3 +163,27 @@ def goal_params(goal_id: str) -> dict[str, Any]:
         "goal_text": "t",
         "project_dir": "/p",
     }
+
+
+# What a daemon or command run by a test must not inherit from whoever runs the tests: where
+# omkd finds its database and socket, and systemd's activation and notification variables.
+SCRUBBED_ENV = (
+    "OMKD_DB",
+    "OMKD_SOCKET",
+    "XDG_STATE_HOME",
+    "XDG_RUNTIME_DIR",
+    "LISTEN_PID",
+    "LISTEN_FDS",
+    "LISTEN_FDNAMES",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+)
+
+
+def controlled_env(home: Path, **variables: Path) -> dict[str, str]:
+    """This process's environment less SCRUBBED_ENV, with HOME=``home`` and ``variables``."""
+    env = {name: value for name, value in os.environ.items() if name not in SCRUBBED_ENV}
+    env["HOME"] = str(home)
+    env.update({name: str(value) for name, value in variables.items()})
+    return env

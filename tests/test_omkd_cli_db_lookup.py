@@ -8,7 +8,6 @@ point into the test's own directory and no inherited OMKD_* variable leaks in.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import subprocess
 import sys
@@ -20,18 +19,11 @@ import pytest
 
 from omkd.db import Database, GoalRecord, load_migrations
 
+from proc_helpers import controlled_env
+
 MakeGoal = Callable[..., GoalRecord]
 MakeDb = Callable[[Path, str], Path]
-# What the commands must not inherit from whoever runs the tests.
-SCRUBBED = ("OMKD_DB", "XDG_STATE_HOME")
 LATEST_SCHEMA = load_migrations()[-1].version
-
-
-def controlled_env(home: Path, **variables: Path) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if name not in SCRUBBED}
-    env["HOME"] = str(home)
-    env.update({name: str(value) for name, value in variables.items()})
-    return env
 
 
 def omkd(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

@@ -16,27 +16,8 @@ from typing import Any
 
 import pytest
 
-from proc_helpers import DaemonProcess, sync_call
+from proc_helpers import DaemonProcess, controlled_env, sync_call
 from rpc_helpers import short_tempdir
-
-# What the daemon must not inherit from whoever runs the tests.
-SCRUBBED = (
-    "OMKD_DB",
-    "OMKD_SOCKET",
-    "XDG_STATE_HOME",
-    "XDG_RUNTIME_DIR",
-    "LISTEN_PID",
-    "LISTEN_FDS",
-    "LISTEN_FDNAMES",
-    "NOTIFY_SOCKET",
-)
-
-
-def controlled_env(home: Path, **variables: Path) -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if name not in SCRUBBED}
-    env["HOME"] = str(home)
-    env.update({name: str(value) for name, value in variables.items()})
-    return env
 
 
 class FlaglessDaemon(DaemonProcess):
