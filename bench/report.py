@@ -149,6 +149,17 @@ def _fmt(x: float) -> str:
     return f"{x:.2f}"
 
 
+def fmt_against(x: float, limit: float) -> str:
+    """``x`` as the table prints it, with more digits where that would round it onto the
+    target's limit: a ratio of 0.4998 against ">= 0.5" reads 0.4998, not a failing 0.50."""
+    text = _fmt(x)
+    digits = 2
+    while x != limit and float(text.replace(",", "")) == limit and digits < 6:
+        digits += 1
+        text = f"{x:.{digits}f}"
+    return text
+
+
 def table(rows: list[Row], target_results: list[dict[str, Any]], info: dict[str, Any]) -> str:
     """The human table: medians per variant and omkd's ratios to the baselines."""
     head = ["scenario", "metric", "unit", *VARIANTS, "omkd/floor", "omkd/direct"]
@@ -174,7 +185,7 @@ def table(rows: list[Row], target_results: list[dict[str, Any]], info: dict[str,
     lines.append("")
     lines.append("targets (omkd through the raw socket client; medians over repetitions):")
     for t in target_results:
-        value = "-" if t["value"] is None else _fmt(t["value"])
+        value = "-" if t["value"] is None else fmt_against(t["value"], t["limit"])
         verdict = "n/a " if t["value"] is None else "PASS" if t["pass"] else "FAIL"
         lines.append(f"  {verdict}  {t['target']}: {value} (target {t['op']} {t['limit']:g})")
     m = info["machine"]
