@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import socket
 import stat
 import struct
 from collections.abc import AsyncIterator
@@ -294,6 +296,25 @@ def request(method: str, params: object = None) -> bytes:
     if params is not None:
         message["params"] = params
     return json.dumps(message).encode()
+
+
+async def test_a_client_gone_before_its_reply_is_not_logged_as_stalled(
+    daemon: Daemon, client: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that sends and closes at once (socat -u, a killed omk) has its reply fail
+    with a broken pipe: the daemon drops the connection quietly, instead of warning that the
+    client left its replies unread for the stall timeout (which never passed)."""
+    caplog.set_level(logging.DEBUG, logger="omkd.connection")
+    for message in (b"{not json", json.dumps([PING]).encode()):  # answered off the poller
+        gone = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        gone.connect(str(daemon.config.socket_path))
+        gone.sendall(struct.pack(">I", len(message)) + message)
+        gone.close()  # no checkpoint since the send: the daemon reads after this
+        await trio.testing.wait_all_tasks_blocked()
+    assert await client.call("daemon.ping") == "pong"
+    assert caplog.text.count("client gone before its replies were sent") == 2
+    assert "unread" not in caplog.text
+    assert len(daemon.sessions) == 1
 
 
 @pytest.mark.parametrize(

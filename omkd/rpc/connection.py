@@ -84,6 +84,7 @@ class _Connection:
         self._handed: bytes | None = None  # a message it did not answer
         self._too_large: FrameTooLarge | None = None
         self._ended = False  # it read the end of the stream, or the socket broke
+        self._gone = False  # a reply found the socket closed by the client
 
     def _frame(self, message: bytes) -> bytes:
         return encode_frame(self.decoder.framing or Framing.LENGTH, message)
@@ -236,7 +237,7 @@ class _Connection:
             return False
 
     async def _flush(self) -> bool:
-        """Send the replies held back; False if the client stalled (and was logged)."""
+        """Send the replies held back; False if the client is gone, or stalled (logged)."""
         if not self._held:
             return True
         frames = b"".join(self._held)
@@ -244,6 +245,9 @@ class _Connection:
         self._held_bytes = 0
         if await self._reply(frames):
             return True
+        if self._gone:  # it closed its end without waiting for the replies: its own business
+            log.debug("session %d: client gone before its replies were sent", self.session.id)
+            return False
         log.warning(
             "session %d: client left its replies unread for %g s; disconnected",
             self.session.id,
@@ -298,6 +302,7 @@ class _Connection:
                 return True
             return False  # cut mid-frame: the stream is unusable now
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._gone = True
             return False
         finally:
             self.sending.release()
@@ -309,6 +314,7 @@ class _Connection:
         except BlockingIOError:
             return 0
         except OSError:
+            self._gone = True
             return None
 
     def _send_deferred(self, reply: DeferredReply) -> None:
