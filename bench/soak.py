@@ -1,0 +1,343 @@
+"""Soak: one daemon under a mixed load for a while, watching what must not grow.
+
+Run: ``python -m bench.soak [--seconds 300] [--workers 6] [--every 15]``. Worker processes
+(the bundled sync client) loop over a mix of calls: appends with payloads up to 3 KB, reads,
+transactions committed and rolled back, ``event.append_batch``, task graphs, goal updates,
+subscriptions, connections closed and opened again, and broken clients: one that leaves a
+transaction open and goes away, one that sends garbage, one that sends a request and closes
+at once. Every ``--every`` seconds it prints the daemon's RSS, open descriptors and threads.
+At the end, once every client has gone, it exits 1 if a worker met an error other than Busy
+(nothing in the load conflicts), if the daemon died or logged an error, or if its sessions,
+descriptors or threads did not come back to where they were after a first round (which opens
+what the daemon keeps open once used). RSS is reported, not judged: SQLite's caches and the
+allocator's arenas fill up to a plateau.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import queue
+import random
+import shutil
+import socket
+import struct
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.wire import Server
+
+# How long the daemon gets to notice the clients left (their sessions end) before the
+# final sample.
+SETTLE_TIMEOUT_S = 30.0
+WARM_UP_S = 5.0
+WORKER_JOIN_TIMEOUT_S = 120.0
+GARBAGE = (
+    struct.pack(">I", 5) + b"{bad}",  # not JSON
+    b"not a frame at all\n",  # a length prefix of ~1.8 GB: over the message limit
+    struct.pack(">I", 10) + b"[1,2",  # cut short
+    struct.pack(">I", 3) + b"[1]",  # a batch of a non-request
+)
+
+
+class Usage:
+    """What the daemon process holds now (from /proc)."""
+
+    def __init__(self, pid: int) -> None:
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        self.rss_mib = int(status["VmRSS"].split()[0]) / 1024
+        self.threads = int(status["Threads"])
+        self.fd_targets = sorted(
+            _readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+        )
+        self.fds = len(self.fd_targets)
+
+    def __str__(self) -> str:
+        return f"rss {self.rss_mib:6.1f} MiB  fds {self.fds:3d}  threads {self.threads}"
+
+
+def _readlink(path: str) -> str:
+    try:
+        return os.readlink(path)
+    except OSError:  # closed meanwhile
+        return "(closed)"
+
+
+def _goal(goal_id: str) -> Any:
+    from omkd_client import GoalRecord
+
+    return GoalRecord(
+        goal_id=goal_id, status="active", phase="plan", goal_text="soak", project_dir="/soak"
+    )
+
+
+def _steps(socket_path: str, goal_id: str, rnd: random.Random) -> list[tuple[float, Any]]:
+    """The mix: (weight, step(client) -> the client to go on with)."""
+    from omkd_client import Client, EventInput, TaskRecord
+
+    def append(c: Any) -> Any:
+        c.events.append(goal_id, "step", {"blob": "x" * rnd.randint(0, 3000)})
+        return c
+
+    def read(c: Any) -> Any:
+        c.events.get_by_goal(goal_id, tail=50)
+        c.goals.get(goal_id)
+        return c
+
+    def transaction(c: Any) -> Any:
+        with c.transaction() as tx:
+            for i in range(rnd.randint(1, 20)):
+                tx.events.append(goal_id, "tx", {"i": i})
+        return c
+
+    def rolled_back(c: Any) -> Any:
+        tx = c.transaction()
+        tx.begin()
+        tx.events.append(goal_id, "rolled back", {})
+        tx.rollback()
+        return c
+
+    def batch(c: Any) -> Any:
+        events = [EventInput(kind="batch", payload={"i": i}) for i in range(rnd.randint(1, 500))]
+        c.events.append_batch(goal_id, events)
+        return c
+
+    def task_graph(c: Any) -> Any:
+        tasks = [
+            TaskRecord(task_id=f"{goal_id}-{i}", goal_id=goal_id, kind="code", title="t")
+            for i in range(rnd.randint(1, 100))
+        ]
+        c.tasks.update_task_graph(goal_id, tasks)
+        return c
+
+    def goal_update(c: Any) -> Any:
+        c.goals.update_status(goal_id, "active", f"phase {rnd.randint(0, 9)}")
+        return c
+
+    def subscription(c: Any) -> Any:
+        with c.events.subscribe(goal_id) as sub:
+            c.events.append(goal_id, "seen", {})
+            if sub.get(timeout=10) is None:
+                raise RuntimeError("a subscription missed an event committed after it began")
+        return c
+
+    def reconnect(c: Any) -> Any:
+        c.close()
+        return Client.connect(socket_path)
+
+    def abandoned_transaction(c: Any) -> Any:
+        with Client.connect(socket_path) as other:
+            other.transaction().begin()
+            other.events.append(goal_id, "never committed", {})
+        return c  # the daemon rolls it back when the connection goes
+
+    def garbage(c: Any) -> Any:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.connect(socket_path)
+            raw.sendall(rnd.choice(GARBAGE))
+        return c
+
+    def send_and_close(c: Any) -> Any:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as raw:
+            raw.connect(socket_path)
+            message = b'{"jsonrpc":"2.0","method":"daemon.status","id":1}'
+            raw.sendall(struct.pack(">I", len(message)) + message)
+        return c
+
+    def cleanup(c: Any) -> Any:
+        c.events.delete_by_goal(goal_id)
+        return c
+
+    return [
+        (35, append), (10, read), (10, transaction), (5, rolled_back), (5, batch),
+        (5, task_graph), (5, goal_update), (4, subscription), (3, reconnect),
+        (2, abandoned_transaction), (2, garbage), (2, send_and_close), (0.2, cleanup),
+    ]  # fmt: skip
+
+
+def worker(socket_path: str, index: int, until: float, results: Any) -> None:
+    """Run the mix until ``until`` (time.time()); put (calls, busy, [unexpected errors])."""
+    from omkd_client import Client
+    from omkd_client.errors import Busy
+
+    rnd = random.Random(index)
+    goal_id = f"soak-{index}"
+    client = Client.connect(socket_path)
+    client.goals.upsert(_goal(goal_id))
+    steps = _steps(socket_path, goal_id, rnd)
+    weights = [w for w, _ in steps]
+    calls = busy = 0
+    errors: list[str] = []
+    while time.time() < until:
+        (step,) = rnd.choices([s for _, s in steps], weights)
+        try:
+            client = step(client)
+            calls += 1
+        except Busy:  # a lock timeout while the machine is loaded: the retry is the user's
+            busy += 1
+        except Exception as exc:
+            errors.append(f"{step.__name__}: {type(exc).__name__}: {exc}")
+            client.close()
+            client = Client.connect(socket_path)
+    client.close()
+    results.put((calls, busy, errors))
+
+
+def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def soak(
+    seconds: float,
+    workers: int,
+    every: float,
+    out: Callable[[str], None] = print,
+    after_baseline: Callable[[Path], object] | None = None,
+    settle_timeout: float = SETTLE_TIMEOUT_S,
+) -> bool:
+    """Run the soak; return whether it passed. ``after_baseline(socket_path)`` runs once the
+    baseline is taken (the tests use it to leave a client behind). ``settle_timeout``: how
+    long the daemon gets, before each sample with no client, to see them all gone."""
+    from omkd_client import Client
+
+    workdir = Path(tempfile.mkdtemp(prefix="omkd-soak-", dir="/tmp"))
+    socket_path = workdir / "omkd.sock"
+    log = workdir / "omkd.log"
+    server = Server(
+        [sys.executable, "-m", "omkd", "serve", "--socket", str(socket_path),
+         "--db", str(workdir / "soak.db")],
+        socket_path,
+        log,
+    )  # fmt: skip
+    pid = server.proc.pid
+    monitor = None
+    try:
+        # A first round opens what the daemon keeps open once used (the checkpointer's
+        # connection, the reader's WAL): the baseline is taken after it.
+        warm_up = min(WARM_UP_S, seconds)
+        passed = _load(socket_path, pid, warm_up, workers, warm_up, out)
+        monitor = Client.connect(socket_path)  # one connection asks, the whole run
+        start = _settled(pid, monitor, None, settle_timeout)
+        out(f"{'start':>8}  {start}")
+        if after_baseline is not None:
+            after_baseline(socket_path)
+        passed = _load(socket_path, pid, seconds, workers, every, out) and passed
+        if server.proc.poll() is not None:
+            out(f"the daemon died (exit {server.proc.returncode})")
+            return False
+        end = _settled(pid, monitor, start, settle_timeout)
+        out(f"{'end':>8}  {end}")
+        sessions = _sessions(monitor)
+        if sessions or end.fds > start.fds or end.threads > start.threads:
+            out(f"not back where it started: {sessions} sessions; {start} -> {end}")
+            for target in sorted((Counter(end.fd_targets) - Counter(start.fd_targets)).elements()):
+                out(f"  new descriptor: {target}")
+            passed = False
+        logged = [
+            line
+            for line in log.read_text(errors="replace").splitlines()
+            if " ERROR " in line or " CRITICAL " in line or "Traceback" in line
+        ]
+        for line in logged[:20]:
+            out(f"  daemon log: {line}")
+        passed = passed and not logged
+    finally:
+        if monitor is not None:
+            monitor.close()
+        server.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+    out("PASS" if passed else "FAIL")
+    return passed
+
+
+def _load(
+    socket_path: Path, pid: int, seconds: float, workers: int, every: float,
+    out: Callable[[str], None],
+) -> bool:  # fmt: skip
+    """Run the workers for ``seconds``, sampling the daemon; False if any met an error."""
+    context = multiprocessing.get_context("spawn")
+    begun = time.time()
+    until = begun + seconds
+    results: Any = context.Queue()
+    procs = [
+        context.Process(target=worker, args=(str(socket_path), i, until, results))
+        for i in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    while time.time() < until:
+        time.sleep(max(0.0, min(every, until - time.time())))
+        out(f"{time.time() - begun:7.0f}s  {Usage(pid)}")
+    totals = []
+    deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S
+    while len(totals) < len(procs) and time.monotonic() < deadline:
+        try:
+            totals.append(results.get(timeout=0.5))
+        except queue.Empty:
+            if not any(proc.is_alive() for proc in procs):
+                break  # one died without a word (its exit code fails the round)
+    for proc in procs:
+        proc.join(max(0.0, deadline - time.monotonic()))
+        if proc.is_alive():
+            proc.kill()
+    calls = sum(t[0] for t in totals)
+    busy = sum(t[1] for t in totals)
+    errors = [e for t in totals for e in t[2]]
+    out(f"{calls:,} calls by {workers} workers in {seconds:g} s; {busy} Busy")
+    for error in errors[:20]:
+        out(f"  unexpected: {error}")
+    if len(totals) < len(procs):
+        out(f"  {len(procs) - len(totals)} workers did not finish")
+    return not errors and len(totals) == len(procs) and not any(p.exitcode for p in procs)
+
+
+def _settled(pid: int, monitor: Any, like: Usage | None, timeout: float) -> Usage:
+    """The daemon's usage once no client is connected and its descriptors and threads have
+    stopped changing (or are down to ``like``'s), waiting up to ``timeout`` s: the daemon
+    notices a client gone when it next polls, and trio's idle worker threads leave after a
+    while."""
+    deadline = time.monotonic() + timeout
+    _wait_for(lambda: _sessions(monitor) == 0, timeout)
+    last = Usage(pid)
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        now = Usage(pid)
+        if like is not None:
+            if now.fds <= like.fds and now.threads <= like.threads:
+                return now
+        elif (now.fds, now.threads) == (last.fds, last.threads):
+            return now
+        last = now
+    return last
+
+
+def _sessions(monitor: Any) -> int:
+    """The daemon's sessions besides the monitor's own. (A connection of its own for each
+    question would count the one before it, when the daemon has not seen it close yet.)"""
+    return int(monitor.daemon.status().sessions) - 1
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=300.0)
+    parser.add_argument("--workers", type=int, default=6)
+    parser.add_argument("--every", type=float, default=15.0, help="seconds between samples")
+    args = parser.parse_args()
+    sys.exit(0 if soak(args.seconds, args.workers, args.every) else 1)
+
+
+if __name__ == "__main__":
+    main()
