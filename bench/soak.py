@@ -3,7 +3,8 @@
 Run: ``python -m bench.soak [--seconds 300] [--workers 6] [--every 15]``. Worker processes
 (the bundled sync client) loop over a mix of calls: appends with payloads up to 3 KB, reads,
 transactions committed and rolled back, ``event.append_batch``, task graphs, goal updates,
-subscriptions, connections closed and opened again, and broken clients: one that leaves a
+subscriptions, pipelined runs of calls, online backups, connections closed and opened again,
+and broken clients: one that leaves a
 transaction open and goes away, one that sends garbage, one that sends a request and closes
 at once. Every ``--every`` seconds it prints the daemon's RSS, open descriptors and threads.
 At the end, once every client has gone, it exits 1 if a worker met an error other than Busy
@@ -47,21 +48,30 @@ GARBAGE = (
 
 
 class Usage:
-    """What the daemon process holds now (from /proc)."""
+    """What the daemon process holds now (from /proc). Descriptors of the database file are
+    counted apart: SQLite cannot close a connection's descriptor of a file while another
+    connection of the process holds a POSIX lock on it (closing any descriptor would drop
+    them all), so it keeps it, and the next connection opened alike reuses it. The daemon's
+    connections always hold one (WAL), so each backup running at once (on a read-only
+    connection of its own) leaves one for the next. A connection left open would show
+    anyway, by its WAL's descriptor."""
 
-    def __init__(self, pid: int) -> None:
+    def __init__(self, pid: int, database: Path) -> None:
         status = dict(
             line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         )
         self.rss_mib = int(status["VmRSS"].split()[0]) / 1024
         self.threads = int(status["Threads"])
-        self.fd_targets = sorted(
-            _readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
-        )
+        targets = [_readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        self.fd_targets = sorted(t for t in targets if t != str(database))
         self.fds = len(self.fd_targets)
+        self.database_fds = len(targets) - self.fds
 
     def __str__(self) -> str:
-        return f"rss {self.rss_mib:6.1f} MiB  fds {self.fds:3d}  threads {self.threads}"
+        return (
+            f"rss {self.rss_mib:6.1f} MiB  fds {self.fds:3d} (+{self.database_fds} of the "
+            f"database)  threads {self.threads}"
+        )
 
 
 def _readlink(path: str) -> str:
@@ -82,6 +92,7 @@ def _goal(goal_id: str) -> Any:
 def _steps(socket_path: str, goal_id: str, rnd: random.Random) -> list[tuple[float, Any]]:
     """The mix: (weight, step(client) -> the client to go on with)."""
     from omkd_client import Client, EventInput, TaskRecord
+    from omkd_client.errors import InvalidParams
 
     def append(c: Any) -> Any:
         c.events.append(goal_id, "step", {"blob": "x" * rnd.randint(0, 3000)})
@@ -152,6 +163,23 @@ def _steps(socket_path: str, goal_id: str, rnd: random.Random) -> list[tuple[flo
             raw.sendall(struct.pack(">I", len(message)) + message)
         return c
 
+    def pipelined(c: Any) -> Any:
+        calls: list[tuple[str, dict[str, Any] | None]] = [
+            ("event.append", {"goal_id": goal_id, "kind": "pipelined", "payload": i})
+            for i in range(rnd.randint(1, 50))
+        ]
+        calls.insert(rnd.randrange(len(calls)), ("goal.get", {"goal_id": 1}))  # a bad one
+        results = c.call_many(calls, return_exceptions=True)
+        if [isinstance(r, InvalidParams) for r in results] != [m == "goal.get" for m, _ in calls]:
+            raise RuntimeError(f"pipelined replies out of order or wrong: {results!r}")
+        return c
+
+    def backup(c: Any) -> Any:
+        dest = Path(socket_path).parent / f"backup-{goal_id}.db"
+        c.backup(dest)
+        dest.unlink()
+        return c
+
     def cleanup(c: Any) -> Any:
         c.events.delete_by_goal(goal_id)
         return c
@@ -159,7 +187,8 @@ def _steps(socket_path: str, goal_id: str, rnd: random.Random) -> list[tuple[flo
     return [
         (35, append), (10, read), (10, transaction), (5, rolled_back), (5, batch),
         (5, task_graph), (5, goal_update), (4, subscription), (3, reconnect),
-        (2, abandoned_transaction), (2, garbage), (2, send_and_close), (0.2, cleanup),
+        (2, abandoned_transaction), (2, garbage), (2, send_and_close), (3, pipelined),
+        (0.2, backup), (0.2, cleanup),
     ]  # fmt: skip
 
 
@@ -216,29 +245,34 @@ def soak(
     workdir = Path(tempfile.mkdtemp(prefix="omkd-soak-", dir="/tmp"))
     socket_path = workdir / "omkd.sock"
     log = workdir / "omkd.log"
+    database = workdir / "soak.db"
     server = Server(
         [sys.executable, "-m", "omkd", "serve", "--socket", str(socket_path),
-         "--db", str(workdir / "soak.db")],
+         "--db", str(database)],
         socket_path,
         log,
     )  # fmt: skip
     pid = server.proc.pid
+
+    def usage() -> Usage:
+        return Usage(pid, database)
+
     monitor = None
     try:
         # A first round opens what the daemon keeps open once used (the checkpointer's
         # connection, the reader's WAL): the baseline is taken after it.
         warm_up = min(WARM_UP_S, seconds)
-        passed = _load(socket_path, pid, warm_up, workers, warm_up, out)
+        passed = _load(socket_path, usage, warm_up, workers, warm_up, out)
         monitor = Client.connect(socket_path)  # one connection asks, the whole run
-        start = _settled(pid, monitor, None, settle_timeout)
+        start = _settled(usage, monitor, None, settle_timeout)
         out(f"{'start':>8}  {start}")
         if after_baseline is not None:
             after_baseline(socket_path)
-        passed = _load(socket_path, pid, seconds, workers, every, out) and passed
+        passed = _load(socket_path, usage, seconds, workers, every, out) and passed
         if server.proc.poll() is not None:
             out(f"the daemon died (exit {server.proc.returncode})")
             return False
-        end = _settled(pid, monitor, start, settle_timeout)
+        end = _settled(usage, monitor, start, settle_timeout)
         out(f"{'end':>8}  {end}")
         sessions = _sessions(monitor)
         if sessions or end.fds > start.fds or end.threads > start.threads:
@@ -264,7 +298,7 @@ def soak(
 
 
 def _load(
-    socket_path: Path, pid: int, seconds: float, workers: int, every: float,
+    socket_path: Path, usage: Callable[[], Usage], seconds: float, workers: int, every: float,
     out: Callable[[str], None],
 ) -> bool:  # fmt: skip
     """Run the workers for ``seconds``, sampling the daemon; False if any met an error."""
@@ -280,7 +314,7 @@ def _load(
         proc.start()
     while time.time() < until:
         time.sleep(max(0.0, min(every, until - time.time())))
-        out(f"{time.time() - begun:7.0f}s  {Usage(pid)}")
+        out(f"{time.time() - begun:7.0f}s  {usage()}")
     totals = []
     deadline = time.monotonic() + WORKER_JOIN_TIMEOUT_S
     while len(totals) < len(procs) and time.monotonic() < deadline:
@@ -304,17 +338,17 @@ def _load(
     return not errors and len(totals) == len(procs) and not any(p.exitcode for p in procs)
 
 
-def _settled(pid: int, monitor: Any, like: Usage | None, timeout: float) -> Usage:
+def _settled(usage: Callable[[], Usage], monitor: Any, like: Usage | None, timeout: float) -> Usage:
     """The daemon's usage once no client is connected and its descriptors and threads have
     stopped changing (or are down to ``like``'s), waiting up to ``timeout`` s: the daemon
     notices a client gone when it next polls, and trio's idle worker threads leave after a
     while."""
     deadline = time.monotonic() + timeout
     _wait_for(lambda: _sessions(monitor) == 0, timeout)
-    last = Usage(pid)
+    last = usage()
     while time.monotonic() < deadline:
         time.sleep(0.5)
-        now = Usage(pid)
+        now = usage()
         if like is not None:
             if now.fds <= like.fds and now.threads <= like.threads:
                 return now
