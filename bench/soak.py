@@ -4,14 +4,14 @@ Run: ``python -m bench.soak [--seconds 300] [--workers 6] [--every 15]``. Worker
 (the bundled sync client) loop over a mix of calls: appends with payloads up to 3 KB, reads,
 transactions committed and rolled back, ``event.append_batch``, task graphs, goal updates,
 subscriptions, pipelined runs of calls, online backups, connections closed and opened again,
-and broken clients: one that leaves a
-transaction open and goes away, one that sends garbage, one that sends a request and closes
-at once. Every ``--every`` seconds it prints the daemon's RSS, open descriptors and threads.
-At the end, once every client has gone, it exits 1 if a worker met an error other than Busy
-(nothing in the load conflicts), if the daemon died or logged an error, or if its sessions,
-descriptors or threads did not come back to where they were after a first round (which opens
-what the daemon keeps open once used). RSS is reported, not judged: SQLite's caches and the
-allocator's arenas fill up to a plateau.
+and broken clients: one that leaves a transaction open and goes away, one that sends
+garbage, one that sends a request and closes at once. One more process runs the trio
+client, its tasks sharing one connection. Every ``--every`` seconds it prints the daemon's
+RSS, open descriptors and threads. At the end, once every client has gone, it exits 1 if a
+worker met an error other than Busy (nothing in the load conflicts), if the daemon died or
+logged an error, or if its sessions, descriptors or threads did not come back to where they
+were after a first round (which opens what the daemon keeps open once used). RSS is
+reported, not judged: SQLite's caches and the allocator's arenas fill up to a plateau.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from bench.wire import Server
 # final sample.
 SETTLE_TIMEOUT_S = 30.0
 WARM_UP_S = 5.0
+TASKS_PER_TRIO_CLIENT = 4
 WORKER_JOIN_TIMEOUT_S = 120.0
 GARBAGE = (
     struct.pack(">I", 5) + b"{bad}",  # not JSON
@@ -220,6 +221,59 @@ def worker(socket_path: str, index: int, until: float, results: Any) -> None:
     results.put((calls, busy, errors))
 
 
+def trio_worker(socket_path: str, index: int, until: float, results: Any) -> None:
+    """The trio client's side: TASKS_PER_TRIO_CLIENT tasks share one TrioClient (their calls
+    pipeline on its connection; a transaction holds the others back) until ``until``; put
+    (calls, busy, [unexpected errors]) as ``worker`` does."""
+    import trio
+
+    from omkd_client.errors import Busy
+    from omkd_client.trio_client import TrioClient
+
+    goal_id = f"soak-trio-{index}"
+    counts = {"calls": 0, "busy": 0}
+    errors: list[str] = []
+
+    async def task(c: TrioClient, rnd: random.Random) -> None:
+        while time.time() < until:
+            choice = rnd.random()
+            try:
+                if choice < 0.5:
+                    await c.events.append(goal_id, "trio", {"blob": "y" * rnd.randint(0, 3000)})
+                elif choice < 0.65:
+                    await c.events.get_by_goal(goal_id, tail=20)
+                elif choice < 0.8:
+                    async with c.transaction() as tx:
+                        for i in range(rnd.randint(1, 10)):
+                            await tx.events.append(goal_id, "trio tx", {"i": i})
+                elif choice < 0.9:
+                    calls = [("daemon.ping", None), ("goal.get", {"goal_id": goal_id})]
+                    if len(await c.call_many(calls * rnd.randint(1, 10))) % 2:
+                        raise RuntimeError("call_many lost a reply")
+                else:
+                    subscription = await c.events.subscribe(goal_id)
+                    async with subscription:
+                        await c.events.append(goal_id, "trio seen", {})
+                        with trio.fail_after(10):
+                            await subscription.__anext__()
+                counts["calls"] += 1
+            except Busy:
+                counts["busy"] += 1
+            except Exception as exc:
+                errors.append(f"trio: {type(exc).__name__}: {exc}")
+                return  # the client may be unusable now; the others go on
+
+    async def main() -> None:
+        async with TrioClient.connect(socket_path) as c:
+            await c.goals.upsert(_goal(goal_id))
+            async with trio.open_nursery() as nursery:
+                for n in range(TASKS_PER_TRIO_CLIENT):
+                    nursery.start_soon(task, c, random.Random(index * 100 + n))
+
+    trio.run(main)
+    results.put((counts["calls"], counts["busy"], errors))
+
+
 def _wait_for(condition: Callable[[], bool], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -310,6 +364,9 @@ def _load(
         context.Process(target=worker, args=(str(socket_path), i, until, results))
         for i in range(workers)
     ]
+    procs.append(  # and one process of the trio client
+        context.Process(target=trio_worker, args=(str(socket_path), 0, until, results))
+    )
     for proc in procs:
         proc.start()
     while time.time() < until:
@@ -330,7 +387,7 @@ def _load(
     calls = sum(t[0] for t in totals)
     busy = sum(t[1] for t in totals)
     errors = [e for t in totals for e in t[2]]
-    out(f"{calls:,} calls by {workers} workers in {seconds:g} s; {busy} Busy")
+    out(f"{calls:,} calls by {workers} workers and a trio client in {seconds:g} s; {busy} Busy")
     for error in errors[:20]:
         out(f"  unexpected: {error}")
     if len(totals) < len(procs):
