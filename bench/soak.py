@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from bench.wire import Server
+from bench.wire import start_daemon, status_kib
 
 # How long the daemon gets to notice the clients left (their sessions end) before the
 # final sample.
@@ -58,11 +58,8 @@ class Usage:
     anyway, by its WAL's descriptor."""
 
     def __init__(self, pid: int, database: Path) -> None:
-        status = dict(
-            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        )
-        self.rss_mib = int(status["VmRSS"].split()[0]) / 1024
-        self.threads = int(status["Threads"])
+        self.rss_mib = status_kib(pid, "VmRSS") / 1024
+        self.threads = len(os.listdir(f"/proc/{pid}/task"))
         targets = [_readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
         self.fd_targets = sorted(t for t in targets if t != str(database))
         self.fds = len(self.fd_targets)
@@ -297,16 +294,9 @@ def soak(
     from omkd_client import Client
 
     workdir = Path(tempfile.mkdtemp(prefix="omkd-soak-", dir="/tmp"))
-    socket_path = workdir / "omkd.sock"
-    log = workdir / "omkd.log"
     database = workdir / "soak.db"
-    server = Server(
-        [sys.executable, "-m", "omkd", "serve", "--socket", str(socket_path),
-         "--db", str(database)],
-        socket_path,
-        log,
-    )  # fmt: skip
-    pid = server.proc.pid
+    server = start_daemon(workdir, database)
+    socket_path, log, pid = server.socket_path, server.log_path, server.pid
 
     def usage() -> Usage:
         return Usage(pid, database)
@@ -325,6 +315,7 @@ def soak(
         passed = _load(socket_path, usage, seconds, workers, every, out) and passed
         if server.proc.poll() is not None:
             out(f"the daemon died (exit {server.proc.returncode})")
+            out("FAIL")
             return False
         end = _settled(usage, monitor, start, settle_timeout)
         out(f"{'end':>8}  {end}")
