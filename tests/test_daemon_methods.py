@@ -326,6 +326,10 @@ async def test_backup(client: RawClient, tmp_path: Path) -> None:
     status = await client.call("daemon.status")
     live = await client.error("db.backup", dest=status["db_path"])
     assert live["code"] == ErrorCode.INVALID_PARAMS
+    for unusable in (str(tmp_path / "nul\0.db"), "/" + "a" * 5000):  # no such name can exist
+        refused = await client.error("db.backup", dest=unusable)
+        assert refused["code"] == ErrorCode.INVALID_PARAMS
+        assert refused["data"]["field"] == "dest"
 
 
 async def test_unknown_subscription(client: RawClient) -> None:

@@ -360,6 +360,9 @@ def test_backup_refuses_bad_destinations(db: Database, tmp_path: Path) -> None:
         Path(str(live) + "-shm"),
         tmp_path,
         tmp_path / "missing-dir" / "x.db",
+        str(tmp_path / "nul\0.db"),
+        tmp_path / ("n" * 256),  # longer than a file name may be
+        tmp_path / ("n" * 256) / "x.db",
     ):
         with pytest.raises(InvalidData) as info:
             db.backup_to(dest)
@@ -382,6 +385,20 @@ def test_backup_refuses_bad_destinations(db: Database, tmp_path: Path) -> None:
         os.close(fd)
         listening.close()
     assert db.backup_to(locked) > 0  # nobody holds it now: an ordinary file to replace
+
+
+def test_backup_to_a_file_name_of_the_longest_length(
+    db: Database, make_goal: MakeGoal, tmp_path: Path
+) -> None:
+    db.goals.create(make_goal("g1"))
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    dest = backups / ("n" * os.pathconf(backups, "PC_NAME_MAX"))
+    assert db.backup_to(dest) == dest.stat().st_size
+    assert [p.name for p in backups.iterdir()] == [dest.name]  # no temporary file left
+    # (SQLite itself cannot open it there: its -journal's name would be too long.)
+    with Database.open(dest.rename(backups / "copy.db")) as copy:
+        assert copy.goals.get("g1") is not None
 
 
 _DIE_MID_WRITE = """

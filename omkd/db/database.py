@@ -768,14 +768,16 @@ def backup_database(
 
     Raises StorageFailure (no file at ``path``, not a database, unreadable, the copy cannot
     be written), InvalidData (``dest`` relative, ``path`` itself or its -wal/-shm, a
-    directory, in a missing directory), Busy.
+    directory, in a missing directory, a name the file system refuses), Busy.
     """
     source = Path(path).expanduser()
     if not source.is_file():
         raise StorageFailure(f"no database at {source}", path=str(source))
     source = source.resolve()
     target = backup_target(dest, source)
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    # Named apart from dest: any name dest may have leaves room for it (and SQLite's
+    # -journal beside it) within the file system's limit.
+    temporary = target.with_name(f".omkd-backup-{uuid.uuid4().hex}.tmp")
     conn = connect_read_only(source)
     try:
         conn.execute(SET_BUSY_TIMEOUT.format(ms=busy_timeout_ms))
@@ -790,7 +792,8 @@ def backup_database(
         sync_and_rename(temporary, target)
         return target.stat().st_size
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # the copy's own error is the one to raise
+            temporary.unlink(missing_ok=True)
         raise
     finally:
         conn.close()

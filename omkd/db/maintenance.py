@@ -27,22 +27,32 @@ def backup_target(dest: object, live: Path) -> Path:
     if not isinstance(dest, str | os.PathLike):
         raise InvalidData("dest", "expected a path")
     path = Path(dest)
+    if "\0" in str(path):  # the OS takes no NUL in a path
+        raise InvalidData("dest", "contains a NUL character", dest=str(dest))
     if not path.is_absolute():
         raise InvalidData("dest", f"{str(dest)!r} is not an absolute path", dest=str(dest))
-    target = path.resolve()
-    if _is_live_file(target, live):
-        raise InvalidData("dest", f"{target} is the live database", dest=str(dest))
-    if target.is_dir():
-        raise InvalidData("dest", f"{target} is a directory", dest=str(dest))
-    if target.exists() and not target.is_file():
-        raise InvalidData("dest", f"{target} is not a regular file", dest=str(dest))
-    if _locked(target):
-        raise InvalidData(
-            "dest", f"{target} is locked by a running process (a lock file?)", dest=str(dest)
-        )
-    if not target.parent.is_dir():
-        raise InvalidData("dest", f"directory {target.parent} does not exist", dest=str(dest))
+    try:
+        target = path.resolve()
+        problem = _destination_problem(target, live)
+    except OSError as exc:  # a name too long, a loop of symbolic links, ...
+        problem = f"{path}: {exc.strerror}"
+    if problem is not None:
+        raise InvalidData("dest", problem, dest=str(dest))
     return target
+
+
+def _destination_problem(target: Path, live: Path) -> str | None:
+    if _is_live_file(target, live):
+        return f"{target} is the live database"
+    if target.is_dir():
+        return f"{target} is a directory"
+    if target.exists() and not target.is_file():
+        return f"{target} is not a regular file"
+    if _locked(target):
+        return f"{target} is locked by a running process (a lock file?)"
+    if not target.parent.is_dir():
+        return f"directory {target.parent} does not exist"
+    return None
 
 
 def _is_live_file(target: Path, live: Path) -> bool:
