@@ -37,6 +37,7 @@ ENV_VARS = {"socket_path": "OMKD_SOCKET", "db_path": "OMKD_DB"}
 
 
 GC_THRESHOLD_MAX: Final = 2**31 - 1
+BATCH_SLICE_S: Final = 0.002  # the default of batch_slice (also the Dispatcher's)
 
 
 class ConfigError(Exception):
@@ -82,6 +83,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     wal_restart_pages: int = 4096
     # Events fetched per query when feeding a subscription.
     page_size: int = 500
+    # Seconds a batch's calls run before the daemon serves the other connections, then goes
+    # on with the batch: a batch of 100,000 calls takes seconds, and nobody else must wait
+    # for it to end.
+    batch_slice: float = BATCH_SLICE_S
     # Pending connections the kernel may hold before accept().
     listen_backlog: int = 512
     # Seconds to wait before retrying accept() after running out of file descriptors.
@@ -113,7 +118,12 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
-        for name in ("group_commit_window", "wal_autocheckpoint", "wal_restart_pages"):
+        for name in (
+            "group_commit_window",
+            "wal_autocheckpoint",
+            "wal_restart_pages",
+            "batch_slice",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
         if self.gc_threshold > GC_THRESHOLD_MAX:  # what gc.set_threshold takes (a C int)

@@ -402,3 +402,33 @@ async def test_invalid_request_data(payload: bytes, data: dict[str, object]) -> 
     reply = json.loads(await Dispatcher().handle(payload, _NullSession()) or b"")
     assert reply["error"]["code"] == ErrorCode.INVALID_REQUEST and reply["id"] is None
     assert reply["error"]["data"] == data
+
+
+async def test_a_long_batch_lets_the_other_connections_be_served_meanwhile() -> None:
+    count = 5_000
+    with short_tempdir() as directory:
+        async with running_daemon(directory) as daemon:
+            batcher = await RawClient.connect(daemon.config.socket_path)
+            other = await RawClient.connect(daemon.config.socket_path)
+            await other.call("goal.create", **goal("g1"))
+            await batcher.send(
+                [
+                    {
+                        "jsonrpc": "2.0",
+                        "method": "event.append",
+                        "params": {"goal_id": "g1", "kind": "k", "payload": i},
+                        "id": i,
+                    }
+                    for i in range(count)
+                ]
+            )
+            with trio.fail_after(60):
+                while not (newest := await other.call("event.get_by_goal", goal_id="g1", tail=1)):
+                    pass
+                # Answered while the batch went on: before its last append.
+                assert newest[0]["payload"] < count - 1
+                replies = await batcher.recv()
+            assert [r["id"] for r in replies] == list(range(count))
+            assert all("result" in r for r in replies)
+            await batcher.aclose()
+            await other.aclose()

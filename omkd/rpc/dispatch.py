@@ -31,11 +31,14 @@ from __future__ import annotations
 import enum
 import logging
 import re
+import time
 from collections.abc import Callable
 from typing import Any, Final, Protocol, cast
 
 import msgspec
+import trio
 
+from omkd.config import BATCH_SLICE_S
 from omkd.rpc._jsonrpcserver import (
     NODATA,
     NOID,
@@ -181,8 +184,11 @@ def encode_error(code: int, message: str, data: Any = None, id: msgspec.Raw = _N
 class Dispatcher:
     """Routes messages to the method table; one per daemon, shared by all sessions."""
 
-    def __init__(self, methods: dict[str, Method] | None = None) -> None:
+    def __init__(
+        self, methods: dict[str, Method] | None = None, batch_slice: float = BATCH_SLICE_S
+    ) -> None:
         self.methods = dict(METHODS if methods is None else methods)
+        self.batch_slice = batch_slice
         self._decoders = {m.name: msgspec.json.Decoder(m.params) for m in self.methods.values()}
         self._routes = {name: self._route(m) for name, m in self.methods.items()}
 
@@ -208,6 +214,7 @@ class Dispatcher:
                 {"field": None, "detail": "the batch is empty"},
             )
         replies: list[bytes] = []
+        slice_ends = time.perf_counter() + self.batch_slice
         for item in items:
             reply = await self._one(item, session)
             await session.settle()  # before the next element, and before answering
@@ -215,6 +222,9 @@ class Dispatcher:
                 reply = reply.resolve()
             if reply is not None:
                 replies.append(reply)
+            if time.perf_counter() > slice_ends:  # the other connections' turn
+                await trio.lowlevel.checkpoint()
+                slice_ends = time.perf_counter() + self.batch_slice
         return b"[" + b",".join(replies) + b"]" if replies else None
 
     def answer_now(
