@@ -135,6 +135,11 @@ async def test_empty_batch(client: RawClient) -> None:
             b'{"jsonrpc":"2.0","method":"goal.get","id":null,"params":{"goal_id":"\xff"}}',
             ErrorCode.PARSE_ERROR,
         ),
+        # An id is echoed as it came, so it is checked like the rest (a write not run).
+        (
+            b'{"jsonrpc":"2.0","method":"goal.delete","id":"\xff","params":{"goal_id":"g"}}',
+            ErrorCode.PARSE_ERROR,
+        ),
         (b"1e999", ErrorCode.INVALID_REQUEST),  # valid JSON, too big for a float, no request
         (b'"just a string"', ErrorCode.INVALID_REQUEST),
         (b'{"method":"daemon.ping","id":1}', ErrorCode.INVALID_REQUEST),

@@ -72,6 +72,7 @@ log = logging.getLogger("omkd.rpc")
 
 _NULL: Final = msgspec.Raw(b"null")
 _ID_FIRST_BYTES: Final = frozenset(b'"-0123456789n')
+_QUOTE: Final = ord('"')
 _FIELD_AT: Final = re.compile(r"at `\$\.([A-Za-z0-9_.\[\]]+)`")
 _FIELD_NAMED: Final = re.compile(r"field `([^`]+)`")
 _AT_BYTE: Final = re.compile(r"\(byte (\d+)\)")
@@ -338,17 +339,25 @@ class Dispatcher:
         return await cast(SessionFn, method.run)(session, params)
 
 
-def _envelope_problem(envelope: _Envelope) -> InvalidRequest | None:
-    """What makes a decoded envelope not a request (the -32600 to answer), if anything."""
+def _envelope_problem(envelope: _Envelope) -> InvalidRequest | UnicodeDecodeError | None:
+    """What makes a decoded envelope not a request (the -32600 to answer, or the -32700 of
+    an id that is not UTF-8), if anything."""
     if envelope.jsonrpc != "2.0":
         return InvalidRequest(
             '"jsonrpc" must be "2.0"', {"field": "jsonrpc", "detail": 'must be "2.0"'}
         )
-    if envelope.id and memoryview(envelope.id)[0] not in _ID_FIRST_BYTES:
-        return InvalidRequest(
-            "id must be a string, a number or null",
-            {"field": "id", "detail": "must be a string, a number or null"},
-        )
+    if envelope.id:
+        first = memoryview(envelope.id)[0]
+        if first not in _ID_FIRST_BYTES:
+            return InvalidRequest(
+                "id must be a string, a number or null",
+                {"field": "id", "detail": "must be a string, a number or null"},
+            )
+        if first == _QUOTE:  # msgspec leaves a Raw's bytes unchecked; the id is echoed
+            try:
+                str(envelope.id, "utf-8")
+            except UnicodeDecodeError as exc:
+                return exc
     return None
 
 
