@@ -24,6 +24,7 @@ from omkd.db import (
     TaskRecord,
     VersionConflict,
 )
+from omkd.db.goals import MAX_VERSION
 
 MakeGoal = Callable[..., GoalRecord]
 
@@ -73,6 +74,16 @@ def test_goal_upsert_counts_versions_whatever_was_sent(db: Database, make_goal: 
     assert db.goals.update_status("g1", "s", "p").version == 4
     with pytest.raises(GoalNotFound):
         db.goals.heartbeat("missing")
+
+
+def test_a_goal_version_leaves_room_for_its_writes(db: Database, make_goal: MakeGoal) -> None:
+    largest = db.goals.create(make_goal("g1", version=MAX_VERSION))
+    assert db.goals.update_status("g1", "s", "p").version == largest.version + 1
+    for write in (db.goals.create, db.goals.upsert):
+        with pytest.raises(InvalidData) as info:
+            write(make_goal("g2", version=2**63 - 1))  # SQLite's largest: no write after it
+        assert info.value.data["field"] == "version"
+    assert db.goals.get("g2") is None
 
 
 def test_goal_heartbeat_only_touches_updated_at(db: Database, make_goal: MakeGoal) -> None:

@@ -7,7 +7,7 @@ of an existing goal too whatever version was sent, except ``heartbeat``, which o
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 import msgspec
 
@@ -69,9 +69,20 @@ _FIXED_FIELDS = frozenset({"goal_id", "version", "created_at"})
 EDITABLE_FIELDS = frozenset(GoalRecord.__struct_fields__) - _FIXED_FIELDS
 
 
+# The largest version a goal may be given: the largest integer every JSON reader keeps
+# exactly (JavaScript's too). Counting writes up from it never reaches SQLite's 2^63 - 1,
+# where version + 1 would fail every later write of the goal.
+MAX_VERSION: Final = 2**53 - 1
+
+
 def _check_str(value: object, field: str) -> None:
     if not isinstance(value, str):
         raise InvalidData(field, f"expected a string, got {type(value).__name__}")
+
+
+def _check_version(goal: GoalRecord) -> None:
+    if goal.version > MAX_VERSION:
+        raise InvalidData("version", f"must be at most {MAX_VERSION} (2^53 - 1)")
 
 
 class GoalRepository:
@@ -83,9 +94,11 @@ class GoalRepository:
     def create(self, goal: GoalRecord) -> GoalRecord:
         """Store a new goal and return it as stored.
 
-        Raises Conflict if the goal_id exists, InvalidData for a field of the wrong type.
+        Raises Conflict if the goal_id exists, InvalidData for a field of the wrong type (or
+        a version over MAX_VERSION).
         """
         params = _codec.params(goal)
+        _check_version(goal)
         with self._scope.write() as conn:
             row = conn.query_one(INSERT, params, subject=("goal", goal.goal_id))
         assert row is not None
@@ -95,9 +108,10 @@ class GoalRepository:
         """Store ``goal``, replacing an existing one; return it as stored.
 
         An existing goal keeps its ``created_at`` and gets version = old version + 1, whatever
-        version was sent. Raises InvalidData.
+        version was sent (refused over MAX_VERSION all the same). Raises InvalidData.
         """
         params = _codec.params(goal)
+        _check_version(goal)
         with self._scope.write() as conn:
             row = conn.query_one(UPSERT, params, subject=("goal", goal.goal_id))
         assert row is not None
