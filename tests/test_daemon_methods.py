@@ -240,24 +240,35 @@ async def test_goal_delete_cascades(client: RawClient) -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "field"),
+    ("method", "params", "field"),
     [
-        ({"goal_id": "g", "unknown": 1}, "unknown"),
-        ({}, "goal_id"),
-        ({"goal_id": 5}, "goal_id"),
+        ("goal.get", {"goal_id": "g", "unknown": 1}, "unknown"),
+        ("goal.get", {}, "goal_id"),
+        ("goal.get", {"goal_id": 5}, "goal_id"),
+        # Refused by the storage layer's checks rather than the params' decoder:
+        ("goal.list", {"limit": -1}, "limit"),
+        ("event.get_by_goal", {"goal_id": "g", "limit": 1, "tail": 1}, "tail"),
+        (
+            "task.create_batch",
+            {"goal_id": "g", "tasks": [{"task_id": "t1", "kind": "k", "goal_id": "h"}]},
+            "tasks[0].goal_id",
+        ),
     ],
 )
-async def test_invalid_params_name_the_field(
-    client: RawClient, params: dict[str, Any], field: str
+async def test_invalid_params_name_the_method_and_field_and_say_why(
+    client: RawClient, method: str, params: dict[str, Any], field: str
 ) -> None:
-    error = await client.error("goal.get", **params)
+    error = await client.error(method, **params)
     assert error["code"] == ErrorCode.INVALID_PARAMS
+    assert error["data"]["method"] == method
     assert error["data"]["field"] == field
+    assert error["data"]["detail"]
 
 
 async def test_positional_params_refused(client: RawClient) -> None:
     reply = await client.request("goal.get", ["g1"])
     assert reply["error"]["code"] == ErrorCode.INVALID_PARAMS
+    assert reply["error"]["data"]["method"] == "goal.get" and reply["error"]["data"]["detail"]
 
 
 async def test_money_as_float_refused(client: RawClient) -> None:

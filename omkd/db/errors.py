@@ -84,10 +84,11 @@ class VersionConflict(DbError):
 
 
 class InvalidData(DbError):
-    """A value has the wrong type or shape; ``data["field"]`` names it."""
+    """A value has the wrong type or shape; ``data["field"]`` names it, ``data["detail"]``
+    says what is wrong with it."""
 
     def __init__(self, field: str, message: str, **data: Any) -> None:
-        super().__init__(f"invalid {field}: {message}", field=field, **data)
+        super().__init__(f"invalid {field}: {message}", field=field, detail=message, **data)
         self.field = field
 
 

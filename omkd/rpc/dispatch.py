@@ -366,6 +366,8 @@ def _failure(method: Method, exc: Exception) -> tuple[int, str, dict[str, Any] |
     code, text, data = error_body(exc)
     if code == ErrorCode.INTERNAL_ERROR:
         log.exception("internal error in %s", method.name)
+    elif code == ErrorCode.INVALID_PARAMS and data is not None and "method" not in data:
+        data = {"method": method.name, **data}  # as the params' own -32602 has it
     return code, text, data
 
 
@@ -382,7 +384,7 @@ def _decode_params(name: str, decoder: msgspec.json.Decoder[Any], raw: msgspec.R
     if text[:1] != b"{":
         raise InvalidParams(
             f"params of {name} must be an object of named arguments",
-            {"method": name, "field": None},
+            {"method": name, "field": None, "detail": "must be an object of named arguments"},
         )
     try:
         return decoder.decode(text)

@@ -87,15 +87,21 @@ def _goal_delete(r: Repos, p: P.GoalId) -> P.DeletedFlag:
 
 def _task_records(p: P.TaskBatch) -> list[TaskRecord]:
     records = []
-    for item in p.tasks:
+    for index, item in enumerate(p.tasks):
         fields = msgspec.structs.asdict(item)
         if fields["goal_id"] is None:
             fields["goal_id"] = p.goal_id
         elif fields["goal_id"] != p.goal_id:
+            detail = f"a batch holds the tasks of one goal: {p.goal_id!r}"
             raise InvalidParams(
-                f"task {item.task_id!r} belongs to goal {fields['goal_id']!r}, "
-                f"not to {p.goal_id!r}: a batch holds the tasks of one goal",
-                {"field": "tasks.goal_id", "task_id": item.task_id, "goal_id": p.goal_id},
+                f"task {item.task_id!r} belongs to goal {fields['goal_id']!r}, not to "
+                f"{p.goal_id!r}: {detail}",
+                {
+                    "field": f"tasks[{index}].goal_id",
+                    "detail": detail,
+                    "task_id": item.task_id,
+                    "goal_id": fields["goal_id"],
+                },
             )
         records.append(TaskRecord(**fields))
     return records
