@@ -109,7 +109,7 @@ async def test_batch_with_bad_elements(client: RawClient) -> None:
         ]
     )
     replies = await client.recv()
-    assert [r.get("id") for r in replies] == [1, None, 2, None, 4]
+    assert [r.get("id") for r in replies] == [1, None, 2, 3, 4]  # any id that could be read
     codes = [r["error"]["code"] if "error" in r else None for r in replies]
     assert codes == [
         None,
@@ -384,28 +384,29 @@ async def test_parse_error_in_params_data() -> None:
 
 
 @pytest.mark.parametrize(
-    ("payload", "data"),
+    ("payload", "data", "id"),
     [
-        (b'"just a string"', {"field": None, "detail": "Expected `object`, got `str`"}),
-        (b"1e999", {"field": None, "detail": "Number out of range"}),
+        (b'"just a string"', {"field": None, "detail": "Expected `object`, got `str`"}, None),
+        (b"1e999", {"field": None, "detail": "Number out of range"}, None),
         (b'{"method":"daemon.ping","id":1}',
-         {"field": "jsonrpc", "detail": "Object missing required field `jsonrpc`"}),
+         {"field": "jsonrpc", "detail": "Object missing required field `jsonrpc`"}, None),
         (b'{"jsonrpc":"2.0","method":"daemon.ping","id":1,"extra":true}',
-         {"field": "extra", "detail": "Object contains unknown field `extra`"}),
+         {"field": "extra", "detail": "Object contains unknown field `extra`"}, None),
         (b'{"jsonrpc":2,"method":"daemon.ping","id":1}',
-         {"field": "jsonrpc", "detail": "Expected `str`, got `int` - at `$.jsonrpc`"}),
-        (b'{"jsonrpc":"1.0","method":"daemon.ping","id":1}',
-         {"field": "jsonrpc", "detail": 'must be "2.0"'}),
+         {"field": "jsonrpc", "detail": "Expected `str`, got `int` - at `$.jsonrpc`"}, None),
+        # The envelope was read: its id goes back with the error.
+        (b'{"jsonrpc":"1.0","method":"daemon.ping","id":"a"}',
+         {"field": "jsonrpc", "detail": 'must be "2.0"'}, "a"),
         (b'{"jsonrpc":"2.0","method":"daemon.ping","id":{"no":1}}',
-         {"field": "id", "detail": "must be a string, a number or null"}),
-        (b"[]", {"field": None, "detail": "the batch is empty"}),
+         {"field": "id", "detail": "must be a string, a number or null"}, None),
+        (b"[]", {"field": None, "detail": "the batch is empty"}, None),
     ],
     ids=["string", "number", "no-jsonrpc", "extra", "jsonrpc-type", "jsonrpc-1.0", "id-object",
          "empty-batch"],
 )  # fmt: skip
-async def test_invalid_request_data(payload: bytes, data: dict[str, object]) -> None:
+async def test_invalid_request_data(payload: bytes, data: dict[str, object], id: object) -> None:
     reply = json.loads(await Dispatcher().handle(payload, _NullSession()) or b"")
-    assert reply["error"]["code"] == ErrorCode.INVALID_REQUEST and reply["id"] is None
+    assert reply["error"]["code"] == ErrorCode.INVALID_REQUEST and reply["id"] == id
     assert reply["error"]["data"] == data
 
 

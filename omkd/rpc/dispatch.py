@@ -277,17 +277,20 @@ class Dispatcher:
     ) -> bytes | DeferredReply | None:
         try:
             envelope = _ENVELOPE.decode(message)
-            problem = _envelope_problem(envelope)
-            if problem is not None:
-                raise problem
         except msgspec.ValidationError as exc:
             return encode_error(
                 ErrorCode.INVALID_REQUEST, f"invalid request: {exc}", _invalid_details(exc)
             )
         except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
             return _parse_error(exc)
-        except InvalidRequest as exc:
-            return encode_error(ErrorCode.INVALID_REQUEST, str(exc), exc.data)
+        problem = _envelope_problem(envelope)
+        if isinstance(problem, InvalidRequest):
+            # An id that could be read goes back with the error: the client can tell which
+            # of its calls it answers.
+            id = envelope.id if envelope.id and problem.data["field"] != "id" else _NULL
+            return encode_error(ErrorCode.INVALID_REQUEST, str(problem), problem.data, id)
+        if problem is not None:
+            return _parse_error(problem)
         request = Request(envelope.method, [], envelope.id if envelope.id else NOID)
         route = self._routes.get(envelope.method)
         if route is None:
