@@ -63,7 +63,7 @@ class Daemon:
         self.config = config
         self.db = database
         self.version = omkd.__version__
-        self.dispatcher = Dispatcher(batch_slice=config.batch_slice)
+        self.dispatcher = Dispatcher(batch_slice=config.batch_slice, turn=trio.lowlevel.checkpoint)
         self.gate = WriteGate(database, config)
         self.poller = Poller()
         self.gate.turn = self.poller.turn

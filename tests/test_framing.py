@@ -90,6 +90,43 @@ def test_line_mode_chosen_by_first_byte() -> None:
         assert decoder.framing is Framing.LINE
 
 
+def test_white_space_first_is_line_mode_when_no_length_could_begin_so() -> None:
+    for first in (b"\n", b"\r\n", b" ", b"\t"):
+        decoder = FrameDecoder()
+        decoder.receive_data(first + b'{"a":1}\n')
+        assert decoder.framing is Framing.LINE
+        assert drain(decoder) == [b'{"a":1}']
+    # A limit so high that "\n" might begin a length (of at least 160 MiB): length mode.
+    decoder = FrameDecoder(max_message_bytes=0x0A_00_00_00)
+    decoder.receive_data(b"\n")
+    assert decoder.framing is Framing.LENGTH
+
+
+def test_a_last_line_needs_no_newline_at_the_end_of_the_stream() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b'{"a":1}\n{"b":2}')
+    assert drain(decoder) == [b'{"a":1}']
+    assert decoder.end_of_stream()
+    assert drain(decoder) == [b'{"b":2}']
+    assert not decoder.end_of_stream()  # nothing left
+    length = FrameDecoder()
+    length.receive_data(encode_frame(Framing.LENGTH, b"{}")[:-1])
+    assert not length.end_of_stream() and drain(length) == []  # a cut frame stays cut
+
+
+def test_an_oversize_length_that_reads_as_text_says_so() -> None:
+    decoder = FrameDecoder()
+    decoder.receive_data(b"GET / HTTP/1.1\r\n")
+    with pytest.raises(FrameTooLarge) as info:
+        decoder.next_message()
+    assert info.value.text == "GET "
+    binary = FrameDecoder()
+    binary.receive_data(b"\xff\xff\xff\xff")
+    with pytest.raises(FrameTooLarge) as info:
+        binary.next_message()
+    assert info.value.text is None
+
+
 def test_line_mode_messages_crlf_and_blank_lines() -> None:
     decoder = FrameDecoder()
     decoder.receive_data(b'{"a":1}\r\n\n  \n[1,2]\n{"b"')

@@ -90,3 +90,13 @@ def test_socat_session(daemon: Daemon) -> None:
 
         socat.stdin.close()
         assert socat.wait(LINE_TIMEOUT) == 0
+
+
+def test_socat_a_blank_line_first_and_no_newline_last(daemon: Daemon) -> None:
+    assert SOCAT is not None
+    command = [SOCAT, "-t", "30", "-", f"UNIX-CONNECT:{daemon.socket_path}"]
+    ping = '{"jsonrpc":"2.0","method":"daemon.ping","id":%d}'
+    typed = "\n" + ping % 1 + "\n" + ping % 2  # a blank line first, no newline last
+    done = subprocess.run(command, input=typed, capture_output=True, text=True, timeout=60)
+    replies = [json.loads(line) for line in done.stdout.splitlines()]
+    assert replies == [{"jsonrpc": "2.0", "result": "pong", "id": i} for i in (1, 2)]

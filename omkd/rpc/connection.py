@@ -133,6 +133,8 @@ class _Connection:
                     idle_deadline = trio.current_time() + self.daemon.config.tx_idle_timeout
                 data = None if self._ended else await self._receive(idle_deadline)
                 if data is None:
+                    if self.decoder.end_of_stream():  # a last line without its newline
+                        continue
                     await session.settle()  # a reply still to send after its COMMIT
                     return True
                 if data is _IDLE:
@@ -338,9 +340,16 @@ class _Connection:
 
     def _refuse_oversize(self, error: FrameTooLarge) -> None:
         log.warning("session %d: %s; closing", self.session.id, error)
+        if error.text is None:
+            hint = "raise --max-message-bytes if this is needed"
+        else:
+            hint = (
+                f"its length prefix reads as text, {error.text!r}: a client of line mode"
+                " must send { or [ first"
+            )
         reply = encode_error(
             ErrorCode.INVALID_REQUEST,
-            f"{error}; the connection is closed (raise --max-message-bytes if this is needed)",
+            f"{error}; the connection is closed ({hint})",
             {
                 "field": None,
                 "detail": "the message is longer than the limit",

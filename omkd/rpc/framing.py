@@ -2,9 +2,12 @@
 
 Theory of operation: a connection speaks one of two framings, chosen by the first byte the
 client sends. ``{`` or ``[`` selects line mode (one compact JSON message per line, for people
-with socat); anything else selects length mode (a 4-byte unsigned big-endian length, then that
-many bytes of UTF-8 JSON). The decoder buffers what it is fed with ``receive_data`` and hands
-out whole messages from ``next_message``, which answers ``NEED_DATA`` when it has none yet.
+with socat); so does white space (a blank line or a space typed first), as long as the
+length it would begin (at least 151 MiB) is over the limit anyway; anything else selects
+length mode (a 4-byte unsigned big-endian length, then that many bytes of UTF-8 JSON). The
+decoder buffers what it is fed with ``receive_data`` and hands out whole messages from
+``next_message``, which answers ``NEED_DATA`` when it has none yet. In line mode, the last
+line needs no newline once the client has sent everything (``end_of_stream``).
 
 The size limit is checked before anything is buffered past it: in length mode from the
 prefix alone, in line mode as soon as a line grows beyond it. An oversize message is a fatal
@@ -24,6 +27,8 @@ __all__ = ["NEED_DATA", "FrameDecoder", "FrameTooLarge", "Framing", "NeedData", 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 _PREFIX: Final = struct.Struct(">I")
 _LINE_MODE_FIRST_BYTES: Final = frozenset(b"{[")
+_WHITE_SPACE: Final = frozenset(b" \t\r\n")
+_TEXT_BYTES: Final = frozenset(range(0x20, 0x7F)) | _WHITE_SPACE
 
 
 class Framing(enum.Enum):
@@ -42,12 +47,16 @@ _LINE: Final = Framing.LINE
 
 
 class FrameTooLarge(Exception):
-    """The peer announced or sent a message over the limit; the connection must close."""
+    """The peer announced or sent a message over the limit; the connection must close.
 
-    def __init__(self, size: int, limit: int) -> None:
+    ``text`` is the length prefix when its four bytes are printable text: most likely not a
+    length at all, but a line of text sent without line mode's first ``{`` or ``[``."""
+
+    def __init__(self, size: int, limit: int, text: str | None = None) -> None:
         super().__init__(f"message of {size} bytes exceeds the limit of {limit} bytes")
         self.size = size
         self.limit = limit
+        self.text = text
 
 
 def encode_frame(framing: Framing, message: bytes) -> bytes:
@@ -74,8 +83,20 @@ class FrameDecoder:
     def receive_data(self, data: bytes) -> None:
         """Append bytes read from the peer."""
         if self.framing is None and data:
-            self.framing = Framing.LINE if data[0] in _LINE_MODE_FIRST_BYTES else Framing.LENGTH
+            first = data[0]
+            line = first in _LINE_MODE_FIRST_BYTES or (
+                first in _WHITE_SPACE and first << 24 > self.max_message_bytes
+            )
+            self.framing = Framing.LINE if line else Framing.LENGTH
         self._buffer += data
+
+    def end_of_stream(self) -> bool:
+        """The peer sent its last byte: whether that made a message of what was left (in
+        line mode, a last line without its newline)."""
+        if self.framing is _LINE and self._buffer.strip():
+            self._buffer += b"\n"
+            return True
+        return False
 
     def has_message(self) -> bool:
         """Whether a whole message (or an oversize one) is buffered: ``next_message`` will not
@@ -102,7 +123,9 @@ class FrameDecoder:
             return NEED_DATA
         (size,) = _PREFIX.unpack_from(buffer)
         if size > self.max_message_bytes:
-            raise FrameTooLarge(size, self.max_message_bytes)
+            prefix = bytes(buffer[: _PREFIX.size])
+            text = prefix.decode("ascii") if _TEXT_BYTES.issuperset(prefix) else None
+            raise FrameTooLarge(size, self.max_message_bytes, text)
         end = _PREFIX.size + size
         if len(buffer) < end:
             return NEED_DATA
@@ -118,10 +141,10 @@ class FrameDecoder:
                 if self._scanned > self.max_message_bytes:
                     raise FrameTooLarge(self._scanned, self.max_message_bytes)
                 return NEED_DATA
-            line = bytes(self._buffer[:newline]).rstrip(b"\r")
+            line = bytes(self._buffer[:newline]).strip()  # (\r of CRLF, blanks around)
             del self._buffer[: newline + 1]
             self._scanned = 0
             if len(line) > self.max_message_bytes:
                 raise FrameTooLarge(len(line), self.max_message_bytes)
-            if line.strip():
+            if line:
                 return line
