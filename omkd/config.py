@@ -53,6 +53,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     tx_idle_timeout: float = 60.0
     # Largest message accepted; a longer frame is answered with -32600 and closes.
     max_message_bytes: int = 16 * MiB
+    # Seconds a client outside a transaction may take to finish a message it began (counted
+    # from its last whole message) before the connection is closed: a half-sent message
+    # holds its bytes, up to max_message_bytes, for as long as it waits.
+    message_timeout: float = 30.0
     synchronous: Literal["NORMAL", "FULL"] = "NORMAL"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     # Bytes of replies and notifications queued for one client before it must read.
@@ -104,6 +108,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         for name in (
             "lock_timeout",
             "tx_idle_timeout",
+            "message_timeout",
             "subscriber_stall_timeout",
             "reply_stall_timeout",
             "checkpoint_interval",

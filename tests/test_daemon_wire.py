@@ -221,6 +221,28 @@ async def test_half_sent_message_does_not_delay_others(daemon: Daemon) -> None:
         await fast.aclose()
 
 
+async def test_a_message_left_unfinished_ends_its_connection_after_the_message_timeout() -> None:
+    with short_tempdir() as directory:
+        async with running_daemon(directory, message_timeout=0.2) as daemon:
+            slow = await RawClient.connect(daemon.config.socket_path)
+            other = await RawClient.connect(daemon.config.socket_path)
+            await slow.send(PING)  # a whole message first: answered as ever
+            assert (await slow.recv())["result"] == "pong"
+            started = trio.current_time()
+            await slow.send_bytes(struct.pack(">I", 100) + b'{"jsonrpc"')
+            for _ in range(3):  # others go on meanwhile
+                assert await other.call("daemon.ping") == "pong"
+            with trio.fail_after(10):
+                refused = await slow.recv()
+                assert await slow.recv_raw() is None  # then the connection is closed
+            assert trio.current_time() - started >= 0.2
+            assert refused["error"]["code"] == ErrorCode.INVALID_REQUEST
+            assert refused["error"]["data"]["received"] == 14
+            assert await other.call("daemon.ping") == "pong"
+            await slow.aclose()
+            await other.aclose()
+
+
 async def test_random_bytes_never_kill_the_daemon(daemon: Daemon) -> None:
     rng = __import__("random").Random(1)
     for _ in range(30):

@@ -106,9 +106,10 @@ class _Connection:
         """Answer messages until the client is done (True) or stopped reading (False)."""
         session = self.session
         poller = self.daemon.poller
-        # When the transaction's idle timeout runs out: counted from the last whole message,
-        # so a client trickling the bytes of one it never finishes does not keep the write
-        # lock (None: no wait for bytes since that message).
+        # When the transaction's idle timeout runs out (outside a transaction: the message
+        # timeout of a message begun): counted from the last whole message, so a client
+        # trickling the bytes of one it never finishes keeps neither the write lock nor the
+        # bytes (None: no wait for bytes since that message).
         idle_deadline: float | None = None
         while True:
             handed = self._handed is not None  # answer_now said no to it already
@@ -122,7 +123,7 @@ class _Connection:
             if message is NEED_DATA:
                 if self._held and not await self._flush():
                     return False
-                if not session.in_transaction and not self._ended:
+                if not session.in_transaction and not self._ended and not self.decoder.pending:
                     # Nothing in progress: the poller answers what will not wait.
                     await poller.park(self)
                     # Replies it could not send go out before anything answered after them.
@@ -130,7 +131,11 @@ class _Connection:
                         return False
                     continue
                 if idle_deadline is None:
-                    idle_deadline = trio.current_time() + self.daemon.config.tx_idle_timeout
+                    config = self.daemon.config
+                    timeout = (
+                        config.tx_idle_timeout if session.in_transaction else config.message_timeout
+                    )
+                    idle_deadline = trio.current_time() + timeout
                 data = None if self._ended else await self._receive(idle_deadline)
                 if data is None:
                     if self.decoder.end_of_stream():  # a last line without its newline
@@ -138,7 +143,11 @@ class _Connection:
                     await session.settle()  # a reply still to send after its COMMIT
                     return True
                 if data is _IDLE:
+                    if not session.in_transaction:  # then only a message begun waits here
+                        self._refuse_unfinished()
+                        return True
                     session.idle_abort()
+                    idle_deadline = None  # a message begun now has the message timeout
                 else:
                     self.decoder.receive_data(data)
                 continue
@@ -200,7 +209,9 @@ class _Connection:
             return False
         self.decoder.receive_data(data)
         try:
-            return self._answer_buffered()
+            # A message begun but not finished waits in the connection's task, against the
+            # message timeout.
+            return self._answer_buffered() and not self.decoder.pending
         except Exception:  # a bug: this connection ends, the poller goes on
             log.exception("session %d: unexpected error; connection closed", self.session.id)
             self._ended = True
@@ -337,6 +348,26 @@ class _Connection:
         if self.session.in_transaction:
             return min(config.reply_stall_timeout, config.tx_idle_timeout)
         return config.reply_stall_timeout
+
+    def _refuse_unfinished(self) -> None:
+        timeout = self.daemon.config.message_timeout
+        log.info(
+            "session %d: a message unfinished after %g s (%d bytes); closing",
+            self.session.id,
+            timeout,
+            self.decoder.pending,
+        )
+        reply = encode_error(
+            ErrorCode.INVALID_REQUEST,
+            f"a message was left unfinished for {timeout:g} s; the connection is closed",
+            {
+                "field": None,
+                "detail": "the message was not finished within the message timeout",
+                "received": self.decoder.pending,
+                "message_timeout_s": timeout,
+            },
+        )
+        self.outbox.force(self._frame(reply))  # small, and the last: past the bound is fine
 
     def _refuse_oversize(self, error: FrameTooLarge) -> None:
         log.warning("session %d: %s; closing", self.session.id, error)
