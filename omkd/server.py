@@ -273,13 +273,20 @@ def _start_serving(
 async def _accept(daemon: Daemon, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
     ids = itertools.count(1)
     uid = os.getuid()
+    failures = 0  # accepts failed in a row: logged once, and once more when over
     while True:
         try:
             stream = await listener.accept()
         except OSError as exc:  # out of file descriptors, mostly: wait, keep serving
-            log.error("accept failed: %s", exc)
-            await trio.sleep(daemon.config.accept_retry_delay)
+            delay = daemon.config.accept_retry_delay
+            if not failures:
+                log.error("accept failed: %s; retrying every %g s meanwhile", exc, delay)
+            failures += 1
+            await trio.sleep(delay)
             continue
+        if failures:
+            log.warning("accepting connections again, after %d failed attempts", failures)
+            failures = 0
         peer = peer_uid(stream.socket)
         if peer != uid:
             log.warning("refused a connection from uid %s (only uid %d may connect)", peer, uid)

@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,14 @@ class DaemonProcess:
         env: dict[str, str] | None = None,
         socket_path: Path | None = None,
         db_path: Path | None = None,
+        preexec: Callable[[], None] | None = None,
     ) -> None:
         self.socket_path = socket_path or directory / "omkd.sock"
         self.db_path = db_path or directory / "omk.db"
         self.log_path = directory / f"omkd-{time.monotonic_ns()}.log"
         self.args = args
         self.env = {**os.environ, **(env or {})}
+        self.preexec = preexec  # run in the child before omkd starts
         self.proc: subprocess.Popen[bytes] | None = None
 
     def command(self) -> list[str]:
@@ -77,7 +80,9 @@ class DaemonProcess:
 
     def start(self, wait: bool = True) -> DaemonProcess:
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(self.command(), stderr=log, stdout=log, env=self.env)
+            self.proc = subprocess.Popen(
+                self.command(), stderr=log, stdout=log, env=self.env, preexec_fn=self.preexec
+            )
         if wait:
             self.wait_ready()
         return self

@@ -205,3 +205,33 @@ def test_socket_directory_of_another_user_is_refused(workdir: Path) -> None:
     assert daemon.wait() != 0
     assert "belongs to uid 65534" in daemon.log() and "Traceback" not in daemon.log()
     assert list(foreign.iterdir()) == []  # not even a lock file was left in it
+
+
+def _few_descriptors() -> None:
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))
+
+
+def test_running_out_of_descriptors_is_survived_and_logged_once(workdir: Path) -> None:
+    daemon = DaemonProcess(workdir, preexec=_few_descriptors).start()
+    try:
+        clients = []
+        for _ in range(60):  # more than the daemon can accept: the rest wait in the backlog
+            client = socket.socket(socket.AF_UNIX)
+            client.connect(str(daemon.socket_path))
+            clients.append(client)
+        time.sleep(1.0)  # ~10 retries of accept, 0.1 s apart
+        for client in clients:
+            client.close()
+        deadline = time.monotonic() + 10
+        while sync_call(daemon.socket_path, "daemon.ping").get("result") != "pong":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        log = daemon.log()
+        assert log.count("accept failed") == 1, log
+        assert "accepting connections again, after" in log, log
+    finally:
+        daemon.stop()
+    assert daemon.wait() == 0
