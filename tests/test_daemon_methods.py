@@ -245,8 +245,8 @@ async def test_goal_delete_cascades(client: RawClient) -> None:
         ("goal.get", {"goal_id": "g", "unknown": 1}, "unknown"),
         ("goal.get", {}, "goal_id"),
         ("goal.get", {"goal_id": 5}, "goal_id"),
-        # Refused by the storage layer's checks rather than the params' decoder:
         ("goal.list", {"limit": -1}, "limit"),
+        # Refused by the storage layer's checks rather than the params' decoder:
         ("event.get_by_goal", {"goal_id": "g", "limit": 1, "tail": 1}, "tail"),
         (
             "task.create_batch",

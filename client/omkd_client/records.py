@@ -19,10 +19,13 @@ import msgspec
 # SQLite stores an integer in 64 bits: a larger one is refused as invalid (-32602 on the
 # wire, naming the field), never sent on to overflow.
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+# A number of rows to return (a limit): none or more.
+Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
 
 __all__ = [
     "ArtifactRecord",
     "BudgetCheckpoint",
+    "Count",
     "EventInput",
     "EventRecord",
     "GoalFilter",
@@ -89,7 +92,7 @@ class GoalFilter(_Record):
     phase: str | None = None
     kind: str | None = None
     older_than: Int64 | None = None
-    limit: Int64 | None = None
+    limit: Count | None = None
 
 
 class TaskRecord(_Record):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from omkd_client.records import BudgetCheckpoint, EventInput, Int64, TaskRecord
+from omkd_client.records import BudgetCheckpoint, Count, EventInput, Int64, TaskRecord
 from omkd_client.results import (
     BackupResult,
     Created,
@@ -155,8 +155,8 @@ class EventQuery(Params):
     goal_id: str
     since: Int64 | None = None
     after_event_id: Int64 | None = None
-    limit: Int64 | None = None
-    tail: Int64 | None = None
+    limit: Count | None = None
+    tail: Count | None = None
 
 
 class EventSubscribe(Params):
