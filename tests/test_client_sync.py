@@ -541,6 +541,35 @@ def test_reconnect_after_a_daemon_restart() -> None:
             daemon.stop()
 
 
+def test_no_call_of_a_transaction_whose_connection_was_lost_runs_outside_it() -> None:
+    with short_dir() as directory:
+        daemon = Daemon(directory).start()
+        try:
+            with Client.connect(daemon.socket_path) as c:
+                with pytest.raises(ConnectionLost), c.transaction() as tx:
+                    tx.goals.create(make_goal("t1"))
+                    daemon.stop()
+                    daemon.start()
+                    with pytest.raises(ConnectionLost):
+                        tx.goals.create(make_goal("t2"))
+                    # Caught and carried on: neither through tx nor on c itself (one session).
+                    with pytest.raises(ConnectionLost):
+                        tx.goals.create(make_goal("t3"))
+                    with pytest.raises(ConnectionLost):
+                        c.goals.create(make_goal("t4"))
+                # The block is over (its commit raised): calls run on their own again.
+                assert [c.goals.get(g) for g in ("t1", "t2", "t3", "t4")] == [None] * 4
+                tx = c.transaction()
+                tx.begin()
+                tx.goals.create(make_goal("t5"))
+                c.call("tx.commit")  # ended by hand: a later break does not hold c back
+                daemon.stop()
+                daemon.start()
+                assert c.goals.get("t5") is not None
+        finally:
+            daemon.stop()
+
+
 def test_results_decode_into_the_shared_records(client: Client) -> None:
     goal = client.goals.create(make_goal())
     assert isinstance(goal, omkd_client.GoalRecord)

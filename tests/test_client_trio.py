@@ -264,6 +264,27 @@ async def test_subscription_closed_by_the_daemon() -> None:
                 await sub.__anext__()
 
 
+async def test_no_call_of_a_transaction_whose_connection_was_lost_runs_outside_it() -> None:
+    with short_tempdir() as directory:
+        daemon = Daemon(directory).start()
+        try:
+            async with TrioClient.connect(daemon.socket_path) as c:
+                with pytest.raises(ConnectionLost):
+                    async with c.transaction() as tx:
+                        await tx.goals.create(make_goal("t1"))
+                        daemon.stop()
+                        daemon.start()
+                        await trio.sleep(0.2)  # the reader sees the connection end
+                        with pytest.raises(ConnectionLost):
+                            await tx.goals.create(make_goal("t2"))
+                        with pytest.raises(ConnectionLost):  # this task's calls on c too
+                            await c.goals.create(make_goal("t3"))
+                # The block is over (its commit raised): calls run on their own again.
+                assert [await c.goals.get(g) for g in ("t1", "t2", "t3")] == [None] * 3
+        finally:
+            daemon.stop()
+
+
 async def test_reconnect_after_a_daemon_restart() -> None:
     with short_tempdir() as directory:
         daemon = Daemon(directory).start()

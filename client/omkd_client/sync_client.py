@@ -122,7 +122,11 @@ class Client(_Calls):
         self._sock: socket.socket | None = None
         self._readable = select.poll()  # POLLIN of _sock, once connected
         self._chunk = bytearray(_RECEIVE_BYTES)  # see _RECEIVE_BYTES
-        self._generation = 0  # counts connections: a transaction belongs to one
+        # Counts connections opened and lost: a transaction belongs to one.
+        self._generation = 0
+        # The Transaction open on this client, until it ends: once its connection is lost,
+        # calls on the client raise instead of running outside it.
+        self._transaction: Transaction | None = None
         self._bind(self)
 
     @classmethod
@@ -151,9 +155,7 @@ class Client(_Calls):
     def close(self) -> None:
         """Close the connection; an open transaction is rolled back by the daemon."""
         if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-            self._protocol.connection_lost("the client was closed")
+            self._drop("the client was closed")
 
     @property
     def in_transaction(self) -> bool:
@@ -249,12 +251,22 @@ class Client(_Calls):
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+            self._generation += 1  # what belonged to that connection is gone with it
+        if not self._protocol.in_transaction:
+            self._transaction = None  # it had ended on the wire (a tx.commit sent by call)
         self._protocol.connection_lost(reason)
 
     def _exchange(self, requests: list[tuple[str, Any]]) -> list[Reply]:
         """Send ``requests`` together, then return their replies in the same order."""
         # Loops, not comprehensions: on Python 3.11 each comprehension makes a function
         # object, and most calls are one request.
+        transaction = self._transaction
+        if transaction is not None and transaction._generation != self._generation:
+            raise ConnectionLost(
+                "the connection of the open transaction was lost, and the daemon rolled it "
+                "back: end the transaction (leave its block, or roll it back) before calling "
+                "again"
+            )
         retried = False
         while True:
             in_transaction = self._protocol.in_transaction
@@ -392,36 +404,44 @@ class Transaction(_Calls):
     def begin(self) -> None:
         """Send ``tx.begin``: TransactionActive if the session has one, Busy after the
         daemon's lock timeout."""
-        self._client._run(ops.tx("tx.begin"))
-        self._generation = self._client._generation
+        client = self._client
+        client._run(ops.tx("tx.begin"))
+        self._generation = client._generation
+        client._transaction = self
 
     def commit(self) -> None:
         """Commit. A DaemonError means nothing was committed; CommitOutcomeUnknown means the
         connection broke first and the outcome is not known."""
-        self._check()
-        self._done = True
+        self._check(ending=True)
         self._client._run(ops.tx("tx.commit"))
 
     def rollback(self) -> None:
-        self._check()
-        self._done = True
+        self._check(ending=True)
         self._client._run(ops.tx("tx.rollback"))
 
     def _rollback_quietly(self) -> None:
         # Leaving on an exception: that exception is what the caller needs to see. A broken
         # connection has rolled back already.
-        self._done = True
-        if self._alive():
+        alive = self._client._generation == self._generation and self._client.in_transaction
+        self._end()
+        if alive:
             with contextlib.suppress(OmkdError):
                 self._client._run(ops.tx("tx.rollback"))
 
-    def _alive(self) -> bool:
-        return self._client._generation == self._generation and self._client.in_transaction
+    def _end(self) -> None:
+        self._done = True
+        if self._client._transaction is self:
+            self._client._transaction = None
 
-    def _check(self) -> None:
+    def _check(self, *, ending: bool = False) -> None:
+        """Raise ConnectionLost if the transaction ended or lost its connection; when
+        ``ending`` it, it is over either way (and the client's calls run on their own)."""
         if self._done:
             raise ConnectionLost("this transaction has already ended")
-        if self._client._generation != self._generation:
+        lost = self._client._generation != self._generation
+        if ending:
+            self._end()
+        if lost:
             raise ConnectionLost(
                 "the connection this transaction belonged to was lost; the daemon rolled it back"
             )

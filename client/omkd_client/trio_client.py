@@ -133,6 +133,9 @@ class TrioClient(_AsyncCalls):
         self._notified = trio.lowlevel.ParkingLot()
         self._tx_task: trio.lowlevel.Task | None = None
         self._tx_ended = trio.Event()
+        # The task whose transaction lost its connection: its calls raise until it ends that
+        # transaction, instead of running outside it.
+        self._lost_tx_task: trio.lowlevel.Task | None = None
         self._closed = False
         self._bind(self)
 
@@ -227,6 +230,12 @@ class TrioClient(_AsyncCalls):
             await self._tx_ended.wait()
 
     async def _exchange(self, requests: list[tuple[str, Any]], *, in_tx: bool) -> list[Reply]:
+        if self._lost_tx_task is not None and self._lost_tx_task is trio.lowlevel.current_task():
+            raise ConnectionLost(
+                "the connection of this task's open transaction was lost, and the daemon "
+                "rolled it back: end the transaction (leave its block, or roll it back) "
+                "before calling again"
+            )
         await self._wait_for_turn(in_tx)
         methods = [m for m, _ in requests]
         retried = False
@@ -327,6 +336,9 @@ class TrioClient(_AsyncCalls):
             return
         self._stream.socket.close()  # wakes the reader with ClosedResourceError
         self._stream = None
+        self._generation += 1  # what belonged to that connection is gone with it
+        if self._tx_task is not None and self._protocol.in_transaction:
+            self._lost_tx_task = self._tx_task
         self._protocol.connection_lost(reason)
         for slot in self._slots.values():
             slot.broken = reason
@@ -420,20 +432,18 @@ class AsyncTransaction(_AsyncCalls):
     async def commit(self) -> None:
         """Commit. A DaemonError means nothing was committed; CommitOutcomeUnknown means the
         connection broke first and the outcome is not known."""
-        self._check()
-        self._done = True
+        self._check(ending=True)
         try:
             await self._client._run_op(ops.tx("tx.commit"), in_tx=True)
         finally:
-            self._client._end_transaction()
+            self._end()
 
     async def rollback(self) -> None:
-        self._check()
-        self._done = True
+        self._check(ending=True)
         try:
             await self._client._run_op(ops.tx("tx.rollback"), in_tx=True)
         finally:
-            self._client._end_transaction()
+            self._end()
 
     async def _rollback_quietly(self) -> None:
         self._done = True
@@ -445,15 +455,29 @@ class AsyncTransaction(_AsyncCalls):
         except OmkdError:
             pass  # the exception that ended the block is what the caller needs to see
         finally:
-            client._end_transaction()
+            self._end()
 
-    def _check(self) -> None:
+    def _end(self) -> None:
+        # Other tasks' calls go on; this task's run on their own again.
+        self._done = True
+        client = self._client
+        client._end_transaction()
+        if client._lost_tx_task is trio.lowlevel.current_task():
+            client._lost_tx_task = None
+
+    def _check(self, *, ending: bool = False) -> None:
+        """Raise ConnectionLost if the transaction ended or lost its connection; when
+        ``ending`` it, it is over either way."""
         if self._done:
             raise ConnectionLost("this transaction has already ended")
         if self._client._generation != self._generation:
+            if ending:
+                self._end()
             raise ConnectionLost(
                 "the connection this transaction belonged to was lost; the daemon rolled it back"
             )
+        if ending:
+            self._done = True
 
     async def _run(self, op: Op[T]) -> T:
         self._check()
