@@ -149,8 +149,10 @@ async def test_idle_abort_then_recovery(daemon: Daemon) -> None:
     assert error["code"] == ErrorCode.TRANSACTION_ABORTED
     assert await a.call("daemon.ping") == "pong"  # daemon.* still answer
     assert (await a.error("tx.begin"))["code"] == ErrorCode.TRANSACTION_ABORTED
+    assert (await a.error("no.such"))["code"] == ErrorCode.TRANSACTION_ABORTED  # every call
     assert await a.call("tx.rollback") == {"rolled_back": True}
     assert (await a.call("goal.get", goal_id="g2"))["goal_id"] == "g2"
+    assert (await a.error("no.such"))["code"] == ErrorCode.METHOD_NOT_FOUND
 
 
 async def test_bytes_of_an_unfinished_message_do_not_keep_a_transaction_alive(

@@ -300,7 +300,10 @@ class Dispatcher:
             return _parse_error(problem)
         request = Request(envelope.method, [], envelope.id if envelope.id else NOID)
         route = self._routes.get(envelope.method)
-        if route is None:
+        if route is None and session.aborted:  # every call but the few that end it: -32012
+            aborted = _aborted(envelope.method)
+            result = Error(ErrorCode.TRANSACTION_ABORTED, str(aborted), aborted.data)
+        elif route is None:
             result = Left(MethodNotFoundResult(envelope.method))
         else:
             result = await call(request, _Call(session, envelope.params), route)
@@ -336,17 +339,21 @@ class Dispatcher:
         session = call.session
         # Before the params: an aborted session answers -32012 whatever they are.
         if session.aborted and not method.when_aborted:
-            raise TransactionAborted(
-                "this session's transaction was rolled back (idle timeout or storage "
-                "failure); send tx.rollback to end it",
-                {"method": method.name},
-            )
+            raise _aborted(method.name)
         params = _decode_params(method.name, decoder, call.params)
         if method.access is _READ:
             return session.run_read(method, params)
         if method.access is _WRITE:
             return await session.run_write(method, params)
         return await cast(SessionFn, method.run)(session, params)
+
+
+def _aborted(method: str) -> TransactionAborted:
+    return TransactionAborted(
+        "this session's transaction was rolled back (idle timeout or storage failure); send "
+        "tx.rollback to end it",
+        {"method": method},
+    )
 
 
 def _envelope_problem(envelope: _Envelope) -> InvalidRequest | UnicodeDecodeError | None:
