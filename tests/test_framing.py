@@ -197,6 +197,7 @@ def test_protocol_core_imports_without_trio() -> None:
         "import omkd.rpc.framing, omkd.rpc.dispatch, omkd.rpc.methods, omkd.rpc.openrpc\n"
         "from omkd.rpc.dispatch import Dispatcher\n"
         "class Session:\n"
+        "    aborted = False\n"
         "    async def settle(self):\n"
         "        pass\n"
         'coro = Dispatcher().handle(b\'{"jsonrpc":"2.0","method":"nope","id":1}\', Session())\n'

@@ -711,9 +711,13 @@ def _check_well_formed(message: Any) -> None:
             assert item["error"]["code"] != ErrorCode.INTERNAL_ERROR, item
 
 
+# The hostile-input daemon's --max-message-bytes.
+LIMIT = 65536
+
+
 def test_hostile_input_over_a_real_socket(workdir: Path) -> None:
     tried = {"frames": 0, "lines": 0, "raw": 0}
-    with LimitedDaemon(workdir, "--max-message-bytes", "65536") as daemon:
+    with LimitedDaemon(workdir, "--max-message-bytes", str(LIMIT)) as daemon:
 
         @settings(max_examples=400, deadline=None, database=None)
         @given(probes)
@@ -726,7 +730,9 @@ def test_hostile_input_over_a_real_socket(workdir: Path) -> None:
                 if kind == "raw":  # whatever it is, then end of stream: replies, then close
                     sock.sendall(payloads[0])
                     sock.shutdown(socket.SHUT_WR)
-                    framing = Framing.LINE if payloads[0][:1] in (b"{", b"[") else Framing.LENGTH
+                    detect = FrameDecoder(LIMIT)  # line mode or not: as the daemon decides
+                    detect.receive_data(payloads[0])
+                    framing = detect.framing or Framing.LENGTH
                     received = _read_messages(sock, framing, until_end=False)
                 else:
                     framing = Framing.LINE if kind == "lines" else Framing.LENGTH
