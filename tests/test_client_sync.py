@@ -39,7 +39,13 @@ from omkd_client import (
     VersionConflict,
 )
 from omkd_client.errors import ERRORS, DaemonError, error_from_wire
-from omkd_client.protocol import NEED_DATA, ClientProtocol, FrameDecoder, encode_frame
+from omkd_client.protocol import (
+    NEED_DATA,
+    ClientProtocol,
+    FrameDecoder,
+    encode_frame,
+    error_after_break,
+)
 
 from client_helpers import (
     CLOSE,
@@ -568,6 +574,32 @@ def test_no_call_of_a_transaction_whose_connection_was_lost_runs_outside_it() ->
                 assert c.goals.get("t5") is not None
         finally:
             daemon.stop()
+
+
+def test_a_request_over_the_daemons_limit_raises_its_error_and_is_not_sent_again() -> None:
+    with short_dir() as directory:
+        daemon = Daemon(directory, "--max-message-bytes", "200").start()
+        try:
+            with Client.connect(daemon.socket_path) as c:
+                for call in (
+                    lambda: c.goals.get("x" * 300),  # a read: would have been retried
+                    lambda: c.goals.heartbeat("x" * 300),
+                ):
+                    with pytest.raises(DaemonError) as info:
+                        call()
+                    assert info.value.code == ErrorCode.INVALID_REQUEST
+                    assert "exceeds the limit of 200 bytes" in str(info.value)
+                assert c.daemon.ping() == "pong"  # on a new connection
+            assert daemon.log_path.read_text().count("exceeds the limit") == 2  # each sent once
+        finally:
+            daemon.stop()
+
+
+def test_a_commit_never_sent_is_known_not_to_have_committed() -> None:
+    sent = error_after_break(["tx.commit"], in_transaction=True, delivered=True, retried=False)
+    assert isinstance(sent, CommitOutcomeUnknown)
+    unsent = error_after_break(["tx.commit"], in_transaction=True, delivered=False, retried=False)
+    assert type(unsent) is ConnectionLost and "nothing of it was committed" in str(unsent)
 
 
 def test_results_decode_into_the_shared_records(client: Client) -> None:

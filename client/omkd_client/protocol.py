@@ -329,30 +329,34 @@ class ClientProtocol:
             raise ProtocolError(f"the daemon sent a message the client cannot read: {exc}") from exc
         if message.method is not None:
             return self._notification(message.method, message.params)
-        if not isinstance(message.id, int):
-            # Only a message the daemon could not attribute to a request has a null id: the
-            # client never sends those, so something is badly wrong with this connection.
+        request_id = message.id
+        if request_id is None and message.error is not None and self._pending:
+            # An error the daemon could not give an id: a request over its size limit (it
+            # answers, then closes the connection). Replies come in the order of the
+            # requests, so it answers the oldest one still awaited.
+            request_id = next(iter(self._pending))
+        if not isinstance(request_id, int):
             detail = message.error or {}
             raise ProtocolError(
                 f"the daemon answered with an unattributed error: {detail.get('message')}",
                 detail.get("data"),
             )
-        method = self._pending.pop(message.id, None)
+        method = self._pending.pop(request_id, None)
         if method is None:
-            raise ProtocolError(f"the daemon answered request {message.id}, never sent")
+            raise ProtocolError(f"the daemon answered request {request_id}, never sent")
         self._track_transaction(method, message.error is None)
-        if message.id in self._abandoned:
-            self._abandoned.discard(message.id)
+        if request_id in self._abandoned:
+            self._abandoned.discard(request_id)
             return None
         if message.error is not None:
-            return Reply(message.id, method, None, error_from_wire(message.error))
+            return Reply(request_id, method, None, error_from_wire(message.error))
         if isinstance(message.result, msgspec.UnsetType):
-            raise ProtocolError(f"the reply to request {message.id} has neither result nor error")
+            raise ProtocolError(f"the reply to request {request_id} has neither result nor error")
         if method == _SUBSCRIBE:
             # Opened here, not by the caller: its first notifications may be read (by a
             # reader task) before the caller gets to run again.
             self.subscriptions.open(_decode_subscription(message.result))
-        return Reply(message.id, method, message.result, None)
+        return Reply(request_id, method, message.result, None)
 
     def _track_transaction(self, method: str, succeeded: bool) -> None:
         if method == _TX_BEGIN and succeeded:
@@ -394,7 +398,7 @@ def error_after_break(
     left) or all read-only. Otherwise return the exception to raise: a transaction is never
     retried, and a write that may have been applied is not sent twice.
     """
-    if in_transaction and "tx.commit" in methods:
+    if in_transaction and delivered and "tx.commit" in methods:
         return CommitOutcomeUnknown(
             "the connection was lost during tx.commit: the transaction may or may not have "
             "been committed; read the state back to know",
