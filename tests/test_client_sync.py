@@ -602,6 +602,25 @@ def test_a_commit_never_sent_is_known_not_to_have_committed() -> None:
     assert type(unsent) is ConnectionLost and "nothing of it was committed" in str(unsent)
 
 
+def test_resuming_a_subscription_that_had_no_event_yet_loses_nothing() -> None:
+    with short_dir() as directory:
+        daemon = Daemon(directory).start()
+        try:
+            with Client.connect(daemon.socket_path) as c, Client.connect(daemon.socket_path) as w:
+                gid = c.goals.create(make_goal()).goal_id
+                w.events.append(gid, "before", {})
+                sub = c.events.subscribe(gid)  # only new events: none came yet
+                daemon.stop()
+                daemon.start()
+                appended = w.events.append(gid, "while-away", {})
+                with pytest.raises(ConnectionLost):
+                    sub.get(timeout=10)
+                resumed = c.events.subscribe(gid, after_event_id=sub.last_event_id)
+                assert resumed.get(timeout=10) == appended
+        finally:
+            daemon.stop()
+
+
 def test_results_decode_into_the_shared_records(client: Client) -> None:
     goal = client.goals.create(make_goal())
     assert isinstance(goal, omkd_client.GoalRecord)

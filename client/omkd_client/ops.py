@@ -77,7 +77,7 @@ _checkpoints = _as(list[BudgetCheckpoint])
 _artifact = _as(ArtifactRecord)
 _artifacts = _as(list[ArtifactRecord])
 _count = _field(DeletedCount, "deleted")
-_subscription = _field(Subscribed, "subscription")
+_subscribed = msgspec.json.Decoder(Subscribed).decode
 _created = _field(Created, "created")
 _replaced = _field(Replaced, "replaced")
 _event_ids = _field(EventIds, "event_ids")
@@ -195,9 +195,9 @@ def event_delete_by_goal(goal_id: str) -> Op[int]:
     return Op("event.delete_by_goal", {"goal_id": goal_id}, _count)
 
 
-def event_subscribe(goal_id: str | None, after_event_id: int | None) -> Op[int]:
+def event_subscribe(goal_id: str | None, after_event_id: int | None) -> Op[Subscribed]:
     params = _params(goal_id=goal_id, after_event_id=after_event_id)
-    return Op("event.subscribe", params, _subscription)
+    return Op("event.subscribe", params, _subscribed)
 
 
 def event_unsubscribe(subscription: int) -> Op[Any]:

@@ -42,6 +42,9 @@ class EventIds(msgspec.Struct):
 
 class Subscribed(msgspec.Struct):
     subscription: int
+    # Where the subscription starts: its events are those after this id (the newest event
+    # when it was opened, for "only new events"). Resubscribing after it loses nothing.
+    after_event_id: int | None = None  # (None: a daemon older than this field)
 
 
 class Unsubscribed(msgspec.Struct):

@@ -348,9 +348,12 @@ class Client(_Calls):
     # -- subscriptions
 
     def _subscribe(self, goal_id: str | None, after_event_id: int | None) -> Subscription:
-        subscription = self._run(ops.event_subscribe(goal_id, after_event_id))
+        subscribed = self._run(ops.event_subscribe(goal_id, after_event_id))
+        subscription = subscribed.subscription
         queue = self._protocol.subscriptions.claim(subscription)
-        return Subscription(self, subscription, queue, self._generation)
+        sub = Subscription(self, subscription, queue, self._generation)
+        sub.last_event_id = subscribed.after_event_id  # resuming from here loses nothing
+        return sub
 
     def _next_item(
         self, queue: deque[SubscriptionItem], timeout: float | None

@@ -380,9 +380,12 @@ class TrioClient(_AsyncCalls):
     async def _subscribe(
         self, goal_id: str | None, after_event_id: int | None
     ) -> AsyncSubscription:
-        subscription = await self._run(ops.event_subscribe(goal_id, after_event_id))
+        subscribed = await self._run(ops.event_subscribe(goal_id, after_event_id))
+        subscription = subscribed.subscription
         queue = self._protocol.subscriptions.claim(subscription)
-        return AsyncSubscription(self, subscription, queue, self._generation)
+        sub = AsyncSubscription(self, subscription, queue, self._generation)
+        sub.last_event_id = subscribed.after_event_id  # resuming from here loses nothing
+        return sub
 
 
 class AsyncTransaction(_AsyncCalls):

@@ -277,7 +277,7 @@ class Session:
         sub = _Subscription(next(_subscription_ids), p.goal_id, cursor)
         self._subscriptions[sub.id] = sub
         self._to_start.append(sub)  # started once the reply is queued: it must come first
-        return P.Subscribed(sub.id)
+        return P.Subscribed(sub.id, cursor)
 
     async def unsubscribe(self, p: P.Unsubscribe) -> P.Unsubscribed:
         sub = self._subscriptions.pop(p.subscription, None)
