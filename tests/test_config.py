@@ -22,6 +22,14 @@ def test_socket_path_order() -> None:
     assert default_socket_path({"XDG_RUNTIME_DIR": "relative"}) == default_socket_path({})
 
 
+def test_the_daemon_and_its_clients_take_a_socket_path_of_home_alike() -> None:
+    home = Path.home()
+    for flag, env in (("~/f.sock", {}), (None, {"OMKD_SOCKET": "~/e.sock"})):
+        client = resolve_socket_path(flag, env)
+        daemon = load_config(None, {"socket_path": flag}, env=env).socket_path
+        assert client.parent == home and str(client) == daemon
+
+
 def test_db_path_order() -> None:
     env = {"OMKD_DB": "/e/omk.db", "XDG_STATE_HOME": "/state", "HOME": "/home/u"}
     assert resolve_db_path("/flag.db", env) == Path("/flag.db")

@@ -21,10 +21,11 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
 def resolve_socket_path(
     flag: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Path:
-    """Return the socket path: the flag, else ``$OMKD_SOCKET``, else the default."""
+    """Return the socket path: the flag, else ``$OMKD_SOCKET``, else the default; a leading
+    ``~`` is the home directory, as the daemon takes it."""
     env = os.environ if env is None else env
     if flag:
-        return Path(flag)
+        return Path(flag).expanduser()
     if env.get("OMKD_SOCKET"):
-        return Path(env["OMKD_SOCKET"])
+        return Path(env["OMKD_SOCKET"]).expanduser()
     return default_socket_path(env)
