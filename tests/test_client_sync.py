@@ -621,6 +621,13 @@ def test_resuming_a_subscription_that_had_no_event_yet_loses_nothing() -> None:
             daemon.stop()
 
 
+def test_timeouts_that_are_no_durations_are_refused() -> None:
+    for bad in ({"call_timeout": -1}, {"call_timeout": 0}, {"connect_timeout": float("nan")}):
+        with pytest.raises(ValueError, match="must be a positive number of seconds"):
+            Client("/nonexistent.sock", **bad)
+    assert Client("/nonexistent.sock", call_timeout=None).call_timeout is None  # no limit
+
+
 def test_results_decode_into_the_shared_records(client: Client) -> None:
     goal = client.goals.create(make_goal())
     assert isinstance(goal, omkd_client.GoalRecord)

@@ -15,6 +15,7 @@ import pytest
 
 from omkd_client import Client, TaskRecord
 from omkd_client.cli import (
+    EXIT_CONNECTION,
     EXIT_DAEMON_ERROR,
     EXIT_INTERRUPTED,
     EXIT_NOT_RUNNING,
@@ -93,6 +94,22 @@ def test_events_tail(daemon: Daemon, goal_id: str, capsys: Any) -> None:
     first = json.loads(out.splitlines()[0])["event_id"]
     code, out, _ = run(daemon, capsys, "events", "tail", goal_id, "--after", str(first), "--json")
     assert [json.loads(line)["payload"]["i"] for line in out.splitlines()] == [23, 24]
+    code, out, _ = run(daemon, capsys, "events", "tail", goal_id, "-n", "0", "--json")
+    assert code == 0 and out == ""  # at most none: none, not the default 20
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--timeout", "-1", "ping"], ["--timeout", "0", "ping"], ["--timeout", "nan", "ping"],
+     ["goal", "list", "--limit", "-1"], ["events", "tail", "g", "-n", "-2"],
+     ["call", "goal.get", "{not json"], ["call", "goal.get", "[1]"]],
+)  # fmt: skip
+def test_bad_arguments_are_usage_errors_before_any_connection(args: list[str], capsys: Any) -> None:
+    with short_dir() as directory, pytest.raises(SystemExit) as usage:
+        main(["--socket", str(directory / "none.sock"), *args])  # no daemon: never asked
+    assert usage.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: argument" in err
 
 
 def test_call_with_params_and_stdin(
@@ -176,3 +193,20 @@ def test_events_tail_follow_in_a_subprocess(daemon: Daemon, goal_id: str) -> Non
         os.kill(process.pid, signal.SIGINT)
         assert process.wait(10) == EXIT_INTERRUPTED
         assert "Traceback" not in process.stderr.read()
+
+
+def test_events_tail_follow_says_how_to_go_on_when_the_daemon_stops() -> None:
+    with daemon_process() as daemon:
+        with Client.connect(daemon.socket_path) as c:
+            gid = c.goals.create(make_goal()).goal_id
+            last = c.events.append(gid, "k", {}).event_id
+        command = [sys.executable, "-m", "omkd_client.cli", "--socket", str(daemon.socket_path),
+                   "events", "tail", gid, "--follow", "--json"]  # fmt: skip
+        with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) as process:  # fmt: skip
+            assert process.stdout is not None and process.stderr is not None
+            assert json.loads(process.stdout.readline())["event_id"] == last
+            daemon.stop()
+            assert process.wait(10) == EXIT_CONNECTION
+            resume = f"omkctl events tail {gid} --follow --after {last}"
+            assert resume in process.stderr.read()

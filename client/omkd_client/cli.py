@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -19,7 +20,13 @@ from typing import Any, Final, TextIO
 import msgspec
 from tabulate import tabulate  # type: ignore[import-untyped]
 
-from omkd_client.errors import DaemonError, DaemonNotRunning, OmkdError, SubscriptionClosed
+from omkd_client.errors import (
+    ConnectionLost,
+    DaemonError,
+    DaemonNotRunning,
+    OmkdError,
+    SubscriptionClosed,
+)
 from omkd_client.protocol import DEFAULT_CALL_TIMEOUT, DEFAULT_CONNECT_TIMEOUT
 from omkd_client.records import EventRecord
 from omkd_client.sync_client import Client
@@ -195,18 +202,13 @@ def _ping(client: Client, args: argparse.Namespace, out: _Output) -> int:
 
 
 def _call(client: Client, args: argparse.Namespace, out: _Output) -> int:
-    params = _read_params(args.params)
-    out.document(client.call(args.method, **params))
+    out.document(client.call(args.method, **(args.params or {})))
     return EXIT_OK
 
 
-class _UsageError(Exception):
-    pass
-
-
-def _read_params(text: str | None) -> dict[str, Any]:
-    if text is None:
-        return {}
+def _params_argument(text: str) -> dict[str, Any]:
+    """PARAMS_JSON, read (from stdin for -) while the arguments are: a usage error before
+    any connection."""
     if text == "-":
         text = sys.stdin.read()
     if not text.strip():
@@ -214,10 +216,24 @@ def _read_params(text: str | None) -> dict[str, Any]:
     try:
         params = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise _UsageError(f"PARAMS_JSON is not JSON: {exc}") from exc
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
     if not isinstance(params, dict):
-        raise _UsageError("PARAMS_JSON must be a JSON object of named params")
+        raise argparse.ArgumentTypeError("must be a JSON object of named params")
     return params
+
+
+def _seconds_argument(text: str) -> float:
+    seconds = float(text)  # (argparse answers a ValueError as an invalid value)
+    if not 0 < seconds < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text}")
+    return seconds
+
+
+def _count_argument(text: str) -> int:
+    count = int(text)
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return count
 
 
 def _goal_list(client: Client, args: argparse.Namespace, out: _Output) -> int:
@@ -281,8 +297,12 @@ def _events_tail(client: Client, args: argparse.Namespace, out: _Output) -> int:
     # Nothing printed: the goal has no events (after --after), so its whole log is new.
     after = events[-1].event_id if events else (args.after or 0)
     with client.events.subscribe(args.goal, after_event_id=after) as subscription:
-        for event in subscription:
-            _print_event(out, event)
+        try:
+            for event in subscription:
+                _print_event(out, event)
+        except ConnectionLost as exc:
+            resume = f"omkctl events tail {args.goal} --follow --after {subscription.last_event_id}"
+            raise ConnectionLost(f"{exc.message}; to go on: {resume}", exc.data) from exc
     return EXIT_OK
 
 
@@ -290,7 +310,7 @@ def _tail(client: Client, goal_id: str, after: int | None, limit: int | None) ->
     """With ``after``: the events after it (up to ``limit``); else the last ``limit``."""
     if after is not None:
         return client.events.get_by_goal(goal_id, after_event_id=after, limit=limit)
-    return client.events.get_by_goal(goal_id, tail=limit or DEFAULT_TAIL)
+    return client.events.get_by_goal(goal_id, tail=DEFAULT_TAIL if limit is None else limit)
 
 
 def _print_event(out: _Output, event: EventRecord) -> None:
@@ -335,7 +355,7 @@ def _common() -> argparse.ArgumentParser:
     )
     common.add_argument(
         "--timeout",
-        type=float,
+        type=_seconds_argument,
         default=argparse.SUPPRESS,
         metavar="S",
         help=f"seconds to wait for each reply (default {DEFAULT_CALL_TIMEOUT:g})",
@@ -371,7 +391,7 @@ def _parser() -> argparse.ArgumentParser:
     command(commands, "ping", "ping", _ping, "check that the daemon answers")
     call = command(commands, "call", "call", _call, "call any method; print its result as JSON")
     call.add_argument("method", metavar="METHOD", help="e.g. goal.get (see rpc.discover)")
-    call.add_argument("params", metavar="PARAMS_JSON", nargs="?",
+    call.add_argument("params", metavar="PARAMS_JSON", nargs="?", type=_params_argument,
                       help="a JSON object of named params; - reads it from stdin")  # fmt: skip
 
     goal = commands.add_parser("goal", help="goals", description="goals: list, show")
@@ -380,7 +400,7 @@ def _parser() -> argparse.ArgumentParser:
     listing.add_argument("--status", help="only goals with this status")
     listing.add_argument("--phase", help="only goals in this phase")
     listing.add_argument("--kind", help="only goals of this kind")
-    listing.add_argument("--limit", type=int, help="at most this many goals")
+    listing.add_argument("--limit", type=_count_argument, help="at most this many goals")
     show = command(goals, "show", "goal show", _goal_show, "every field of one goal")
     show.add_argument("goal", metavar="GOAL", help="goal id")
 
@@ -410,7 +430,7 @@ def _parser() -> argparse.ArgumentParser:
     tail.add_argument(
         "--limit",
         "-n",
-        type=int,
+        type=_count_argument,
         metavar="N",
         help=f"at most N events (default: the last {DEFAULT_TAIL})",
     )
@@ -434,8 +454,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ) as client:
             code: int = args.handler(client, args, out)
             return code
-    except _UsageError as exc:
-        parser.exit(EXIT_USAGE, f"omkctl: {exc}\n")
     except (_NoSuchGoal, DaemonError) as exc:
         return _fail(EXIT_DAEMON_ERROR, exc)
     except DaemonNotRunning as exc:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import math
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ __all__ = [
     "SubscriptionBuffers",
     "SubscriptionEnded",
     "SubscriptionItem",
+    "checked_timeouts",
     "encode_frame",
     "error_after_break",
 ]
@@ -63,6 +65,16 @@ __all__ = [
 # default) before it answers Busy, so the call timeout is well above that.
 DEFAULT_CONNECT_TIMEOUT: Final = 5.0
 DEFAULT_CALL_TIMEOUT: Final = 30.0
+
+
+def checked_timeouts(connect_timeout: float, call_timeout: float | None) -> None:
+    """Raise ValueError unless both are positive seconds (call_timeout None: no limit)."""
+    for name, value in (("connect_timeout", connect_timeout), ("call_timeout", call_timeout)):
+        if value is None and name == "call_timeout":
+            continue
+        if not (isinstance(value, int | float) and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+
 
 # Replies can be large (a page of events); this only guards against a corrupt length prefix.
 DEFAULT_MAX_REPLY_BYTES: Final = 256 * 1024 * 1024

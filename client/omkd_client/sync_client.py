@@ -47,6 +47,7 @@ from omkd_client.protocol import (
     Reply,
     SubscriptionEnded,
     SubscriptionItem,
+    checked_timeouts,
     error_after_break,
 )
 from omkd_client.records import EventRecord
@@ -116,6 +117,7 @@ class Client(_Calls):
         call_timeout: float | None = DEFAULT_CALL_TIMEOUT,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        checked_timeouts(connect_timeout, call_timeout)
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
         self._protocol = ClientProtocol()

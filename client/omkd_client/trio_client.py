@@ -49,6 +49,7 @@ from omkd_client.protocol import (
     Reply,
     SubscriptionEnded,
     SubscriptionItem,
+    checked_timeouts,
     error_after_break,
 )
 from omkd_client.records import EventRecord
@@ -121,6 +122,7 @@ class TrioClient(_AsyncCalls):
         call_timeout: float | None = DEFAULT_CALL_TIMEOUT,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
+        checked_timeouts(connect_timeout, call_timeout)
         self.connect_timeout = connect_timeout
         self.call_timeout = call_timeout
         self._nursery = nursery
