@@ -113,7 +113,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "reply_stall_timeout",
             "checkpoint_interval",
         ):
-            if getattr(self, name) <= 0:
+            if not getattr(self, name) > 0:  # (NaN too)
                 raise ValueError(f"{name} must be positive")
         for name in (
             "max_message_bytes",
@@ -129,7 +129,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "wal_restart_pages",
             "batch_slice",
         ):
-            if getattr(self, name) < 0:
+            if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"{name} must not be negative")
         if self.gc_threshold > GC_THRESHOLD_MAX:  # what gc.set_threshold takes (a C int)
             raise ValueError(f"gc_threshold must be at most {GC_THRESHOLD_MAX}")
