@@ -146,7 +146,11 @@ def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
 async def _serve_until_signalled(config: Config) -> int:
     with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            daemon: Daemon = await nursery.start(run_daemon, config)
+            try:
+                daemon: Daemon = await nursery.start(run_daemon, config)
+            except OSError as exc:  # a path it cannot use: the socket's, the database's
+                where = f": {exc.filename}" if exc.filename else ""
+                raise StartupError(f"cannot start: {exc.strerror or exc}{where}") from exc
             async for signum in signals:
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 break

@@ -235,3 +235,19 @@ def test_running_out_of_descriptors_is_survived_and_logged_once(workdir: Path) -
     finally:
         daemon.stop()
     assert daemon.wait() == 0
+
+
+def test_a_path_it_cannot_use_is_one_readable_line(workdir: Path) -> None:
+    (workdir / "file").write_text("not a directory")
+    for socket_path, db_path in (
+        (workdir / "file" / "omkd.sock", workdir / "omk.db"),
+        (workdir / "omkd.sock", workdir / "file" / "omk.db"),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "omkd", "serve", "--socket", str(socket_path),
+             "--db", str(db_path)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 1
+        assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+        assert "cannot start: Not a directory" in done.stderr
