@@ -349,6 +349,14 @@ async def _restart_wal(daemon: Daemon) -> None:
 
 def _checkpoint(database: db.Database) -> None:
     try:
-        database.checkpoint("TRUNCATE")
+        busy, frames, done = database.checkpoint("TRUNCATE")
     except db.DbError as exc:
         log.error("WAL checkpoint at shutdown failed: %s", exc)
+        return
+    if busy:
+        log.warning(
+            "WAL checkpoint at shutdown incomplete (%d of %d pages): another process holds "
+            "the database open; nothing is lost, the next start or checkpoint finishes it",
+            max(done, 0),
+            max(frames, 0),
+        )

@@ -43,6 +43,26 @@ def test_sigterm_rolls_back_checkpoints_and_exits_zero(workdir: Path) -> None:
         assert db.execute("SELECT goal_id FROM goals").fetchall() == [("kept",)]
 
 
+def test_a_checkpoint_at_shutdown_that_a_reader_holds_back_is_logged(workdir: Path) -> None:
+    daemon = DaemonProcess(workdir).start()
+    with SyncConnection(daemon.socket_path) as conn:
+        conn.call("goal.create", **goal_params("kept"))
+    reader = sqlite3.connect(daemon.db_path, isolation_level=None)
+    try:
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM goals").fetchone()  # holds its snapshot
+        with SyncConnection(daemon.socket_path) as conn:
+            conn.call("goal.create", **goal_params("later"))  # a frame it cannot truncate
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait(30) == 0
+    finally:
+        reader.close()
+    assert "WAL checkpoint at shutdown incomplete" in daemon.log()
+    with sqlite3.connect(daemon.db_path) as db:  # nothing lost
+        assert db.execute("SELECT count(*) FROM goals").fetchone() == (2,)
+    db.close()
+
+
 def test_sigint_also_stops_cleanly(workdir: Path) -> None:
     daemon = DaemonProcess(workdir).start()
     daemon.signal(signal.SIGINT)
