@@ -7,6 +7,7 @@ and on failure prints one readable line to stderr and exits non-zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,7 +18,7 @@ import trio
 import omkd
 from omkd import db
 from omkd.config import ConfigError, load_config, resolve_db_path
-from omkd.listen import StartupError, hold_lock
+from omkd.listen import FileLock, StartupError, hold_lock
 
 __all__ = ["main"]
 
@@ -152,7 +153,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _migrate(args: argparse.Namespace) -> int:
     path = resolve_db_path(args.db)
-    with hold_lock(path, "database"):
+    with hold_lock(path, "database"), contextlib.closing(FileLock(path)) as file_lock:
+        file_lock.take()  # not while a daemon serves it under another name either
         applied = db.migrate(path)
     if applied:
         for name in applied:

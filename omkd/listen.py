@@ -63,6 +63,46 @@ def hold_lock(path: str | os.PathLike[str], what: str) -> Iterator[None]:
         os.close(fd)
 
 
+class FileLock:
+    """An exclusive flock on a database file itself, taken once the file exists.
+
+    ``<path>.lock`` goes by the name; this goes by the file, so a second daemon on another
+    name of it (a hard link) is refused too. (SQLite's own locks are POSIX record locks,
+    which flock does not touch.) The descriptor stays open until ``close``: closing any
+    descriptor of the file would drop the POSIX locks SQLite holds on it in this process,
+    so it is closed only after the database.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        self._fd: int | None = None
+
+    def take(self) -> None:
+        """Take the lock if the file exists and it is not held yet; StartupError if another
+        process holds it."""
+        if self._fd is not None:
+            return
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StartupError(
+                f"the database {self.path} is already in use by another omkd, under another "
+                f"name of the same file (a hard link); stop it first, or give this one "
+                f"another --db"
+            ) from None
+        self._fd = fd
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def check_lock(path: str | os.PathLike[str], what: str) -> None:
     """Raise StartupError, as ``hold_lock`` would, if another omkd holds ``<path>.lock``.
 

@@ -33,6 +33,7 @@ import omkd
 from omkd import db, systemd
 from omkd.config import Config
 from omkd.listen import (
+    FileLock,
     StartupError,
     check_lock,
     hold_lock,
@@ -180,9 +181,15 @@ async def run_daemon(
     the database closed, and the socket file and the locks released.
     """
     inherited = _inherited_socket()
-    with _claim_socket(config, inherited) as config, hold_lock(config.db_path, "database"):
+    with (
+        _claim_socket(config, inherited) as config,
+        hold_lock(config.db_path, "database"),
+        contextlib.closing(FileLock(config.db_path)) as file_lock,
+    ):
+        file_lock.take()  # before anything is read or migrated, when the file exists
         database = open_database(config)
         try:
+            file_lock.take()  # a new file: now it does
             if inherited is not None:
                 await _serve_socket(Daemon(config, database), inherited, task_status)
                 return

@@ -89,6 +89,31 @@ def test_second_daemon_refused_on_another_name_of_the_database(workdir: Path) ->
         assert f"database {first.db_path} is already in use" in through_link.log()
         assert not Path(f"{link}.lock").exists()
         assert sync_call(first.socket_path, "daemon.ping")["result"] == "pong"
+        hard = workdir / "hard.db"  # the same file under a name of its own
+        hard.hardlink_to(first.db_path)
+        through_hard_link = DaemonProcess(workdir, socket_path=workdir / "s3", db_path=hard)
+        assert through_hard_link.start(wait=False).wait() != 0
+        assert "a hard link" in through_hard_link.log()
+        migrate = subprocess.run(
+            [sys.executable, "-m", "omkd", "migrate", "--db", str(hard)],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert migrate.returncode != 0 and "a hard link" in migrate.stderr
+        assert sync_call(first.socket_path, "daemon.ping")["result"] == "pong"
+
+
+def test_a_new_database_is_held_by_its_file_once_created(workdir: Path) -> None:
+    with DaemonProcess(workdir) as first:  # created the file
+        hard = workdir / "hard.db"
+        hard.hardlink_to(first.db_path)
+        second = DaemonProcess(workdir, socket_path=workdir / "s2", db_path=hard)
+        assert second.start(wait=False).wait() != 0
+        assert "a hard link" in second.log()
+    with DaemonProcess(workdir, socket_path=workdir / "s2", db_path=hard) as after:
+        assert sync_call(after.socket_path, "daemon.ping")["result"] == "pong"  # free again
+        # ... and a file that existed before the daemon started is held from its start.
+        original = DaemonProcess(workdir, socket_path=workdir / "s3").start(wait=False)
+        assert original.wait() != 0 and "a hard link" in original.log()
 
 
 def _tree(directory: Path) -> set[str]:
