@@ -190,6 +190,24 @@ def test_writers_wait_for_an_open_transaction(db: Database, make_goal: MakeGoal)
     assert [e.kind for e in db.events.get_by_goal("g1")] == ["in tx", "outside"]
 
 
+def test_a_thread_writing_past_its_own_open_transaction_gets_busy_not_a_hang(
+    db: Database, make_goal: MakeGoal
+) -> None:
+    db.goals.create(make_goal("g1"))  # no lock_timeout: it would wait for itself forever
+    tx = db.transaction()
+    for call in (
+        lambda: db.events.append("g1", "k", 1),
+        db.transaction,
+        lambda: db.checkpoint("PASSIVE"),
+    ):
+        with pytest.raises(Busy, match="this thread holds the write lock already"):
+            call()
+    tx.events.append("g1", "k", 2)  # the transaction itself goes on
+    tx.commit()
+    db.events.append("g1", "k", 3)
+    assert [e.payload for e in db.events.get_by_goal("g1")] == [2, 3]
+
+
 def test_lock_timeout_raises_busy(db_path: Path, make_goal: MakeGoal) -> None:
     with Database.open(db_path, lock_timeout=0.05) as db:
         db.goals.create(make_goal("g1"))

@@ -14,8 +14,9 @@ Transaction. Repositories are written once against a scope (see ``_conn.Scope``)
   open. If SQLite rolled the whole transaction back itself (disk full, I/O error), the
   Transaction closes, releases the write lock and raises StorageFailure(transaction_lost=True).
 
-One Database may be shared by threads. A thread holding an open Transaction must not call a
-write on the Database itself: it would wait for its own lock (until ``lock_timeout``).
+One Database may be shared by threads. A thread holding an open Transaction that calls a
+write on the Database itself (or begins another transaction) gets Busy at once: it would
+wait for its own lock.
 """
 
 from __future__ import annotations
@@ -199,6 +200,7 @@ class Database(_Repositories):
         self._writer = writer
         self._reader = reader
         self._write_lock = threading.Lock()
+        self._write_owner: int | None = None  # the thread holding it (threading.get_ident)
         self._read_lock = threading.Lock()
         self._checkpointer: Conn | None = None  # opened by the first checkpoint_concurrently
         self._checkpoint_lock = threading.Lock()
@@ -328,7 +330,7 @@ class Database(_Repositories):
         try:
             return _checkpoint_result(self._writer.query_one(CHECKPOINT[mode]))
         finally:
-            self._write_lock.release()
+            self._release_write()
 
     def checkpoint_concurrently(self) -> tuple[int, int, int]:
         """Checkpoint what the WAL holds (PASSIVE) on a connection of its own, without the
@@ -410,25 +412,36 @@ class Database(_Repositories):
         try:
             self._writer.execute(BEGIN)
         except BaseException:
-            self._write_lock.release()
+            self._release_write()
             raise
         return self._writer
 
     def _acquire_write(self, timeout: float | None) -> None:
-        """Take the write lock, waiting up to ``timeout`` s (None: forever); Busy if not had."""
+        """Take the write lock, waiting up to ``timeout`` s (None: forever); Busy if not had,
+        at once if this thread holds it already (it would wait for itself)."""
+        if self._write_owner == threading.get_ident():
+            raise Busy(
+                "this thread holds the write lock already, in an open Transaction: make the "
+                "call on that Transaction, or end it first"
+            )
         if not self._write_lock.acquire(timeout=-1 if timeout is None else timeout):
             raise Busy(
                 f"the database was busy for {timeout} s: another transaction holds it",
                 timeout=timeout,
             )
+        self._write_owner = threading.get_ident()
         if self._closed:
-            self._write_lock.release()
+            self._release_write()
             raise DatabaseClosed()
+
+    def _release_write(self) -> None:
+        self._write_owner = None
+        self._write_lock.release()
 
     def _end_transaction(self, tx: Transaction) -> None:
         if self._transaction is tx:
             self._transaction = None
-        self._write_lock.release()
+        self._release_write()
 
 
 class _DatabaseScope:
@@ -494,7 +507,7 @@ class _OwnTransaction:
                 return
             _commit(db._writer)
         finally:
-            db._write_lock.release()
+            db._release_write()
 
 
 class _Autocommit:
@@ -527,7 +540,7 @@ class _Autocommit:
                     f"the write failed and nothing was written: {exc}", transaction_lost=True
                 ) from exc
         finally:
-            db._write_lock.release()
+            db._release_write()
 
 
 class Transaction(_Repositories):
