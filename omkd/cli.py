@@ -185,7 +185,20 @@ def _check(args: argparse.Namespace) -> int:
             print(f"  {problem}", file=sys.stderr)
         print("restore the database from a backup (omkd backup writes one)", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"{path}: ok")
+    try:  # sound as a SQLite file; and as omkd's?
+        pending = db.pending_migrations(path)
+    except (db.SchemaTooNew, db.MigrationMismatch) as exc:
+        print(f"{path}: sound, but not usable by this omkd {omkd.__version__}: {exc}",
+              file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    if len(pending) == len(db.load_migrations()):
+        print(f"{path}: ok, but it holds no omkd schema yet (omkd migrate, or the daemon's "
+              f"start, creates it)")  # fmt: skip
+    elif pending:
+        names = ", ".join(m.path.name for m in pending)
+        print(f"{path}: ok; migrations to apply (omkd migrate, or the daemon's start): {names}")
+    else:
+        print(f"{path}: ok")
     return 0
 
 

@@ -162,3 +162,20 @@ def test_version_and_help() -> None:
     assert omkd("--version").stdout.startswith("omkd ")
     help_text = omkd("serve", "--help").stdout
     assert "--lock-timeout" in help_text and "examples:" in help_text
+
+
+def test_check_says_what_the_schema_is_besides_whether_the_file_is_sound(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    check = omkd("check", "--db", str(empty))
+    assert check.returncode == 0 and "no omkd schema yet" in check.stdout
+    newer = tmp_path / "newer.db"
+    with sqlite3.connect(newer) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    check = omkd("check", "--db", str(newer))
+    assert check.returncode == 1 and "newer than this omkd knows" in check.stderr
+    current = tmp_path / "current.db"
+    assert omkd("migrate", "--db", str(current)).returncode == 0
+    check = omkd("check", "--db", str(current))
+    assert check.returncode == 0 and check.stdout == f"{current}: ok\n"
