@@ -110,7 +110,11 @@ class DaemonProcess:
 
     def wait(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
-        return self.proc.wait(timeout)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:  # a daemon that should have ended: none left behind
+            self.stop()
+            raise
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
