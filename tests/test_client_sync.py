@@ -628,6 +628,18 @@ def test_timeouts_that_are_no_durations_are_refused() -> None:
     assert Client("/nonexistent.sock", call_timeout=None).call_timeout is None  # no limit
 
 
+def test_a_transaction_not_begun_or_ended_says_so(client: Client) -> None:
+    tx = client.transaction()
+    with pytest.raises(NoTransaction, match="has not begun"):
+        tx.goals.get("g")
+    tx.begin()
+    tx.rollback()
+    for call in (lambda: tx.goals.get("g"), tx.commit, tx.rollback):
+        with pytest.raises(NoTransaction, match="already ended"):
+            call()
+    assert client.daemon.ping() == "pong"
+
+
 def test_results_decode_into_the_shared_records(client: Client) -> None:
     goal = client.goals.create(make_goal())
     assert isinstance(goal, omkd_client.GoalRecord)

@@ -32,6 +32,7 @@ from omkd_client.errors import (
     CallTimeout,
     ConnectionLost,
     DaemonNotRunning,
+    NoTransaction,
     OmkdError,
     ProtocolError,
     SubscriptionClosed,
@@ -441,8 +442,12 @@ class Transaction(_Calls):
     def _check(self, *, ending: bool = False) -> None:
         """Raise ConnectionLost if the transaction ended or lost its connection; when
         ``ending`` it, it is over either way (and the client's calls run on their own)."""
-        if self._done:
-            raise ConnectionLost("this transaction has already ended")
+        if self._done or self._generation is None:  # a mistake of the caller's
+            raise NoTransaction(
+                "this transaction has already ended"
+                if self._done
+                else "this transaction has not begun: use it in a with block, or call begin()"
+            )
         lost = self._client._generation != self._generation
         if ending:
             self._end()

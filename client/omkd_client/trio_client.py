@@ -35,6 +35,7 @@ from omkd_client.errors import (
     CallTimeout,
     ConnectionLost,
     DaemonNotRunning,
+    NoTransaction,
     OmkdError,
     ProtocolError,
     SubscriptionClosed,
@@ -473,8 +474,12 @@ class AsyncTransaction(_AsyncCalls):
     def _check(self, *, ending: bool = False) -> None:
         """Raise ConnectionLost if the transaction ended or lost its connection; when
         ``ending`` it, it is over either way."""
-        if self._done:
-            raise ConnectionLost("this transaction has already ended")
+        if self._done or self._generation is None:  # a mistake of the caller's
+            raise NoTransaction(
+                "this transaction has already ended"
+                if self._done
+                else "this transaction has not begun: use it in a with block, or call begin()"
+            )
         if self._client._generation != self._generation:
             if ending:
                 self._end()
