@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Final
 
+from omkd.db.maintenance import make_private_dirs
+
 __all__ = [
     "StartupError",
     "check_lock",
@@ -36,7 +38,6 @@ __all__ = [
 ]
 
 _SOCKET_MODE: Final = 0o600
-_DIRECTORY_MODE: Final = 0o700
 _UNIX_PATH_MAX: Final = 107
 _UCRED: Final = struct.Struct("3i")
 
@@ -136,19 +137,6 @@ def _lock_or_refuse(fd: int, path: str | os.PathLike[str], what: str) -> None:
 
 def _flag(what: str) -> str:
     return "db" if what == "database" else "socket"
-
-
-def make_private_dirs(directory: Path) -> None:
-    """Create ``directory`` and missing parents with mode 0700; leave existing ones alone."""
-    missing = []
-    for d in (directory, *directory.parents):
-        if d.exists():
-            break
-        missing.append(d)
-    for d in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            d.mkdir()
-            os.chmod(d, _DIRECTORY_MODE)  # exactly 0700, whatever the umask
 
 
 @contextlib.contextmanager

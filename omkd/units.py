@@ -26,6 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from omkd.config import resolve_db_path
+from omkd.db.maintenance import make_private_dirs
 
 __all__ = [
     "UNIT_NAMES",
@@ -39,7 +40,6 @@ __all__ = [
 UNIT_NAMES = ("omkd.socket", "omkd.service")
 SERVICE = "omkd.service"
 UNIT_FILE_MODE = 0o644
-DB_DIR_MODE = 0o700
 
 _STATE_DIRECTORY_LINES = ("StateDirectory=", "StateDirectoryMode=", "# %S/omk")
 
@@ -177,7 +177,7 @@ def install_units(
     dest = dest_dir if dest_dir is not None else unit_dir(env)
     db = (db_path if db_path is not None else resolve_db_path(None, env)).absolute()
     units = render_units(omkd_command(), extra_args, db_path=str(db))
-    db.parent.mkdir(mode=DB_DIR_MODE, parents=True, exist_ok=True)
+    make_private_dirs(db.parent)
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for name, text in units.items():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -281,3 +283,16 @@ def test_migration_002_keeps_events_and_their_used_ids(
         assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
     finally:
         conn.close()
+
+
+def test_open_makes_every_missing_directory_private(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o751)
+    old_umask = os.umask(0o022)  # what would make a parent 0755
+    try:
+        with Database.open(tmp_path / "a" / "b" / "omk.db"):
+            pass
+    finally:
+        os.umask(old_umask)
+    for directory in (tmp_path / "a", tmp_path / "a" / "b"):
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o751  # an existing one: left alone

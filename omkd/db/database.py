@@ -44,7 +44,7 @@ from omkd.db.errors import (
 )
 from omkd.db.events import EventRepository
 from omkd.db.goals import GoalRepository
-from omkd.db.maintenance import backup_target, sync_and_rename
+from omkd.db.maintenance import backup_target, make_private_dirs, sync_and_rename
 from omkd.db.migrate import Migration, apply_migrations, load_migrations
 from omkd.db.proofs import ProofRepository
 from omkd.db.tasks import TaskRepository
@@ -54,7 +54,6 @@ __all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "backup_database", "mig
 BUSY_TIMEOUT_MS = 5000
 """How long SQLite waits for a lock held by another process before answering Busy."""
 
-DIR_MODE = 0o700
 """Mode of the directories created for a new database file (state is private)."""
 
 SET_BUSY_TIMEOUT = "PRAGMA busy_timeout = {ms:d}"
@@ -243,7 +242,7 @@ class Database(_Repositories):
             raise InvalidData("synchronous", "must be NORMAL or FULL")
         path = Path(path).expanduser()
         try:
-            path.parent.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+            make_private_dirs(path.parent)
         except OSError as exc:
             raise StorageFailure(f"cannot create {path.parent}: {exc}") from exc
         path = path.resolve()

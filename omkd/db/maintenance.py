@@ -10,8 +10,15 @@ from pathlib import Path
 from omkd.db._conn import connect_read_only
 from omkd.db.errors import DbError, InvalidData, StorageFailure
 
-__all__ = ["backup_target", "check_database", "sync_and_rename"]
+__all__ = [
+    "PRIVATE_DIR_MODE",
+    "backup_target",
+    "check_database",
+    "make_private_dirs",
+    "sync_and_rename",
+]
 
+PRIVATE_DIR_MODE = 0o700  # the directories omkd creates: its user's alone
 INTEGRITY_CHECK = "PRAGMA integrity_check"
 FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
 
@@ -126,3 +133,16 @@ def check_database(path: str | os.PathLike[str]) -> list[str]:
         return [f"cannot check {file}: {exc}"]
     finally:
         conn.close()
+
+
+def make_private_dirs(directory: Path) -> None:
+    """Create ``directory`` and missing parents with mode 0700; leave existing ones alone."""
+    missing = []
+    for d in (directory, *directory.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            d.mkdir()
+            os.chmod(d, PRIVATE_DIR_MODE)  # exactly 0700, whatever the umask
