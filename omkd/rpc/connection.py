@@ -144,6 +144,7 @@ class _Connection:
                     return True
                 if data is _IDLE:
                     if not session.in_transaction:  # then only a message begun waits here
+                        await session.settle()  # the reply before it goes out first
                         self._refuse_unfinished()
                         return True
                     session.idle_abort()
