@@ -70,9 +70,9 @@ DEFAULT_CALL_TIMEOUT: Final = 30.0
 def checked_timeouts(connect_timeout: float, call_timeout: float | None) -> None:
     """Raise ValueError unless both are positive seconds (call_timeout None: no limit)."""
     for name, value in (("connect_timeout", connect_timeout), ("call_timeout", call_timeout)):
-        if value is None and name == "call_timeout":
-            continue
         if not (isinstance(value, int | float) and 0 < value < math.inf):
+            if name == "call_timeout" and value is None:
+                continue
             raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
 
 

@@ -354,9 +354,7 @@ class Client(_Calls):
         subscribed = self._run(ops.event_subscribe(goal_id, after_event_id))
         subscription = subscribed.subscription
         queue = self._protocol.subscriptions.claim(subscription)
-        sub = Subscription(self, subscription, queue, self._generation)
-        sub.last_event_id = subscribed.after_event_id  # resuming from here loses nothing
-        return sub
+        return Subscription(self, subscription, queue, self._generation, subscribed.after_event_id)
 
     def _next_item(
         self, queue: deque[SubscriptionItem], timeout: float | None
@@ -440,8 +438,9 @@ class Transaction(_Calls):
             self._client._transaction = None
 
     def _check(self, *, ending: bool = False) -> None:
-        """Raise ConnectionLost if the transaction ended or lost its connection; when
-        ``ending`` it, it is over either way (and the client's calls run on their own)."""
+        """Raise NoTransaction if it has not begun or has ended, ConnectionLost if it lost
+        its connection; when ``ending`` it, it is over either way (and the client's calls
+        run on their own)."""
         if self._done or self._generation is None:  # a mistake of the caller's
             raise NoTransaction(
                 "this transaction has already ended"
@@ -476,12 +475,15 @@ class Subscription:
         subscription: int,
         queue: deque[SubscriptionItem],
         generation: int,
+        after_event_id: int | None = None,
     ) -> None:
         self._client = client
         self.id = subscription
         self._queue = queue
         self._generation = generation
-        self.last_event_id: int | None = None
+        # The last event delivered; before the first, where the subscription starts:
+        # resubscribing after it loses nothing.
+        self.last_event_id = after_event_id
         self._closed = False
 
     def __iter__(self) -> Iterator[EventRecord]:

@@ -386,9 +386,9 @@ class TrioClient(_AsyncCalls):
         subscribed = await self._run(ops.event_subscribe(goal_id, after_event_id))
         subscription = subscribed.subscription
         queue = self._protocol.subscriptions.claim(subscription)
-        sub = AsyncSubscription(self, subscription, queue, self._generation)
-        sub.last_event_id = subscribed.after_event_id  # resuming from here loses nothing
-        return sub
+        return AsyncSubscription(
+            self, subscription, queue, self._generation, subscribed.after_event_id
+        )
 
 
 class AsyncTransaction(_AsyncCalls):
@@ -472,8 +472,8 @@ class AsyncTransaction(_AsyncCalls):
             client._lost_tx_task = None
 
     def _check(self, *, ending: bool = False) -> None:
-        """Raise ConnectionLost if the transaction ended or lost its connection; when
-        ``ending`` it, it is over either way."""
+        """Raise NoTransaction if it has not begun or has ended, ConnectionLost if it lost
+        its connection; when ``ending`` it, it is over either way."""
         if self._done or self._generation is None:  # a mistake of the caller's
             raise NoTransaction(
                 "this transaction has already ended"
@@ -503,12 +503,15 @@ class AsyncSubscription:
         subscription: int,
         queue: deque[SubscriptionItem],
         generation: int,
+        after_event_id: int | None = None,
     ) -> None:
         self._client = client
         self.id = subscription
         self._queue = queue
         self._generation = generation
-        self.last_event_id: int | None = None
+        # The last event delivered; before the first, where the subscription starts:
+        # resubscribing after it loses nothing.
+        self.last_event_id = after_event_id
         self._closed = False
 
     def __aiter__(self) -> AsyncSubscription:

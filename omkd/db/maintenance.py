@@ -11,14 +11,13 @@ from omkd.db._conn import connect_read_only
 from omkd.db.errors import DbError, InvalidData, StorageFailure
 
 __all__ = [
-    "PRIVATE_DIR_MODE",
     "backup_target",
     "check_database",
     "make_private_dirs",
     "sync_and_rename",
 ]
 
-PRIVATE_DIR_MODE = 0o700  # the directories omkd creates: its user's alone
+_PRIVATE_DIR_MODE = 0o700  # the directories omkd creates: its user's alone
 INTEGRITY_CHECK = "PRAGMA integrity_check"
 FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
 
@@ -145,4 +144,4 @@ def make_private_dirs(directory: Path) -> None:
     for d in reversed(missing):
         with contextlib.suppress(FileExistsError):
             d.mkdir()
-            os.chmod(d, PRIVATE_DIR_MODE)  # exactly 0700, whatever the umask
+            os.chmod(d, _PRIVATE_DIR_MODE)  # exactly 0700, whatever the umask
