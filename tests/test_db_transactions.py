@@ -31,6 +31,7 @@ from omkd.db import (
     backup_database,
     check_database,
 )
+from omkd.db.database import _DatabaseScope
 
 MakeGoal = Callable[..., GoalRecord]
 WAIT = 10.0  # seconds; only reached when a test is about to fail
@@ -247,6 +248,63 @@ def test_reads_from_another_thread_do_not_wait_for_a_transaction(
     assert seen == ["running"]
     tx.commit()
     assert db.goals.get("g1").status == "changed"  # type: ignore[union-attr]
+
+
+def _hold_a_read(db: Database) -> tuple[threading.Event, threading.Thread]:
+    """A thread in the middle of a read on ``db`` until the returned event is set (the
+    repositories' own reads end at once: this holds the read scope they use)."""
+    entered, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with _DatabaseScope(db).read() as conn:
+            conn.scalar("SELECT count(*) FROM goals")
+            entered.set()
+            release.wait(WAIT)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert entered.wait(WAIT)
+    return release, holder
+
+
+def test_a_read_does_not_wait_for_another_threads_read(db: Database, make_goal: MakeGoal) -> None:
+    # The daemon runs a long read (a page of 100,000 events) in a worker thread: the event
+    # loop's quick reads must not queue behind it.
+    db.goals.create(make_goal("g1"))
+    release, holder = _hold_a_read(db)
+    try:
+        seen: list[str] = []
+        worker = threading.Thread(target=lambda: seen.append(db.goals.get("g1").status))  # type: ignore[union-attr]
+        worker.start()
+        worker.join(WAIT)
+        assert seen == ["running"]
+        db.goals.create(make_goal("g2"))  # a spare reader sees the latest commit too
+        assert {g.goal_id for g in db.goals.list()} == {"g1", "g2"}
+    finally:
+        release.set()
+        holder.join(WAIT)
+    spare = db._spare_readers[-1]
+    db.close()
+    assert db._spare_readers == []
+    with pytest.raises(sqlite3.ProgrammingError):  # closed with the Database
+        spare.raw.execute("SELECT 1")
+
+
+def test_a_read_inside_a_read_of_the_same_thread(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    with _DatabaseScope(db).read():
+        assert db.goals.get("g1") is not None  # on a spare: this thread holds the reader
+        assert db._read_lock.locked()
+    assert not db._read_lock.locked()  # each read let go of its own connection
+    release, holder = _hold_a_read(db)  # another thread holds the reader: two spares
+    try:
+        with _DatabaseScope(db).read():
+            assert db.goals.get("g1") is not None
+        assert len(db._spare_readers) == 2
+    finally:
+        release.set()
+        holder.join(WAIT)
+    assert not db._read_lock.locked()
 
 
 def test_a_second_handle_reads_while_a_transaction_is_open(

@@ -5,7 +5,11 @@ runs every write and every Transaction; one ``threading.Lock`` (the write lock) 
 writes are serialized and a Transaction holds the lock from ``BEGIN IMMEDIATE`` until it ends.
 The READER, under its own lock and with ``query_only`` on, runs the reads made on the Database
 itself: thanks to WAL they see the latest committed state and never wait for an open
-Transaction. Repositories are written once against a scope (see ``_conn.Scope``):
+Transaction. Nor for another thread's read: a read that finds the reader busy takes a spare
+reader connection (opened the first time, kept for the next), so a long read in one thread
+never holds up the quick ones of another.
+
+Repositories are written once against a scope (see ``_conn.Scope``):
 
 * on the Database, each write call is its own ``BEGIN IMMEDIATE`` ... ``COMMIT``, so multi-row
   calls are atomic on their own;
@@ -54,7 +58,8 @@ __all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "backup_database", "mig
 BUSY_TIMEOUT_MS = 5000
 """How long SQLite waits for a lock held by another process before answering Busy."""
 
-"""Mode of the directories created for a new database file (state is private)."""
+MAX_IDLE_SPARE_READERS = 4
+"""Spare reader connections kept open once their read ended (more are closed then)."""
 
 SET_BUSY_TIMEOUT = "PRAGMA busy_timeout = {ms:d}"
 GET_BUSY_TIMEOUT = "PRAGMA busy_timeout"
@@ -201,6 +206,9 @@ class Database(_Repositories):
         self._write_lock = threading.Lock()
         self._write_owner: int | None = None  # the thread holding it (threading.get_ident)
         self._read_lock = threading.Lock()
+        self._spare_readers: list[Conn] = []  # idle ones; those in use are their thread's
+        self._spare_lock = threading.Lock()
+        self._local = threading.local()  # .reads: the connections this thread reads on
         self._checkpointer: Conn | None = None  # opened by the first checkpoint_concurrently
         self._checkpoint_lock = threading.Lock()
         self._busy_timeout_ms = busy_timeout_ms
@@ -381,6 +389,10 @@ class Database(_Repositories):
             self._closed = True
             self._writer.close()
             self._reader.close()
+        with self._spare_lock:  # (one in use is closed when its read ends)
+            spares, self._spare_readers = self._spare_readers, []
+        for conn in spares:
+            conn.close()
         with self._checkpoint_lock:
             if self._checkpointer is not None:
                 self._checkpointer.close()
@@ -437,6 +449,26 @@ class Database(_Repositories):
         self._write_owner = None
         self._write_lock.release()
 
+    def _take_spare_reader(self) -> Conn:
+        with self._spare_lock:
+            self._check_open()
+            if self._spare_readers:
+                return self._spare_readers.pop()
+        conn = connect(str(self._path))
+        try:
+            _configure(conn, busy_timeout_ms=self._busy_timeout_ms, synchronous=None)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _return_spare_reader(self, conn: Conn) -> None:
+        with self._spare_lock:
+            if not self._closed and len(self._spare_readers) < MAX_IDLE_SPARE_READERS:
+                self._spare_readers.append(conn)
+                return
+        conn.close()
+
     def _end_transaction(self, tx: Transaction) -> None:
         if self._transaction is tx:
             self._transaction = None
@@ -462,7 +494,8 @@ class _DatabaseScope:
 
 
 class _Read:
-    """A read call outside a transaction: the reader connection, one thread at a time."""
+    """A read call outside a transaction: the reader connection, or a spare one when another
+    thread reads on the reader (or this one does, in a read of its own around this one)."""
 
     __slots__ = ("_db",)
 
@@ -471,14 +504,27 @@ class _Read:
 
     def __enter__(self) -> Conn:
         db = self._db
-        db._read_lock.acquire()
-        if db._closed:
-            db._read_lock.release()
-            raise DatabaseClosed()
-        return db._reader
+        if db._read_lock.acquire(blocking=False):
+            if db._closed:
+                db._read_lock.release()
+                raise DatabaseClosed()
+            conn = db._reader
+        else:
+            conn = db._take_spare_reader()
+        local = db._local
+        try:
+            local.reads.append(conn)
+        except AttributeError:  # this thread's first read
+            local.reads = [conn]
+        return conn
 
     def __exit__(self, *exc_info: object) -> None:
-        self._db._read_lock.release()
+        db = self._db
+        conn = db._local.reads.pop()  # this thread's innermost read
+        if conn is db._reader:
+            db._read_lock.release()
+        else:
+            db._return_spare_reader(conn)
 
 
 class _OwnTransaction:
