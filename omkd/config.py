@@ -38,6 +38,7 @@ ENV_VARS = {"socket_path": "OMKD_SOCKET", "db_path": "OMKD_DB"}
 
 GC_THRESHOLD_MAX: Final = 2**31 - 1
 BATCH_SLICE_S: Final = 0.002  # the default of batch_slice (also the Dispatcher's)
+LONG_CALL_ROWS: Final = 1000  # the default of long_call_rows (also the Dispatcher's)
 
 
 class ConfigError(Exception):
@@ -91,6 +92,15 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # on with the batch: a batch of 100,000 calls takes seconds, and nobody else must wait
     # for it to end.
     batch_slice: float = BATCH_SLICE_S
+    # Rows past which a call runs in a worker thread, the event loop serving the other
+    # connections meanwhile: a page of more events or goals, a batch of more events or
+    # tasks, and every call that deletes or replaces all of a goal's rows, whatever it holds
+    # (goal.delete of a goal of 500,000 events takes ~1 s). A call under it runs on the
+    # event loop, where it costs less than the thread hop would (~150 µs).
+    long_call_rows: int = LONG_CALL_ROWS
+    # Long reads outside a transaction that run at once, each in a thread and on a read
+    # connection of its own (long writes take the write lock: one at a time).
+    long_reads: int = 4
     # Pending connections the kernel may hold before accept().
     listen_backlog: int = 512
     # Seconds to wait before retrying accept() after running out of file descriptors.
@@ -120,6 +130,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "outbox_bytes",
             "page_size",
             "gc_threshold",
+            "long_reads",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -128,6 +139,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "wal_autocheckpoint",
             "wal_restart_pages",
             "batch_slice",
+            "long_call_rows",
         ):
             if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"{name} must not be negative")

@@ -64,8 +64,13 @@ class Daemon:
         self.config = config
         self.db = database
         self.version = omkd.__version__
-        self.dispatcher = Dispatcher(batch_slice=config.batch_slice, turn=trio.lowlevel.checkpoint)
+        self.dispatcher = Dispatcher(
+            batch_slice=config.batch_slice,
+            turn=trio.lowlevel.checkpoint,
+            long_call_rows=config.long_call_rows,
+        )
         self.gate = WriteGate(database, config)
+        self.long_reads = trio.CapacityLimiter(config.long_reads)
         self.poller = Poller()
         self.gate.turn = self.poller.turn
         self.poller.on_drained = self._drained
@@ -317,19 +322,20 @@ async def _checkpoint_wal(daemon: Daemon) -> None:
     # Checkpoints in a worker thread, concurrently with the writes: no commit on the event
     # loop pays for one, nor for its fsyncs. (SQLite's own, at wal_autocheckpoint pages, is
     # the backstop.)
-    database = daemon.db
+    database, gate = daemon.db, daemon.gate
     restart_pages = daemon.config.wal_restart_pages
-    seen = database.total_changes
+    seen = gate.releases
     while True:
         await trio.sleep(daemon.config.checkpoint_interval)
-        changes = database.total_changes
-        if changes == seen:
+        ended = gate.releases  # writes, batches and transactions ended
+        if ended == seen:
             continue
-        seen = changes
+        seen = ended
         try:
             _, frames, _ = await trio.to_thread.run_sync(database.checkpoint_concurrently)
-            if restart_pages and frames >= restart_pages and database.total_changes != changes:
+            if restart_pages and frames >= restart_pages and gate.releases != ended:
                 await _restart_wal(daemon)
+                seen = gate.releases  # (that wrote nothing)
         except db.DbError as exc:
             log.warning("WAL checkpoint failed (retried after the next writes): %s", exc)
 

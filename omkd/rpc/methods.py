@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
     Repos = Database | Transaction
 
-__all__ = ["METHODS", "Access", "Method", "SessionLike"]
+__all__ = ["METHODS", "Access", "Method", "RepoFn", "SessionLike"]
 
 
 class Access(enum.Enum):
@@ -74,6 +74,10 @@ class Method:
     when_aborted: bool = False
     # A session method that never waits, answered at once by Dispatcher.answer_now.
     now: Callable[[SessionLike, Any], Any] | None = None
+    # How many rows a repository call may touch, from its params: None when it cannot tell
+    # (all of a goal's). Past the daemon's long_call_rows the call runs in a worker thread.
+    # None (the field): a call of a row or a few.
+    rows: Callable[[Any], int | None] | None = None
 
 
 _NF = ErrorCode.NOT_FOUND
@@ -139,8 +143,17 @@ def _repo(
     summary: str,
     *errors: ErrorCode,
     appends_events: bool = False,
+    rows: Callable[[Any], int | None] | None = None,
 ) -> Method:
-    return Method(name, params, result, access, run, summary, errors, appends_events)
+    return Method(name, params, result, access, run, summary, errors, appends_events, rows=rows)
+
+
+def _all_of_the_goal(p: Any) -> None:
+    return None  # as many rows as the goal has: no telling from the params
+
+
+def _page_rows(p: P.EventQuery) -> int | None:
+    return p.limit if p.tail is None else p.tail
 
 
 def _session(
@@ -178,12 +191,14 @@ _TABLE: tuple[Method, ...] = (
     _repo("goal.heartbeat", P.GoalId, GoalRecord, W, lambda r, p: r.goals.heartbeat(p.goal_id),
           "Touch a goal's updated_at; its version does not change.", _NF),
     _repo("goal.list", GoalFilter, list[GoalSummary], R, lambda r, p: r.goals.list(p),
-          "Goal summaries, newest updated_at first, filtered."),
+          "Goal summaries, newest updated_at first, filtered.", rows=lambda p: p.limit),
     _repo("goal.delete", P.GoalId, P.DeletedFlag, W, _goal_delete,
-          "Delete a goal with its tasks, events, proof, checkpoints and artifacts.", _NF),
+          "Delete a goal with its tasks, events, proof, checkpoints and artifacts.", _NF,
+          rows=_all_of_the_goal),
     _repo("task.create_batch", P.TaskBatch, P.Created, W,
           lambda r, p: P.Created(r.tasks.create_batch(p.goal_id, _task_records(p))),
-          "Create tasks of one goal, all or nothing.", _NF, _CONFLICT),
+          "Create tasks of one goal, all or nothing.", _NF, _CONFLICT,
+          rows=lambda p: len(p.tasks)),
     _repo("task.get", P.TaskId, TaskRecord | None, R, lambda r, p: r.tasks.get(p.task_id),
           "A task, or null."),
     _repo("task.get_by_goal", P.GoalId, list[TaskRecord], R,
@@ -192,21 +207,23 @@ _TABLE: tuple[Method, ...] = (
           lambda r, p: r.tasks.update_status(p.task_id, p.status), "Set a task's status.", _NF),
     _repo("task.update_task_graph", P.TaskBatch, P.Replaced, W,
           lambda r, p: P.Replaced(r.tasks.update_task_graph(p.goal_id, _task_records(p))),
-          "Replace a goal's tasks with these, atomically.", _NF, _CONFLICT),
+          "Replace a goal's tasks with these, atomically.", _NF, _CONFLICT,
+          rows=_all_of_the_goal),
     _repo("task.delete_by_goal", P.GoalId, P.DeletedCount, W,
           lambda r, p: P.DeletedCount(r.tasks.delete_by_goal(p.goal_id)),
-          "Delete a goal's tasks."),
+          "Delete a goal's tasks.", rows=_all_of_the_goal),
     _repo("event.append", P.EventAppend, EventRecord, W, _event_append,
           "Append an event to a goal's log.", _NF, appends_events=True),
     _repo("event.append_batch", P.EventAppendBatch, P.EventIds, W,
           lambda r, p: P.EventIds(r.events.append_batch(p.goal_id, p.events)),
-          "Append events, all or nothing.", _NF, appends_events=True),
+          "Append events, all or nothing.", _NF, appends_events=True,
+          rows=lambda p: len(p.events)),
     _repo("event.get_by_goal", P.EventQuery, list[EventRecord], R, _event_page,
           "A page of a goal's events by event_id (the oldest, or with tail the newest); "
-          "[] for an unknown goal."),
+          "[] for an unknown goal.", rows=_page_rows),
     _repo("event.delete_by_goal", P.GoalId, P.DeletedCount, W,
           lambda r, p: P.DeletedCount(r.events.delete_by_goal(p.goal_id)),
-          "Delete a goal's events."),
+          "Delete a goal's events.", rows=_all_of_the_goal),
     _repo("proof.upsert", ProofRecord, ProofRecord, W, lambda r, p: r.proofs.upsert(p),
           "Store a goal's proof, replacing any earlier one.", _NF),
     _repo("proof.get", P.GoalId, ProofRecord | None, R, lambda r, p: r.proofs.get(p.goal_id),
@@ -219,7 +236,7 @@ _TABLE: tuple[Method, ...] = (
           lambda r, p: r.budgets.get_by_goal(p.goal_id), "A goal's checkpoints in order."),
     _repo("budget.delete_by_goal", P.GoalId, P.DeletedCount, W,
           lambda r, p: P.DeletedCount(r.budgets.delete_by_goal(p.goal_id)),
-          "Delete a goal's checkpoints."),
+          "Delete a goal's checkpoints.", rows=_all_of_the_goal),
     _repo("artifact.register", P.ArtifactRegister, ArtifactRecord, W,
           lambda r, p: r.artifacts.register(p.goal_id, p.kind, p.path, p.mime_type),
           "Register an artifact of a goal.", _NF),
@@ -231,7 +248,7 @@ _TABLE: tuple[Method, ...] = (
           "Delete an artifact; deleted is false if there was none."),
     _repo("artifact.delete_by_goal", P.GoalId, P.DeletedCount, W,
           lambda r, p: P.DeletedCount(r.artifacts.delete_by_goal(p.goal_id)),
-          "Delete a goal's artifacts."),
+          "Delete a goal's artifacts.", rows=_all_of_the_goal),
     _session("event.subscribe", P.EventSubscribe, P.Subscribed,
              lambda s, p: s.subscribe(p),
              "Receive event.appended notifications for committed events."),

@@ -1,8 +1,11 @@
 """A session: one client connection's transaction, subscriptions and place in the write queue.
 
-Theory of operation. Every SQLite call runs inline on the trio thread (a thread hop costs
-several times what a statement does). Reads outside a transaction go to the database's read
-connection and see the latest committed state without waiting for anyone. Writes go through
+Theory of operation. SQLite calls run inline on the trio thread (a thread hop costs several
+times what a statement does), but for long ones (``run_long``: more rows than
+``long_call_rows``, or all of a goal's), which run in a worker thread while the event loop
+serves the other connections. Reads outside a transaction go to the database's read
+connection and see the latest committed state without waiting for anyone (a long one runs
+on a read connection of its own). Writes go through
 the daemon's write gate (``omkd.rpc.writegate``): a single write for one SQLite transaction,
 committed together with the single writes of other sessions that arrive meanwhile;
 ``tx.begin`` takes the gate until ``tx.commit`` or ``tx.rollback``, and meanwhile every call
@@ -28,7 +31,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import msgspec
 import trio
@@ -36,7 +39,7 @@ import trio
 from omkd import db
 from omkd.rpc import params as P
 from omkd.rpc.errors import NoTransaction, TransactionAborted, TransactionActive
-from omkd.rpc.methods import Method
+from omkd.rpc.methods import Access, Method, RepoFn
 from omkd.rpc.outbox import Outbox
 from omkd.rpc.writegate import Commit
 from omkd_client.records import EventRecord
@@ -122,6 +125,30 @@ class Session:
         self._pending = pending
         return result
 
+    async def run_long(self, method: Method, params: Any) -> Any:
+        """Run a read or a write that may take long in a worker thread; the event loop
+        serves the other connections meanwhile. Inside the session's transaction it runs
+        there; outside, a write is its own SQLite transaction, in line for the write gate
+        like a transaction, and a read runs on a read connection of its own (at most
+        ``long_reads`` at once). The call runs to its end once started, even if the
+        connection ends meanwhile."""
+        daemon = self.daemon
+        tx = self.tx
+        if tx is not None:
+            try:
+                return await trio.to_thread.run_sync(cast(RepoFn, method.run), tx, params)
+            except db.StorageFailure as exc:
+                self._check_lost(method, exc)
+                raise
+        if method.access is Access.READ:
+            return await trio.to_thread.run_sync(
+                cast(RepoFn, method.run), daemon.db, params, limiter=daemon.long_reads
+            )
+        result, committed_events = await daemon.gate.write_long(method, params)
+        if committed_events:
+            daemon.events_committed()
+        return result
+
     def settled(self) -> bool:
         """Whether the COMMIT of this session's last write is done (``settle`` would not
         wait); forgets it if so."""
@@ -177,9 +204,12 @@ class Session:
         try:
             return method.run(tx, params)  # type: ignore[arg-type]
         except db.StorageFailure as exc:
-            if exc.transaction_lost:
-                self._lose_transaction(f"storage failure in {method.name}: {exc}")
+            self._check_lost(method, exc)
             raise
+
+    def _check_lost(self, method: Method, exc: db.StorageFailure) -> None:
+        if exc.transaction_lost:
+            self._lose_transaction(f"storage failure in {method.name}: {exc}")
 
     # -- transactions
 

@@ -47,7 +47,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 from trio.testing import wait_all_tasks_blocked
@@ -57,7 +57,7 @@ from omkd.rpc.errors import Busy
 
 if TYPE_CHECKING:
     from omkd.config import Config
-    from omkd.rpc.methods import Method
+    from omkd.rpc.methods import Method, RepoFn
 
 __all__ = ["Commit", "WriteGate"]
 
@@ -127,6 +127,10 @@ class WriteGate:
         self.single_writes = 0  # counters for tests and benchmarks
         self.commits = 0
         self.prompt_commits = 0  # batches commit_opened committed
+        # Times the gate was let go: every write, batch and transaction has ended by one
+        # (the checkpointer's "anything new?", without asking SQLite on the writer, whose
+        # mutex a long write in a worker thread holds).
+        self.releases = 0
 
     async def acquire(self) -> None:
         """Take the gate for a transaction, waiting in line up to the lock timeout; raises
@@ -135,6 +139,7 @@ class WriteGate:
 
     def release(self) -> None:
         """Hand the gate to the first in line, or leave it free."""
+        self.releases += 1
         if not self._line:
             self._held = False
             return
@@ -209,6 +214,21 @@ class WriteGate:
         if group:
             return await self._lead(method, params)
         return self._alone(method, params)
+
+    async def write_long(self, method: Method, params: Any) -> tuple[Any, bool]:
+        """Run a single write that may take long in a worker thread: in line for the gate
+        like a transaction (it joins no batch, and no batch takes the writes in line behind
+        it), then its own SQLite transaction, while the event loop serves the other
+        connections. Returns (result, whether it committed events). Raises the call's own
+        error, Busy. Once started it runs to its end, even when cancelled."""
+        await self._take(transaction=True)
+        try:
+            result = await trio.to_thread.run_sync(cast("RepoFn", method.run), self.db, params)
+        finally:
+            self.release()
+        self.single_writes += 1
+        self.commits += 1
+        return result, method.appends_events
 
     def write_now(
         self, method: Method, params: Any, writer: object

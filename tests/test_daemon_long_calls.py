@@ -1,0 +1,311 @@
+"""Long calls run in a worker thread: the other sessions are served meanwhile.
+
+A call that may touch more rows than ``long_call_rows`` (a page of 100,000 events, a batch
+of 10,000, goal.delete of whatever the goal holds) would hold the event loop, and with it
+every other client, for as long as it runs. These tests hold such a call in its thread (the
+method as the daemon has it, run only once the test lets it) and check what the other
+sessions get meanwhile; the last ones run real calls down the thread path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+
+from omkd.rpc.dispatch import NOT_NOW, Dispatcher
+from omkd.rpc.methods import METHODS, Method
+from omkd.rpc.session import Session
+from omkd.server import Daemon
+from omkd_client.codes import ErrorCode
+
+from rpc_helpers import RawClient, goal, running_daemon, short_tempdir
+
+WAIT = 10.0  # seconds; only reached when a test is about to fail
+
+
+class Held:
+    """A method of the table that, in whatever thread runs it, waits for ``release``."""
+
+    def __init__(self, name: str) -> None:
+        self.started = threading.Event()
+        self.release = threading.Event()
+        self.threads: list[threading.Thread] = []
+        original = METHODS[name]
+
+        def run(repos: Any, params: Any) -> Any:
+            self.threads.append(threading.current_thread())
+            self.started.set()
+            if not self.release.wait(WAIT):
+                raise AssertionError(f"{name} was never released")
+            return original.run(repos, params)
+
+        self.method: Method = dataclasses.replace(original, run=run)
+
+    async def wait_started(self) -> None:
+        assert await trio.to_thread.run_sync(self.started.wait, WAIT)
+
+
+def hold(daemon: Daemon, name: str) -> Held:
+    held = Held(name)
+    methods = dict(daemon.dispatcher.methods, **{name: held.method})
+    daemon.dispatcher = Dispatcher(
+        methods, turn=trio.lowlevel.checkpoint, long_call_rows=daemon.config.long_call_rows
+    )
+    return held
+
+
+_open: list[RawClient] = []
+
+
+@pytest.fixture
+async def directory() -> AsyncIterator[Path]:
+    """A directory for a daemon; the clients ``connect`` opened are closed after the test."""
+    with short_tempdir() as path:
+        yield path
+        while _open:
+            await _open.pop().aclose()
+
+
+@pytest.fixture
+async def daemon(directory: Path) -> AsyncIterator[Daemon]:
+    async with running_daemon(directory, lock_timeout=2.0) as d:
+        yield d
+
+
+async def connect(daemon: Daemon) -> RawClient:
+    client = await RawClient.connect(daemon.config.socket_path)
+    _open.append(client)
+    return client
+
+
+async def in_background(
+    nursery: trio.Nursery, call: Callable[[], Any]
+) -> Callable[[], dict[str, Any]]:
+    """Start ``call`` (a coroutine function); return what gives its result once done."""
+    box: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        box.append(await call())
+
+    nursery.start_soon(run)
+    await trio.testing.wait_all_tasks_blocked()
+
+    def result() -> dict[str, Any]:
+        assert box, "the call has not answered"
+        return box[0]
+
+    return result
+
+
+async def with_events(client: RawClient, goal_id: str, count: int) -> None:
+    await client.call("goal.create", **goal(goal_id))
+    events = [{"kind": "k", "payload": i} for i in range(count)]
+    await client.call("event.append_batch", goal_id=goal_id, events=events)
+
+
+async def test_other_sessions_are_served_while_a_goal_delete_runs(daemon: Daemon) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    await with_events(a, "big", 10)
+    await a.call("goal.create", **goal("other"))
+    held = hold(daemon, "goal.delete")
+    async with trio.open_nursery() as nursery:
+        deleted = await in_background(nursery, lambda: a.request("goal.delete", {"goal_id": "big"}))
+        await held.wait_started()
+        # Reads, pings and a page of events answer; the delete is not committed yet.
+        assert await b.call("daemon.ping") == "pong"
+        assert (await b.call("goal.get", goal_id="big"))["goal_id"] == "big"
+        assert len(await b.call("event.get_by_goal", goal_id="big", limit=100)) == 10
+        assert (await b.call("daemon.status"))["sessions"] == 2
+        assert not held.release.is_set()
+        held.release.set()
+    assert deleted()["result"] == {"deleted": True}
+    assert held.threads and held.threads[0] is not threading.main_thread()
+    assert await b.call("goal.get", goal_id="big") is None
+    assert (await b.call("goal.get", goal_id="other"))["goal_id"] == "other"
+
+
+async def test_writes_wait_in_line_behind_a_long_write_up_to_the_lock_timeout(
+    directory: Path,
+) -> None:
+    async with running_daemon(directory, lock_timeout=0.3) as daemon:
+        a, b, c = [await connect(daemon) for _ in range(3)]
+        await with_events(a, "big", 3)
+        await a.call("goal.create", **goal("g2"))
+        held = hold(daemon, "goal.delete")
+        async with trio.open_nursery() as nursery:
+            await in_background(nursery, lambda: a.request("goal.delete", {"goal_id": "big"}))
+            await held.wait_started()
+            # A write waits for the long one, and answers busy past the lock timeout.
+            error = await b.error("event.append", goal_id="g2", kind="k", payload=1)
+            assert error["code"] == ErrorCode.BUSY
+            later = await in_background(
+                nursery, lambda: c.request("event.append", {"goal_id": "g2", "kind": "k",
+                                                            "payload": 2})
+            )  # fmt: skip
+            held.release.set()
+        assert "result" in later()  # it waited in line, and ran once the delete ended
+        payloads = [e["payload"] for e in await b.call("event.get_by_goal", goal_id="g2")]
+        assert payloads == [2]
+
+
+async def test_a_long_call_inside_a_transaction_runs_in_it(daemon: Daemon) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    await with_events(a, "big", 5)
+    held = hold(daemon, "event.delete_by_goal")
+    await a.call("tx.begin")
+    await a.call("event.append", goal_id="big", kind="k", payload="in the transaction")
+    async with trio.open_nursery() as nursery:
+        deleted = await in_background(
+            nursery, lambda: a.request("event.delete_by_goal", {"goal_id": "big"})
+        )
+        await held.wait_started()
+        # Another session reads the committed state meanwhile, not the transaction's.
+        assert len(await b.call("event.get_by_goal", goal_id="big")) == 5
+        held.release.set()
+    assert deleted()["result"] == {"deleted": 6}  # the transaction's own append too
+    assert await a.call("event.get_by_goal", goal_id="big") == []  # seen inside it
+    assert len(await b.call("event.get_by_goal", goal_id="big")) == 5
+    await a.call("tx.commit")
+    assert await b.call("event.get_by_goal", goal_id="big") == []
+
+
+async def test_a_connection_closed_during_its_long_call_rolls_back_after_it(
+    daemon: Daemon,
+) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    await with_events(a, "big", 4)
+    held = hold(daemon, "event.delete_by_goal")
+    await a.call("tx.begin")
+    await a.send({"jsonrpc": "2.0", "id": 1, "method": "event.delete_by_goal",
+                  "params": {"goal_id": "big"}})  # fmt: skip
+    await held.wait_started()
+    await a.aclose()  # gone while its call runs in the thread
+    await trio.sleep(0.05)
+    held.release.set()
+    # The call ended, the transaction was rolled back and the write lock passed on.
+    with trio.fail_after(WAIT):
+        while (await b.call("daemon.status"))["active_transactions"]:
+            await trio.sleep(0.01)
+    assert len(await b.call("event.get_by_goal", goal_id="big")) == 4
+    await b.call("event.append", goal_id="big", kind="k", payload="after")
+    assert len(await b.call("event.get_by_goal", goal_id="big")) == 5
+
+
+async def test_a_long_read_runs_in_a_thread_and_others_read_meanwhile(daemon: Daemon) -> None:
+    a, b = await connect(daemon), await connect(daemon)
+    await with_events(a, "g1", 3)
+    held = hold(daemon, "event.get_by_goal")
+    async with trio.open_nursery() as nursery:
+        page = await in_background(
+            nursery, lambda: a.request("event.get_by_goal", {"goal_id": "g1"})
+        )  # no limit: all of the goal's events
+        await held.wait_started()
+        assert (await b.call("goal.get", goal_id="g1"))["goal_id"] == "g1"
+        await b.call("event.append", goal_id="g1", kind="k", payload="meanwhile")
+        held.release.set()
+    assert len(page()["result"]) == 4  # its read began once released, after the append
+    # A page within long_call_rows is answered on the event loop, in no thread.
+    short = await b.call("event.get_by_goal", goal_id="g1", limit=2)
+    assert [e["payload"] for e in short] == [0, 1]
+    assert len(held.threads) == 2 and held.threads[1] is threading.main_thread()
+
+
+async def test_every_bulk_method_down_the_thread_path(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # long_call_rows 0: every call that has a row count at all runs in a thread.
+    long_calls: list[str] = []
+    run_long = Session.run_long
+
+    async def counted(session: Session, method: Method, params: Any) -> Any:
+        long_calls.append(method.name)
+        return await run_long(session, method, params)
+
+    monkeypatch.setattr(Session, "run_long", counted)
+    async with running_daemon(directory, long_call_rows=0) as daemon:
+        a, watcher = await connect(daemon), await connect(daemon)
+        await a.call("goal.create", **goal("g1"))
+        await watcher.call("event.subscribe", goal_id="g1")
+        ids = await a.call("event.append_batch", goal_id="g1", events=_events(3))
+        assert len(ids["event_ids"]) == 3
+        notified = [(await watcher.notification())["params"]["event"] for _ in range(3)]
+        assert [e["payload"] for e in notified] == [0, 1, 2]
+        events = await a.call("event.get_by_goal", goal_id="g1", limit=2)
+        assert [e["payload"] for e in events] == [0, 1]
+        tasks = [{"task_id": f"t{i}", "kind": "code"} for i in range(2)]
+        assert await a.call("task.create_batch", goal_id="g1", tasks=tasks) == {"created": 2}
+        graph = [{"task_id": "t9", "kind": "code"}]
+        assert await a.call("task.update_task_graph", goal_id="g1", tasks=graph) == {"replaced": 1}
+        assert [g["goal_id"] for g in await a.call("goal.list")] == ["g1"]
+        await a.call("budget.append_checkpoint", goal_id="g1")
+        await a.call("artifact.register", goal_id="g1", kind="log", path="/x")
+        assert await a.call("budget.delete_by_goal", goal_id="g1") == {"deleted": 1}
+        assert await a.call("artifact.delete_by_goal", goal_id="g1") == {"deleted": 1}
+        assert await a.call("task.delete_by_goal", goal_id="g1") == {"deleted": 1}
+        assert await a.call("event.delete_by_goal", goal_id="g1") == {"deleted": 3}
+        error = await a.error("goal.delete", goal_id="nope")
+        assert error["code"] == ErrorCode.NOT_FOUND
+        assert await a.call("goal.delete", goal_id="g1") == {"deleted": True}
+        assert await a.call("goal.list") == []
+        assert long_calls == [
+            "event.append_batch", "event.get_by_goal", "task.create_batch",
+            "task.update_task_graph", "goal.list", "budget.delete_by_goal",
+            "artifact.delete_by_goal", "task.delete_by_goal", "event.delete_by_goal",
+            "goal.delete", "goal.delete", "goal.list",
+        ]  # fmt: skip
+        assert daemon.gate.single_writes >= 9
+
+
+def _request(method: str, params: dict[str, Any]) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
+
+
+class _Session:
+    """Enough of a session for answer_now to tell what it would run now."""
+
+    aborted = False
+
+    def settled(self) -> bool:
+        return True
+
+    def run_read(self, method: Method, params: Any) -> str:
+        return "read now"
+
+    def write_now(self, method: Method, params: Any) -> tuple[str, None]:
+        return "written now", None
+
+
+def _events(count: int) -> list[dict[str, Any]]:
+    return [{"kind": "k", "payload": i} for i in range(count)]
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "now"),
+    [
+        ("event.get_by_goal", {"goal_id": "g", "limit": 1000}, True),
+        ("event.get_by_goal", {"goal_id": "g", "limit": 1001}, False),
+        ("event.get_by_goal", {"goal_id": "g", "tail": 1001}, False),
+        ("event.get_by_goal", {"goal_id": "g"}, False),  # all of the goal's
+        ("goal.list", {"limit": 10}, True),
+        ("goal.list", {}, False),
+        ("goal.get", {"goal_id": "g"}, True),  # a row
+        ("event.append_batch", {"goal_id": "g", "events": _events(10)}, True),
+        # Over 16 KiB of params: decoded once, on the async path, which tells then.
+        ("event.append_batch", {"goal_id": "g", "events": _events(800)}, False),
+        ("goal.delete", {"goal_id": "g"}, False),  # whatever the goal holds
+        ("task.update_task_graph", {"goal_id": "g", "tasks": []}, False),
+    ],
+)
+def test_which_calls_answer_now_leaves_to_the_async_path(
+    method: str, params: dict[str, Any], now: bool
+) -> None:
+    dispatcher = Dispatcher(long_call_rows=1000)
+    answer = dispatcher.answer_now(_request(method, params), _Session())  # type: ignore[arg-type]
+    assert (answer is not NOT_NOW) == now
