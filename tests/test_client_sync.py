@@ -595,6 +595,23 @@ def test_a_request_over_the_daemons_limit_raises_its_error_and_is_not_sent_again
             daemon.stop()
 
 
+def test_after_an_error_that_closes_the_connection_the_next_call_opens_a_new_one() -> None:
+    # The daemon answers a request over its size limit with an error of id null, then closes
+    # the connection: a call sent on it before the close is seen would be lost ("may or may
+    # not have been applied"). This server answers so and keeps the connection open.
+    def handler(request: dict[str, Any]) -> Any:
+        if request["method"] == "goal.get":
+            error = {"code": -32600, "message": "too long; the connection is closed"}
+            return {"jsonrpc": "2.0", "id": None, "error": error}
+        return result(request, "pong")
+
+    with fake_server(handler) as server, Client.connect(server.socket_path) as c:
+        with pytest.raises(DaemonError):
+            c.goals.get("g")
+        assert c.daemon.ping() == "pong"
+        assert len(server._connections) == 2
+
+
 def test_a_commit_never_sent_is_known_not_to_have_committed() -> None:
     sent = error_after_break(["tx.commit"], in_transaction=True, delivered=True, retried=False)
     assert isinstance(sent, CommitOutcomeUnknown)

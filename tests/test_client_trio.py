@@ -29,6 +29,7 @@ from omkd_client import (
     TransactionActive,
     VersionConflict,
 )
+from omkd_client.errors import DaemonError
 from omkd_client.trio_client import TrioClient
 
 from client_helpers import CLOSE, SILENT, Daemon, fake_server, make_goal, result, unique
@@ -247,6 +248,22 @@ async def test_call_timeout_and_commit_outcome_unknown() -> None:
                     await tx.call("goal.heartbeat", goal_id="g")
             assert [r["method"] for r in server.requests].count("tx.commit") == 1
             assert await c.call("fast") == "ok"  # reconnected
+
+
+async def test_after_an_error_that_closes_the_connection_the_next_call_opens_a_new_one() -> None:
+    # As the sync client's test: an error of id null means the daemon closes the connection.
+    def handler(request: dict[str, Any]) -> Any:
+        if request["method"] == "goal.get":
+            error = {"code": -32600, "message": "too long; the connection is closed"}
+            return {"jsonrpc": "2.0", "id": None, "error": error}
+        return result(request, "pong")
+
+    with fake_server(handler) as server:
+        async with TrioClient.connect(server.socket_path) as c:
+            with pytest.raises(DaemonError):
+                await c.call("goal.get", goal_id="g")
+            assert await c.call("daemon.ping") == "pong"
+            assert len(server._connections) == 2
 
 
 async def test_subscription_closed_by_the_daemon() -> None:

@@ -284,6 +284,9 @@ class ClientProtocol:
         self._abandoned: set[int] = set()
         self.in_transaction = False
         self.subscriptions = SubscriptionBuffers()
+        # The daemon answered an error it could not give an id (a request over its size
+        # limit) and closes the connection: nothing more may be sent on it.
+        self.closing = False
 
     @property
     def in_flight(self) -> int:
@@ -331,6 +334,7 @@ class ClientProtocol:
         self._abandoned.clear()
         self._decoder = FrameDecoder(self._max_message_bytes)
         self.in_transaction = False
+        self.closing = False
         self.subscriptions.lose_all(reason)
         return waiting
 
@@ -347,6 +351,7 @@ class ClientProtocol:
             # answers, then closes the connection). Replies come in the order of the
             # requests, so it answers the oldest one still awaited.
             request_id = next(iter(self._pending))
+            self.closing = True
         if not isinstance(request_id, int):
             detail = message.error or {}
             raise ProtocolError(

@@ -273,7 +273,7 @@ class Client(_Calls):
         retried = False
         while True:
             in_transaction = self._protocol.in_transaction
-            if not self._alive():
+            if self._protocol.closing or not self._alive():  # (closing: it is about to)
                 self._drop("the daemon closed the connection")
                 if in_transaction:
                     raise error_after_break(

@@ -357,6 +357,8 @@ class TrioClient(_AsyncCalls):
             while size := await stream.socket.recv_into(chunk):
                 self._protocol.receive_data(memoryview(chunk)[:size])
                 self._deliver()
+                if self._protocol.closing:  # the daemon closes it: send nothing more on it
+                    break
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             reason = f"connection lost: {exc}"
         except ProtocolError as exc:
