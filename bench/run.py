@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only",
         action="append",
         choices=["round_trips", "transaction", "batches", "task_graph", "writers", "rss",
-                 "pages", "backup"],
+                 "pages", "backup", "long_read"],
         help="run only these scenarios (repeatable)",
     )  # fmt: skip
     args = parser.parse_args(argv)
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return not wanted or name in wanted
 
     try:
-        logs = on("pages") or on("backup")
+        logs = on("pages") or on("backup") or on("long_read")
         progress(f"building databases in {workdir}")
         scenarios.build_databases(bench, logs=logs)
         if logs:
@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             ("rss", scenarios.idle_connections),
             ("pages", scenarios.pages),
             ("backup", scenarios.backup_under_writers),
+            ("long_read", scenarios.long_read),
         ):
             if on(name):
                 _guarded(bench, name, lambda s=alone: s(bench))

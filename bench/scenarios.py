@@ -10,6 +10,7 @@ report the median.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import random
@@ -56,6 +57,8 @@ class Sizes:
     backup_writers: int
     backup_reps: int
     backup_before_s: float
+    long_read: int
+    long_read_reps: int
 
 
 FULL: Final = Sizes(
@@ -76,6 +79,8 @@ FULL: Final = Sizes(
     backup_writers=4,
     backup_reps=2,
     backup_before_s=1.0,
+    long_read=20_000,
+    long_read_reps=3,
 )
 
 QUICK: Final = Sizes(
@@ -96,6 +101,8 @@ QUICK: Final = Sizes(
     backup_writers=2,
     backup_reps=1,
     backup_before_s=0.2,
+    long_read=2_000,
+    long_read_reps=1,
 )
 
 MAIN_GOALS: Final = ["rt", "tx", "batch", "graph"]
@@ -740,3 +747,79 @@ def _online_backup(source: Path, dest: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# -- a long call beside a writer ------------------------------------------------------------
+
+LONG_READ_LEAD_S: Final = 0.2  # the writer's calls before the long read, and after it
+# long_call_rows for the daemon that runs every call on its event loop (the variant "before").
+ALL_ON_THE_LOOP: Final = 2**62
+
+
+def long_read(bench: Bench) -> None:
+    """A page of ``long_read`` events from the large log while a writer process appends: the
+    read's time and the writer's latency meanwhile; omkd (the read in a worker thread), omkd
+    with every call on its event loop, and direct SQLite (a connection of the benchmark's,
+    the writer's of its own)."""
+    sizes = bench.sizes
+    count = sizes.long_read
+    scenario = f"page of {count:,} events beside a writer"
+    rows = {
+        "time": bench.row(scenario, "read time", "ms"),
+        "max": bench.row(scenario, "writer's max during the read", "ms"),
+        "p99": bench.row(scenario, "writer's p99 during the read", "ms"),
+    }
+    inline = f"{scenario}, the read on the event loop"
+    inline_rows = {
+        "time": bench.row(inline, "read time", "ms"),
+        "max": bench.row(inline, "writer's max during the read", "ms"),
+    }
+    stop = bench.workdir / "stop-writers"
+    cursor = random.Random(7).randrange(0, sizes.big_log - count)
+    inline_config = bench.workdir / "all-on-the-loop.toml"
+    inline_config.write_text(f"long_call_rows = {ALL_ON_THE_LOOP}\n")
+
+    def measure(mode: str, target: Path, read: Callable[[], object], into: dict[str, Row]) -> None:
+        stop.unlink(missing_ok=True)
+
+        def during() -> tuple[int, int]:
+            time.sleep(LONG_READ_LEAD_S)
+            begin = time.monotonic_ns()
+            read()
+            end = time.monotonic_ns()
+            time.sleep(LONG_READ_LEAD_S)
+            stop.touch()
+            return begin, end
+
+        calls, (begin, end) = run_writers(
+            bench, mode, target, ["w0"], until_file=stop, during=during
+        )
+        inside = [lat for s, lat in calls if s < end and s + lat > begin]
+        summary = latency_summary(inside, end - begin)
+        variant = "omkd" if mode == "omkd" else "direct"
+        into["time"].add(variant, (end - begin) / 1e6)
+        into["max"].add(variant, summary["max_ms"])
+        if "p99" in into:
+            into["p99"].add(variant, summary["p99_ms"])
+
+    params = {"goal_id": "log", "after_event_id": cursor, "limit": count}
+    for rep in range(sizes.long_read_reps):
+        for name, config, into in (
+            ("omkd", None, rows),
+            ("omkd, on the loop", inline_config, inline_rows),
+        ):
+            bench.progress(f"long read beside a writer, {name} (repetition {rep + 1})")
+            with (
+                start_daemon(bench.workdir, bench.big_db, "long", config) as daemon,
+                RawClient(daemon.socket_path) as raw,
+            ):
+                measure(
+                    "omkd", daemon.socket_path, lambda: raw.call("event.get_by_goal", params), into
+                )
+        bench.progress(f"long read beside a writer, direct (repetition {rep + 1})")
+        conn = direct.connect(bench.big_db)
+        try:
+            page = functools.partial(direct.page, conn, "log", cursor, count)
+            measure("direct", bench.big_db, page, rows)
+        finally:
+            conn.close()

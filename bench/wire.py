@@ -190,14 +190,17 @@ class Server:
         self.stop()
 
 
-def start_daemon(directory: Path, db_path: Path, name: str = "omkd") -> Server:
+def start_daemon(
+    directory: Path, db_path: Path, name: str = "omkd", config: Path | None = None
+) -> Server:
     """``python -m omkd serve`` on ``directory/<name>.sock`` and ``db_path``; with
-    ``--config $OMKD_BENCH_CONFIG`` when that is set (to compare settings)."""
+    ``--config`` ``config``, else ``$OMKD_BENCH_CONFIG`` when that is set (to compare
+    settings)."""
     sock = directory / f"{name}.sock"
     argv = [sys.executable, "-m", "omkd", "serve", "--socket", str(sock), "--db", str(db_path)]
-    config = os.environ.get("OMKD_BENCH_CONFIG")
-    if config:
-        argv += ["--config", config]
+    config_file = str(config) if config is not None else os.environ.get("OMKD_BENCH_CONFIG")
+    if config_file:
+        argv += ["--config", config_file]
     return Server(argv, sock, directory / f"{name}.log")
 
 
