@@ -125,8 +125,8 @@ def _task_row(goal_id: str, task: dict[str, Any]) -> dict[str, Any]:
 
 def page(conn: sqlite3.Connection, goal_id: str, after_event_id: int, limit: int) -> bytes:
     """A page of events as the daemon builds it (one JSON array from SQLite)."""
-    text = conn.execute(SELECT_PAGE_JSON, (goal_id, after_event_id, None, None, limit)).fetchone()
-    return str(text[0]).encode()
+    row = conn.execute(SELECT_PAGE_JSON, (goal_id, after_event_id, None, None, limit)).fetchone()
+    return bytes(row[0])
 
 
 def get_goal(conn: sqlite3.Connection, goal_id: str) -> tuple[Any, ...] | None:

@@ -39,6 +39,7 @@ ENV_VARS = {"socket_path": "OMKD_SOCKET", "db_path": "OMKD_DB"}
 GC_THRESHOLD_MAX: Final = 2**31 - 1
 BATCH_SLICE_S: Final = 0.002  # the default of batch_slice (also the Dispatcher's)
 LONG_CALL_ROWS: Final = 1000  # the default of long_call_rows (also the Dispatcher's)
+LONG_CALL_BYTES: Final = 256 * 1024  # the default of long_call_bytes (also the Dispatcher's)
 
 
 class ConfigError(Exception):
@@ -94,10 +95,14 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_slice: float = BATCH_SLICE_S
     # Rows past which a call runs in a worker thread, the event loop serving the other
     # connections meanwhile: a page of more events or goals, a batch of more events or
-    # tasks, and every call that deletes or replaces all of a goal's rows, whatever it holds
-    # (goal.delete of a goal of 500,000 events takes ~1 s). A call under it runs on the
+    # tasks, and every call that reads, deletes or replaces all of a goal's rows, whatever
+    # it holds (goal.delete of a goal of 300,000 events takes 1-2 s; a page filtered by
+    # `since` may scan the goal's whole log). A call under it runs on the
     # event loop, where it costs less than the thread hop would (~150 µs).
     long_call_rows: int = LONG_CALL_ROWS
+    # Bytes of params past which a call runs in a worker thread too, whatever its rows: an
+    # event.append_batch of 1,000 events of 15 KB held the event loop 330 ms.
+    long_call_bytes: int = LONG_CALL_BYTES
     # Long reads outside a transaction that run at once, each in a thread and on a read
     # connection of its own (long writes take the write lock: one at a time).
     long_reads: int = 4
@@ -140,6 +145,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "wal_restart_pages",
             "batch_slice",
             "long_call_rows",
+            "long_call_bytes",
         ):
             if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"{name} must not be negative")

@@ -68,6 +68,7 @@ class Daemon:
             batch_slice=config.batch_slice,
             turn=trio.lowlevel.checkpoint,
             long_call_rows=config.long_call_rows,
+            long_call_bytes=config.long_call_bytes,
         )
         self.gate = WriteGate(database, config)
         self.long_reads = trio.CapacityLimiter(config.long_reads)

@@ -263,6 +263,26 @@ async def test_every_bulk_method_down_the_thread_path(
         assert daemon.gate.single_writes >= 9
 
 
+async def test_a_call_with_long_params_runs_in_a_thread(
+    directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    long_calls: list[str] = []
+    run_long = Session.run_long
+
+    async def counted(session: Session, method: Method, params: Any) -> Any:
+        long_calls.append(method.name)
+        return await run_long(session, method, params)
+
+    monkeypatch.setattr(Session, "run_long", counted)
+    async with running_daemon(directory, long_call_bytes=1000) as daemon:
+        a = await connect(daemon)
+        created = await a.call("goal.create", **goal("g1", goal_text="x" * 2000))
+        assert created["goal_text"] == "x" * 2000
+        await a.call("goal.create", **goal("g2"))  # short: on the event loop
+        assert (await a.call("goal.get", goal_id="g1"))["goal_text"] == "x" * 2000
+    assert long_calls == ["goal.create"]
+
+
 def _request(method: str, params: dict[str, Any]) -> bytes:
     return json.dumps({"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode()
 
@@ -301,6 +321,13 @@ def _events(count: int) -> list[dict[str, Any]]:
         ("event.append_batch", {"goal_id": "g", "events": _events(800)}, False),
         ("goal.delete", {"goal_id": "g"}, False),  # whatever the goal holds
         ("task.update_task_graph", {"goal_id": "g", "tasks": []}, False),
+        ("task.get_by_goal", {"goal_id": "g"}, False),
+        ("budget.get_by_goal", {"goal_id": "g"}, False),
+        ("artifact.get_by_goal", {"goal_id": "g"}, False),
+        # created_at is in no index: a page filtered by it may scan the goal's whole log.
+        ("event.get_by_goal", {"goal_id": "g", "since": 1, "limit": 10}, False),
+        ("goal.create", goal("g"), True),
+        ("goal.create", goal("g", goal_text="x" * 300_000), False),  # past long_call_bytes
     ],
 )
 def test_which_calls_answer_now_leaves_to_the_async_path(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import resource
+import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from omkd.db import (
     EventInput,
     EventRecord,
     GoalRecord,
+    InvalidData,
     ProofRecord,
     StorageFailure,
     TaskRecord,
@@ -144,3 +146,17 @@ def test_storage_failure_inside_a_transaction_loses_it(
         assert db.events.get_by_goal("g1") == []
         db.events.append("g1", "after", 2)  # the write lock was released
         assert db.quick_check() == []
+
+
+def test_a_page_longer_than_sqlite_builds_is_invalid_data_naming_limit(
+    db: Database, make_goal: MakeGoal
+) -> None:
+    # SQLite builds a string of at most SQLITE_LIMIT_LENGTH bytes (1,000,000,000): a page
+    # without a limit of a log larger than that was an internal error (-32603 on the wire).
+    db.goals.create(make_goal("g1"))
+    db.events.append_batch("g1", [EventInput(kind="k", payload="x" * 100) for _ in range(50)])
+    db._reader.raw.setlimit(sqlite3.SQLITE_LIMIT_LENGTH, 2000)
+    with pytest.raises(InvalidData) as info:
+        db.events.get_by_goal_json("g1")
+    assert info.value.field == "limit" and "read the log in pages" in str(info.value)
+    assert msgspec.json.decode(db.events.get_by_goal_json("g1", limit=5))[4]["payload"] == "x" * 100

@@ -14,7 +14,7 @@ from typing import Any
 from omkd.db import _json
 from omkd.db._codec import RowCodec
 from omkd.db._conn import Scope
-from omkd.db.errors import GoalNotFound, InvalidData
+from omkd.db.errors import DbError, GoalNotFound, InvalidData
 from omkd_client.records import EventInput, EventRecord, now
 
 __all__ = ["DEFAULT_TAIL_LIMIT", "EventRepository"]
@@ -71,12 +71,14 @@ _TAIL_PAGE = (
     "AND (? IS NULL OR created_at >= ?) ORDER BY event_id DESC LIMIT ?) ORDER BY event_id"
 )
 # The page as one JSON array built by SQLite: no Python object per row. json(payload)
-# embeds the stored text as JSON (integers beyond 64 bits keep their digits).
+# embeds the stored text as JSON (integers beyond 64 bits keep their digits). As a BLOB,
+# it comes out as the UTF-8 bytes SQLite built: as TEXT, Python would decode it into a str
+# and the caller encode it back, two copies of the whole page with the GIL held.
 SELECT_PAGE_JSON = (
-    "SELECT coalesce(json_group_array(json_object('event_id', event_id, "
+    "SELECT CAST(coalesce(json_group_array(json_object('event_id', event_id, "
     "'event_uuid', event_uuid, 'run_id', run_id, 'goal_id', goal_id, "
     "'schema_version', schema_version, 'kind', kind, 'actor', actor, "
-    "'payload', json(payload), 'created_at', created_at)), '[]') "
+    "'payload', json(payload), 'created_at', created_at)), '[]') AS BLOB) "
     f"FROM (SELECT {COLUMNS} {_PAGE})"
 )
 SELECT_TAIL = _TAIL_PAGE
@@ -208,8 +210,18 @@ class EventRepository:
         params = _page_params(goal_id, since, after_event_id, limit, tail)
         statement = SELECT_TAIL_JSON if tail is not None else SELECT_PAGE_JSON
         with self._scope.read() as conn:
-            text = conn.scalar(statement, params)
-        return str(text).encode()
+            try:
+                page = conn.scalar(statement, params)
+            except DbError as exc:
+                if exc.data.get("sqlite_error") != "SQLITE_TOOBIG":
+                    raise
+                raise InvalidData(
+                    "limit",
+                    f"the page is longer than SQLite builds at once ({exc.message}): read the "
+                    "log in pages (after_event_id and limit)",
+                ) from exc
+        assert isinstance(page, bytes)
+        return page
 
     def tail(
         self, after_event_id: int, goal_id: str | None = None, limit: int = DEFAULT_TAIL_LIMIT

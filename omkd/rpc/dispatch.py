@@ -23,8 +23,9 @@ session with no COMMIT still to come); anything else, errors of the envelope or 
 included, it leaves untouched, as NOT_NOW.
 
 A call that may be long (``Method.rows`` past ``long_call_rows``: a page of 100,000 events,
-goal.delete) is never answered now: ``handle`` has the session run it in a worker thread
-(``run_long``), and the other connections are served meanwhile.
+goal.delete; or params past ``long_call_bytes``) is never answered now: ``handle`` has the
+session run it in a worker thread (``run_long``), and the other connections are served
+meanwhile.
 
 An exception the error table does not know is logged with its traceback and answered as an
 internal error that says nothing of the daemon's insides.
@@ -41,7 +42,7 @@ from typing import Any, Final, Protocol, cast
 
 import msgspec
 
-from omkd.config import BATCH_SLICE_S, LONG_CALL_ROWS
+from omkd.config import BATCH_SLICE_S, LONG_CALL_BYTES, LONG_CALL_ROWS
 from omkd.rpc._jsonrpcserver import (
     NODATA,
     NOID,
@@ -201,14 +202,18 @@ class Dispatcher:
         batch_slice: float = BATCH_SLICE_S,
         turn: Callable[[], Awaitable[None]] | None = None,
         long_call_rows: int = LONG_CALL_ROWS,
+        long_call_bytes: int = LONG_CALL_BYTES,
     ) -> None:
         """``turn`` gives the event loop's other tasks a turn (the daemon's: trio's
-        checkpoint): a batch takes one every ``batch_slice`` seconds. None: never. A call
-        that may touch more than ``long_call_rows`` rows (``Method.rows``) goes to the
-        session's ``run_long``."""
+        checkpoint): a batch takes one every ``batch_slice`` seconds. None: never. A
+        repository call that may touch more than ``long_call_rows`` rows (``Method.rows``),
+        or whose params are longer than ``long_call_bytes``, goes to the session's
+        ``run_long``."""
         self.methods = dict(METHODS if methods is None else methods)
         self.batch_slice = batch_slice
         self.long_call_rows = long_call_rows
+        self.long_call_bytes = long_call_bytes
+        self._bulk_params_bytes = min(_BULK_PARAMS_BYTES, long_call_bytes)
         self._turn = turn
         self._decoders = {m.name: msgspec.json.Decoder(m.params) for m in self.methods.values()}
         self._routes = {name: self._route(m) for name, m in self.methods.items()}
@@ -272,13 +277,17 @@ class Dispatcher:
         access = method.access
         if access is _SESSION and method.now is None:
             return NOT_NOW
-        if method.rows is not None and len(envelope.params) > _BULK_PARAMS_BYTES:
+        size = len(envelope.params)
+        if method.rows is None:
+            if size > self.long_call_bytes and access is not _SESSION:
+                return NOT_NOW
+        elif size > self._bulk_params_bytes:
             return NOT_NOW  # decoded once, there, and maybe long
         try:
             params = _decode_params(method.name, self._decoders[method.name], envelope.params)
         except (InvalidParams, ParseError):  # answered by the async path
             return NOT_NOW
-        if method.rows is not None and self._long(method, params):
+        if method.rows is not None and self._long(method, params, size):
             return NOT_NOW
         pending = None
         try:
@@ -349,6 +358,8 @@ class Dispatcher:
                 result = await self._invoke(method, decoder, call)
             except Exception as exc:
                 return Error(*_failure(method, exc))
+            if isinstance(result, msgspec.Raw):  # a page built by SQLite: no copy of it here
+                return Success(result)
             return Success(msgspec.Raw(_ENCODER.encode(result)))
 
         return route
@@ -359,7 +370,7 @@ class Dispatcher:
         if session.aborted and not method.when_aborted:
             raise _aborted(method.name)
         params = _decode_params(method.name, decoder, call.params)
-        if method.rows is not None and self._long(method, params):
+        if method.access is not _SESSION and self._long(method, params, len(call.params)):
             return await session.run_long(method, params)
         if method.access is _READ:
             return session.run_read(method, params)
@@ -367,9 +378,12 @@ class Dispatcher:
             return await session.run_write(method, params)
         return await cast(SessionFn, method.run)(session, params)
 
-    def _long(self, method: Method, params: Any) -> bool:
-        """Whether the call may touch more rows than ``long_call_rows``."""
-        assert method.rows is not None
+    def _long(self, method: Method, params: Any, size: int) -> bool:
+        """Whether a repository call of ``size`` bytes of params may be long."""
+        if size > self.long_call_bytes:
+            return True
+        if method.rows is None:
+            return False
         rows = method.rows(params)
         return rows is None or rows > self.long_call_rows
 

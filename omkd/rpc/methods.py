@@ -153,6 +153,8 @@ def _all_of_the_goal(p: Any) -> None:
 
 
 def _page_rows(p: P.EventQuery) -> int | None:
+    if p.since is not None:  # created_at is in no index: the goal's log is scanned for it
+        return None
     return p.limit if p.tail is None else p.tail
 
 
@@ -202,7 +204,8 @@ _TABLE: tuple[Method, ...] = (
     _repo("task.get", P.TaskId, TaskRecord | None, R, lambda r, p: r.tasks.get(p.task_id),
           "A task, or null."),
     _repo("task.get_by_goal", P.GoalId, list[TaskRecord], R,
-          lambda r, p: r.tasks.get_by_goal(p.goal_id), "A goal's tasks in creation order."),
+          lambda r, p: r.tasks.get_by_goal(p.goal_id), "A goal's tasks in creation order.",
+          rows=_all_of_the_goal),
     _repo("task.update_status", P.TaskUpdateStatus, TaskRecord, W,
           lambda r, p: r.tasks.update_status(p.task_id, p.status), "Set a task's status.", _NF),
     _repo("task.update_task_graph", P.TaskBatch, P.Replaced, W,
@@ -233,7 +236,8 @@ _TABLE: tuple[Method, ...] = (
     _repo("budget.append_checkpoint", P.BudgetAppend, BudgetCheckpoint, W, _budget_append,
           "Record a budget checkpoint (money in cents).", _NF),
     _repo("budget.get_by_goal", P.GoalId, list[BudgetCheckpoint], R,
-          lambda r, p: r.budgets.get_by_goal(p.goal_id), "A goal's checkpoints in order."),
+          lambda r, p: r.budgets.get_by_goal(p.goal_id), "A goal's checkpoints in order.",
+          rows=_all_of_the_goal),
     _repo("budget.delete_by_goal", P.GoalId, P.DeletedCount, W,
           lambda r, p: P.DeletedCount(r.budgets.delete_by_goal(p.goal_id)),
           "Delete a goal's checkpoints.", rows=_all_of_the_goal),
@@ -242,7 +246,7 @@ _TABLE: tuple[Method, ...] = (
           "Register an artifact of a goal.", _NF),
     _repo("artifact.get_by_goal", P.ArtifactQuery, list[ArtifactRecord], R,
           lambda r, p: r.artifacts.get_by_goal(p.goal_id, p.kind),
-          "A goal's artifacts in order, optionally of one kind."),
+          "A goal's artifacts in order, optionally of one kind.", rows=_all_of_the_goal),
     _repo("artifact.delete", P.ArtifactId, P.DeletedFlag, W,
           lambda r, p: P.DeletedFlag(r.artifacts.delete(p.artifact_id)),
           "Delete an artifact; deleted is false if there was none."),
