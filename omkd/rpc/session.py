@@ -26,6 +26,7 @@ memory; one that has not made room within the stall timeout is cut off with a fi
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -81,6 +82,12 @@ class _Subscription:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
+def _encoded(run: RepoFn, repos: Any, params: Any) -> msgspec.Raw:
+    """``run``'s result, encoded as JSON (in the worker thread that runs it)."""
+    result = run(repos, params)
+    return result if isinstance(result, msgspec.Raw) else msgspec.Raw(msgspec.json.encode(result))
+
+
 class Session:
     """One connection's state. Not shared between tasks of other connections."""
 
@@ -131,20 +138,20 @@ class Session:
         there; outside, a write is its own SQLite transaction, in line for the write gate
         like a transaction, and a read runs on a read connection of its own (at most
         ``long_reads`` at once). The call runs to its end once started, even if the
-        connection ends meanwhile."""
+        connection ends meanwhile. Its result comes back encoded (a ``msgspec.Raw``): the
+        thread encodes it, not the event loop (100,000 tasks take ~100 ms)."""
         daemon = self.daemon
+        run = functools.partial(_encoded, cast(RepoFn, method.run))
         tx = self.tx
         if tx is not None:
             try:
-                return await trio.to_thread.run_sync(cast(RepoFn, method.run), tx, params)
+                return await trio.to_thread.run_sync(run, tx, params)
             except db.StorageFailure as exc:
                 self._check_lost(method, exc)
                 raise
         if method.access is Access.READ:
-            return await trio.to_thread.run_sync(
-                cast(RepoFn, method.run), daemon.db, params, limiter=daemon.long_reads
-            )
-        result, committed_events = await daemon.gate.write_long(method, params)
+            return await trio.to_thread.run_sync(run, daemon.db, params, limiter=daemon.long_reads)
+        result, committed_events = await daemon.gate.write_long(method, run, params)
         if committed_events:
             daemon.events_committed()
         return result

@@ -47,7 +47,7 @@ import math
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import trio
 from trio.testing import wait_all_tasks_blocked
@@ -57,7 +57,7 @@ from omkd.rpc.errors import Busy
 
 if TYPE_CHECKING:
     from omkd.config import Config
-    from omkd.rpc.methods import Method, RepoFn
+    from omkd.rpc.methods import Method
 
 __all__ = ["Commit", "WriteGate"]
 
@@ -215,15 +215,18 @@ class WriteGate:
             return await self._lead(method, params)
         return self._alone(method, params)
 
-    async def write_long(self, method: Method, params: Any) -> tuple[Any, bool]:
-        """Run a single write that may take long in a worker thread: in line for the gate
-        like a transaction (it joins no batch, and no batch takes the writes in line behind
-        it), then its own SQLite transaction, while the event loop serves the other
-        connections. Returns (result, whether it committed events). Raises the call's own
-        error, Busy. Once started it runs to its end, even when cancelled."""
+    async def write_long(
+        self, method: Method, run: Callable[[db.Database, Any], Any], params: Any
+    ) -> tuple[Any, bool]:
+        """Run a single write of ``method`` that may take long, ``run(database, params)``,
+        in a worker thread: in line for the gate like a transaction (it joins no batch, and
+        no batch takes the writes in line behind it), then its own SQLite transaction, while
+        the event loop serves the other connections. Returns (result, whether it committed
+        events). Raises the call's own error, Busy. Once started it runs to its end, even
+        when cancelled."""
         await self._take(transaction=True)
         try:
-            result = await trio.to_thread.run_sync(cast("RepoFn", method.run), self.db, params)
+            result = await trio.to_thread.run_sync(run, self.db, params)
         finally:
             self.release()
         self.single_writes += 1
