@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
-from omkd.rpc.dispatch import NOT_NOW, Dispatcher
+from omkd.rpc.dispatch import NOT_NOW, Dispatcher, _success_pieces, _success_raw
+from omkd.rpc.framing import Framing
 from omkd.rpc.methods import METHODS, Method
 from omkd.rpc.session import Session
 from omkd.server import Daemon
@@ -281,6 +283,50 @@ async def test_a_call_with_long_params_runs_in_a_thread(
         await a.call("goal.create", **goal("g2"))  # short: on the event loop
         assert (await a.call("goal.get", goal_id="g1"))["goal_text"] == "x" * 2000
     assert long_calls == ["goal.create"]
+
+
+@pytest.mark.parametrize("framing", [Framing.LENGTH, Framing.LINE])
+async def test_a_long_reply_goes_out_in_pieces_as_the_same_bytes(
+    directory: Path, framing: Framing
+) -> None:
+    # A result past 1 MiB is written as pieces (the envelope's head, the result, its tail),
+    # never copied into one buffer: the client must see the one reply it always saw.
+    async with running_daemon(directory) as daemon:
+        a = await connect(daemon)
+        await a.call("goal.create", **goal("g1"))
+        payload = "p" * 1000
+        for _ in range(3):
+            events = [{"kind": "k", "payload": payload} for _ in range(500)]
+            await a.call("event.append_batch", goal_id="g1", events=events)
+        reader = await RawClient.connect(daemon.config.socket_path, framing)
+        _open.append(reader)
+        request = {"jsonrpc": "2.0", "id": "page", "method": "event.get_by_goal",
+                   "params": {"goal_id": "g1"}}  # fmt: skip
+        await reader.send(request)
+        raw = await reader.recv_raw()
+        assert raw is not None and len(raw) > 1024 * 1024
+        reply = json.loads(raw)
+        assert reply["id"] == "page" and len(reply["result"]) == 1500
+        assert raw == json.dumps(reply, separators=(",", ":")).encode()  # compact, one message
+        paged = []
+        for after in (0, 500, 1000):
+            paged += await a.call(
+                "event.get_by_goal", goal_id="g1", after_event_id=after, limit=500
+            )
+        assert reply["result"] == paged
+        # In a batch, and followed by a short call on the same connection.
+        await reader.send([request, {"jsonrpc": "2.0", "id": 2, "method": "daemon.ping"}])
+        batch = json.loads(await reader.recv_raw() or b"")
+        assert [r["id"] for r in batch] == ["page", 2] and batch[0]["result"] == paged
+        await reader.send({"jsonrpc": "2.0", "id": 3, "method": "daemon.ping"})
+        assert (await reader.reply())["result"] == "pong"
+
+
+def test_reply_pieces_are_the_reply() -> None:
+    result = msgspec.Raw(b'[{"a":1}]')
+    for id in (b"7", b'"x"', b"null"):
+        pieces = _success_pieces(result, msgspec.Raw(id))
+        assert b"".join(pieces) == _success_raw(result, msgspec.Raw(id))
 
 
 def _request(method: str, params: dict[str, Any]) -> bytes:

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from omkd.rpc.dispatch import NOT_NOW, DeferredReply, encode_error
+from omkd.rpc.dispatch import NOT_NOW, DeferredReply, ReplyPieces, encode_error
 from omkd.rpc.framing import (
     NEED_DATA,
     FrameDecoder,
@@ -45,6 +45,7 @@ from omkd.rpc.framing import (
     Framing,
     NeedData,
     encode_frame,
+    frame_pieces,
 )
 from omkd.rpc.outbox import Outbox
 from omkd.rpc.session import Session
@@ -78,7 +79,9 @@ class _Connection:
         self.outbox = Outbox(config.outbox_bytes)
         self.session = Session(daemon, session_id, self.outbox, self._frame)
         self.sending = trio.Lock()  # one writer on the socket at a time
-        self._held: list[bytes] = []  # replies not sent yet, to go out in one write
+        # Replies not sent yet, to go out in one write (or, past _COALESCE_BYTES, one after
+        # another: a long reply's pieces are never copied into one buffer).
+        self._held: list[bytes | memoryview] = []
         self._held_bytes = 0
         # What the poller read and left to this task (see serve_ready).
         self._handed: bytes | None = None  # a message it did not answer
@@ -164,7 +167,12 @@ class _Connection:
                 # waits for the COMMIT: the order of replies holds.
                 reply.commit.when_done(functools.partial(self._send_deferred, reply))
                 continue
-            if reply is not None:
+            if isinstance(reply, ReplyPieces):
+                framing = self.decoder.framing or Framing.LENGTH
+                pieces = frame_pieces(framing, reply.pieces)
+                self._held.extend(pieces)
+                self._held_bytes += sum(len(piece) for piece in pieces)
+            elif reply is not None:
                 self._held.append(self._frame(reply))
                 self._held_bytes += len(self._held[-1])
             # Pipelined calls inside a transaction never wait (the session holds the write
@@ -254,10 +262,14 @@ class _Connection:
         """Send the replies held back; False if the client is gone, or stalled (logged)."""
         if not self._held:
             return True
-        frames = b"".join(self._held)
-        self._held.clear()
+        held = self._held
+        frames = [b"".join(held)] if self._held_bytes <= _COALESCE_BYTES else _coalesced(held)
+        held.clear()
         self._held_bytes = 0
-        if await self._reply(frames):
+        for frame in frames:
+            if not await self._reply(frame):
+                break
+        else:
             return True
         if self._gone:  # it closed its end without waiting for the replies: its own business
             log.debug("session %d: client gone before its replies were sent", self.session.id)
@@ -296,7 +308,7 @@ class _Connection:
             except BlockingIOError:
                 continue
 
-    async def _reply(self, frame: bytes) -> bool:
+    async def _reply(self, frame: bytes | memoryview) -> bool:
         """Send or queue a reply; False if the client did not take it within the stall
         timeout (or is gone)."""
         if self.outbox.queued_bytes or self.sending.locked():
@@ -321,7 +333,7 @@ class _Connection:
         finally:
             self.sending.release()
 
-    def _write_now(self, frame: bytes) -> int | None:
+    def _write_now(self, frame: bytes | memoryview) -> int | None:
         """Write what the socket's buffer takes of ``frame``; None if the client is gone."""
         try:
             return os.write(self.fd, frame)
@@ -399,6 +411,24 @@ class _Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             log.debug("session %d: peer stopped reading", self.session.id)
         cancel_scope.cancel()  # all sent, or the peer is gone: end the connection's tasks
+
+
+def _coalesced(pieces: list[bytes | memoryview]) -> list[bytes | memoryview]:
+    """``pieces`` with each run of short ones joined; a long one (a long reply's result) is
+    left as it is, not copied."""
+    frames: list[bytes | memoryview] = []
+    run: list[bytes | memoryview] = []
+    for piece in pieces:
+        if len(piece) <= _COALESCE_BYTES:
+            run.append(piece)
+            continue
+        if run:
+            frames.append(b"".join(run))
+            run = []
+        frames.append(piece)
+    if run:
+        frames.append(b"".join(run))
+    return frames
 
 
 async def serve_connection(daemon: Daemon, stream: trio.SocketStream, session_id: int) -> None:

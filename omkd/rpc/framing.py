@@ -22,7 +22,15 @@ import enum
 import struct
 from typing import Final
 
-__all__ = ["NEED_DATA", "FrameDecoder", "FrameTooLarge", "Framing", "NeedData", "encode_frame"]
+__all__ = [
+    "NEED_DATA",
+    "FrameDecoder",
+    "FrameTooLarge",
+    "Framing",
+    "NeedData",
+    "encode_frame",
+    "frame_pieces",
+]
 
 DEFAULT_MAX_MESSAGE_BYTES: Final = 16 * 1024 * 1024
 _PREFIX: Final = struct.Struct(">I")
@@ -64,6 +72,15 @@ def encode_frame(framing: Framing, message: bytes) -> bytes:
     if framing is _LINE:
         return message + b"\n"
     return _PREFIX.pack(len(message)) + message
+
+
+def frame_pieces(
+    framing: Framing, pieces: tuple[bytes | memoryview, ...]
+) -> tuple[bytes | memoryview, ...]:
+    """``encode_frame`` of the message made of ``pieces``, as pieces: nothing copied."""
+    if framing is _LINE:
+        return (*pieces, b"\n")
+    return (_PREFIX.pack(sum(len(piece) for piece in pieces)), *pieces)
 
 
 class FrameDecoder:

@@ -19,7 +19,7 @@ __all__ = ["Outbox"]
 class Outbox:
     def __init__(self, limit_bytes: int) -> None:
         self.limit_bytes = limit_bytes
-        self._frames: deque[bytes] = deque()
+        self._frames: deque[bytes | memoryview] = deque()
         self._bytes = 0
         self._closed = False
         self._readers = trio.lowlevel.ParkingLot()
@@ -37,13 +37,13 @@ class Outbox:
         # An empty outbox takes any frame, however large: a reply is never refused for size.
         return self._bytes >= self.limit_bytes and bool(self._frames)
 
-    async def put(self, frame: bytes) -> None:
+    async def put(self, frame: bytes | memoryview) -> None:
         """Queue ``frame``, waiting while the outbox is full. Raises ClosedResourceError."""
         while self._full() and not self._closed:
             await self._writers.park()
         self.force(frame)
 
-    async def put_before(self, frame: bytes, timeout: float) -> bool:
+    async def put_before(self, frame: bytes | memoryview, timeout: float) -> bool:
         """Queue ``frame`` if room comes within ``timeout`` seconds; False if it did not."""
         if not self._full():
             # Room now: no deadline to arm (a cancel scope per reply showed in profiles).
@@ -54,7 +54,7 @@ class Outbox:
             return True
         return False
 
-    def force(self, frame: bytes) -> None:
+    def force(self, frame: bytes | memoryview) -> None:
         """Queue ``frame`` now, past the bound if need be. Raises ClosedResourceError."""
         if self._closed:
             raise trio.ClosedResourceError("the connection is closing")
