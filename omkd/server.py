@@ -166,6 +166,9 @@ async def _serve_until_signalled(config: Config) -> int:
             if open_transactions:
                 log.info("rolling back %d open transactions", open_transactions)
             nursery.cancel_scope.cancel()
+            # A long read in a worker thread would hold the stop up until it ends (a page of
+            # a goal's whole log: seconds); a write, outside a transaction, is let finish.
+            daemon.db.interrupt_reads()
     log.info("stopped")
     return 0
 

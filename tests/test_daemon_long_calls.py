@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import msgspec
 import pytest
 import trio
 
+from omkd import db
 from omkd.rpc.dispatch import NOT_NOW, Dispatcher, _success_pieces, _success_raw
 from omkd.rpc.framing import Framing
 from omkd.rpc.methods import METHODS, Method
@@ -35,18 +37,19 @@ WAIT = 10.0  # seconds; only reached when a test is about to fail
 class Held:
     """A method of the table that, in whatever thread runs it, waits for ``release``."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, then: Callable[[Any, Any], Any] | None = None) -> None:
         self.started = threading.Event()
         self.release = threading.Event()
         self.threads: list[threading.Thread] = []
         original = METHODS[name]
+        after = original.run if then is None else then
 
         def run(repos: Any, params: Any) -> Any:
             self.threads.append(threading.current_thread())
             self.started.set()
             if not self.release.wait(WAIT):
                 raise AssertionError(f"{name} was never released")
-            return original.run(repos, params)
+            return after(repos, params)
 
         self.method: Method = dataclasses.replace(original, run=run)
 
@@ -54,8 +57,8 @@ class Held:
         assert await trio.to_thread.run_sync(self.started.wait, WAIT)
 
 
-def hold(daemon: Daemon, name: str) -> Held:
-    held = Held(name)
+def hold(daemon: Daemon, name: str, then: Callable[[Any, Any], Any] | None = None) -> Held:
+    held = Held(name, then)
     methods = dict(daemon.dispatcher.methods, **{name: held.method})
     daemon.dispatcher = Dispatcher(
         methods, turn=trio.lowlevel.checkpoint, long_call_rows=daemon.config.long_call_rows
@@ -217,6 +220,27 @@ async def test_a_long_read_runs_in_a_thread_and_others_read_meanwhile(daemon: Da
     short = await b.call("event.get_by_goal", goal_id="g1", limit=2)
     assert [e["payload"] for e in short] == [0, 1]
     assert len(held.threads) == 2 and held.threads[1] is threading.main_thread()
+
+
+async def test_a_long_read_interrupted_as_the_daemon_stops_ends_quietly(
+    directory: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Stopping, the daemon cancels every connection, then interrupts the reads running in
+    # worker threads (Database.interrupt_reads): such a read raises Interrupted, which is
+    # the stop going on, not an internal error to log.
+    def interrupted(repos: Any, params: Any) -> Any:
+        raise db.Interrupted("the statement was interrupted: interrupted")
+
+    async with running_daemon(directory) as daemon:
+        held = hold(daemon, "event.get_by_goal", interrupted)
+        reader = await connect(daemon)
+        await reader.send({"jsonrpc": "2.0", "id": 1, "method": "event.get_by_goal",
+                           "params": {"goal_id": "g1"}})  # fmt: skip
+        await held.wait_started()
+        threading.Timer(0.5, held.release.set).start()  # once the daemon is being stopped
+    assert held.release.is_set()
+    assert "internal error" not in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_every_bulk_method_down_the_thread_path(

@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +22,11 @@ from omkd.db import (
     Conflict,
     Database,
     DatabaseClosed,
+    DbError,
     EventInput,
     GoalNotFound,
     GoalRecord,
+    Interrupted,
     InvalidData,
     StorageFailure,
     TaskRecord,
@@ -305,6 +308,39 @@ def test_a_read_inside_a_read_of_the_same_thread(db: Database, make_goal: MakeGo
         release.set()
         holder.join(WAIT)
     assert not db._read_lock.locked()
+
+
+ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c"
+
+
+@pytest.mark.parametrize("on_a_spare", [False, True])
+def test_interrupt_reads_ends_the_reads_running_in_other_threads(
+    db: Database, on_a_spare: bool
+) -> None:
+    # The daemon, stopping, interrupts its long reads rather than wait for their end.
+    errors: list[BaseException] = []
+
+    def endless_read() -> None:
+        try:
+            with _DatabaseScope(db).read() as conn:
+                conn.scalar(ENDLESS)
+        except DbError as exc:
+            errors.append(exc)
+
+    release, holder = _hold_a_read(db) if on_a_spare else (None, None)
+    reader = threading.Thread(target=endless_read)
+    reader.start()
+    deadline = time.monotonic() + WAIT
+    while reader.is_alive() and time.monotonic() < deadline:
+        db.interrupt_reads()  # (until the statement has begun: before, it is a no-op)
+        reader.join(0.01)
+    assert not reader.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], Interrupted)
+    if release is not None and holder is not None:
+        assert len(db._spares_in_use) == 0  # the endless read's spare came back
+        release.set()
+        holder.join(WAIT)
+    assert db.goals.list() == []  # reads begun afterwards run
 
 
 def test_a_second_handle_reads_while_a_transaction_is_open(

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -207,6 +208,7 @@ class Database(_Repositories):
         self._write_owner: int | None = None  # the thread holding it (threading.get_ident)
         self._read_lock = threading.Lock()
         self._spare_readers: list[Conn] = []  # idle ones; those in use are their thread's
+        self._spares_in_use: set[Conn] = set()
         self._spare_lock = threading.Lock()
         self._local = threading.local()  # .reads: the connections this thread reads on
         self._checkpointer: Conn | None = None  # opened by the first checkpoint_concurrently
@@ -375,6 +377,18 @@ class Database(_Repositories):
         if not self._closed:
             self._writer.raw.interrupt()
 
+    def interrupt_reads(self) -> None:
+        """Interrupt the reads running outside a transaction, in any thread (each raises
+        Interrupted); reads begun afterwards run as usual. (The daemon, stopping, ends its
+        long reads so.)"""
+        with self._spare_lock:
+            if self._closed:
+                return
+            conns = [self._reader, *self._spares_in_use]
+            for conn in conns:
+                with contextlib.suppress(sqlite3.ProgrammingError):  # closed meanwhile
+                    conn.raw.interrupt()
+
     def close(self) -> None:
         """Roll back an open Transaction, then close both connections. Idempotent."""
         if self._closed:
@@ -453,17 +467,22 @@ class Database(_Repositories):
         with self._spare_lock:
             self._check_open()
             if self._spare_readers:
-                return self._spare_readers.pop()
+                conn = self._spare_readers.pop()
+                self._spares_in_use.add(conn)
+                return conn
         conn = connect(str(self._path))
         try:
             _configure(conn, busy_timeout_ms=self._busy_timeout_ms, synchronous=None)
         except BaseException:
             conn.close()
             raise
+        with self._spare_lock:
+            self._spares_in_use.add(conn)
         return conn
 
     def _return_spare_reader(self, conn: Conn) -> None:
         with self._spare_lock:
+            self._spares_in_use.discard(conn)
             if not self._closed and len(self._spare_readers) < MAX_IDLE_SPARE_READERS:
                 self._spare_readers.append(conn)
                 return

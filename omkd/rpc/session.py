@@ -150,7 +150,15 @@ class Session:
                 self._check_lost(method, exc)
                 raise
         if method.access is Access.READ:
-            return await trio.to_thread.run_sync(run, daemon.db, params, limiter=daemon.long_reads)
+            try:
+                return await trio.to_thread.run_sync(
+                    run, daemon.db, params, limiter=daemon.long_reads
+                )
+            except db.Interrupted:
+                # The daemon is stopping (Database.interrupt_reads, after cancelling every
+                # connection): no reply, no error; the cancellation goes on from here.
+                await trio.lowlevel.checkpoint()
+                raise
         result, committed_events = await daemon.gate.write_long(method, run, params)
         if committed_events:
             daemon.events_committed()
