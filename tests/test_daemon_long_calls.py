@@ -84,6 +84,20 @@ async def daemon(directory: Path) -> AsyncIterator[Daemon]:
         yield d
 
 
+@pytest.fixture
+def long_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The methods of the calls that go to ``Session.run_long``, in order."""
+    names: list[str] = []
+    run_long = Session.run_long
+
+    async def counted(session: Session, method: Method, params: Any) -> Any:
+        names.append(method.name)
+        return await run_long(session, method, params)
+
+    monkeypatch.setattr(Session, "run_long", counted)
+    return names
+
+
 async def connect(daemon: Daemon) -> RawClient:
     client = await RawClient.connect(daemon.config.socket_path)
     _open.append(client)
@@ -244,17 +258,9 @@ async def test_a_long_read_interrupted_as_the_daemon_stops_ends_quietly(
 
 
 async def test_every_bulk_method_down_the_thread_path(
-    directory: Path, monkeypatch: pytest.MonkeyPatch
+    directory: Path, long_calls: list[str]
 ) -> None:
     # long_call_rows 0: every call that has a row count at all runs in a thread.
-    long_calls: list[str] = []
-    run_long = Session.run_long
-
-    async def counted(session: Session, method: Method, params: Any) -> Any:
-        long_calls.append(method.name)
-        return await run_long(session, method, params)
-
-    monkeypatch.setattr(Session, "run_long", counted)
     async with running_daemon(directory, long_call_rows=0) as daemon:
         a, watcher = await connect(daemon), await connect(daemon)
         await a.call("goal.create", **goal("g1"))
@@ -290,16 +296,8 @@ async def test_every_bulk_method_down_the_thread_path(
 
 
 async def test_a_call_with_long_params_runs_in_a_thread(
-    directory: Path, monkeypatch: pytest.MonkeyPatch
+    directory: Path, long_calls: list[str]
 ) -> None:
-    long_calls: list[str] = []
-    run_long = Session.run_long
-
-    async def counted(session: Session, method: Method, params: Any) -> Any:
-        long_calls.append(method.name)
-        return await run_long(session, method, params)
-
-    monkeypatch.setattr(Session, "run_long", counted)
     async with running_daemon(directory, long_call_bytes=1000) as daemon:
         a = await connect(daemon)
         created = await a.call("goal.create", **goal("g1", goal_text="x" * 2000))
