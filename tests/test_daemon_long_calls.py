@@ -90,9 +90,11 @@ def long_calls(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     names: list[str] = []
     run_long = Session.run_long
 
-    async def counted(session: Session, method: Method, params: Any) -> Any:
+    async def counted(
+        session: Session, method: Method, params: Any, decode: Callable[[], Any] | None = None
+    ) -> Any:
         names.append(method.name)
-        return await run_long(session, method, params)
+        return await run_long(session, method, params, decode)
 
     monkeypatch.setattr(Session, "run_long", counted)
     return names
@@ -304,7 +306,15 @@ async def test_a_call_with_long_params_runs_in_a_thread(
         assert created["goal_text"] == "x" * 2000
         await a.call("goal.create", **goal("g2"))  # short: on the event loop
         assert (await a.call("goal.get", goal_id="g1"))["goal_text"] == "x" * 2000
-    assert long_calls == ["goal.create"]
+        # Decoded in the thread too: bad params still answer -32602 naming the field.
+        bad = goal("g3", goal_text="y" * 2000)
+        del bad["project_dir"]
+        error = await a.error("goal.create", **bad)
+        assert error["code"] == ErrorCode.INVALID_PARAMS
+        assert error["data"]["field"] == "project_dir"
+        assert error["data"]["method"] == "goal.create"
+        assert await a.call("goal.get", goal_id="g3") is None
+    assert long_calls == ["goal.create", "goal.create"]
 
 
 @pytest.mark.parametrize("framing", [Framing.LENGTH, Framing.LINE])

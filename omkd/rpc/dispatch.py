@@ -34,6 +34,7 @@ internal error that says nothing of the daemon's insides.
 from __future__ import annotations
 
 import enum
+import functools
 import logging
 import re
 import time
@@ -119,7 +120,9 @@ class DispatchSession(SessionLike, Protocol):
 
     async def run_write(self, method: Method, params: Any) -> Any: ...
 
-    async def run_long(self, method: Method, params: Any) -> Any: ...
+    async def run_long(
+        self, method: Method, params: Any, decode: Callable[[], Any] | None = None
+    ) -> Any: ...
 
     def pending_commit(self) -> PendingCommit | None: ...
 
@@ -396,8 +399,13 @@ class Dispatcher:
         # Before the params: an aborted session answers -32012 whatever they are.
         if session.aborted and not method.when_aborted:
             raise _aborted(method.name)
+        size = len(call.params)
+        if method.access is not _SESSION and size > self.long_call_bytes:
+            # Long params: decoded in the worker thread too, not on the event loop.
+            decode = functools.partial(_decode_params, method.name, decoder, call.params)
+            return await session.run_long(method, None, decode)
         params = _decode_params(method.name, decoder, call.params)
-        if method.access is not _SESSION and self._long(method, params, len(call.params)):
+        if method.access is not _SESSION and self._long(method, params, size):
             return await session.run_long(method, params)
         if method.access is _READ:
             return session.run_read(method, params)

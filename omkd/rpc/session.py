@@ -31,6 +31,7 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -82,8 +83,11 @@ class _Subscription:
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
 
 
-def _encoded(run: RepoFn, repos: Any, params: Any) -> msgspec.Raw:
-    """``run``'s result, encoded as JSON (in the worker thread that runs it)."""
+def _encoded(run: RepoFn, decode: Callable[[], Any] | None, repos: Any, params: Any) -> msgspec.Raw:
+    """``run``'s result, encoded as JSON (in the worker thread that runs it); the params
+    from ``decode()`` when given."""
+    if decode is not None:
+        params = decode()
     result = run(repos, params)
     return result if isinstance(result, msgspec.Raw) else msgspec.Raw(msgspec.json.encode(result))
 
@@ -132,16 +136,20 @@ class Session:
         self._pending = pending
         return result
 
-    async def run_long(self, method: Method, params: Any) -> Any:
+    async def run_long(
+        self, method: Method, params: Any, decode: Callable[[], Any] | None = None
+    ) -> Any:
         """Run a read or a write that may take long in a worker thread; the event loop
         serves the other connections meanwhile. Inside the session's transaction it runs
         there; outside, a write is its own SQLite transaction, in line for the write gate
         like a transaction, and a read runs on a read connection of its own (at most
         ``long_reads`` at once). The call runs to its end once started, even if the
         connection ends meanwhile. Its result comes back encoded (a ``msgspec.Raw``): the
-        thread encodes it, not the event loop (100,000 tasks take ~100 ms)."""
+        thread encodes it, not the event loop (100,000 tasks take ~100 ms). With ``decode``,
+        the thread decodes the params too (``params`` is then unused): long params (15 MB
+        of events) are decoded there, not on the event loop."""
         daemon = self.daemon
-        run = functools.partial(_encoded, cast(RepoFn, method.run))
+        run = functools.partial(_encoded, cast(RepoFn, method.run), decode)
         tx = self.tx
         if tx is not None:
             try:
