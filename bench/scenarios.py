@@ -693,16 +693,9 @@ def backup_under_writers(bench: Bench) -> None:
 
     def measure(mode: str, target: Path, backup: Callable[[], None]) -> None:
         stop.unlink(missing_ok=True)
-
-        def during() -> tuple[int, int]:
-            time.sleep(sizes.backup_before_s)
-            begin = time.monotonic_ns()
-            backup()
-            end = time.monotonic_ns()
-            time.sleep(BACKUP_SETTLE_S)
-            stop.touch()
-            return begin, end
-
+        during = functools.partial(
+            _beside_writers, backup, sizes.backup_before_s, BACKUP_SETTLE_S, stop
+        )
         calls, (begin, end) = run_writers(
             bench, mode, target, goals, until_file=stop, during=during
         )
@@ -728,6 +721,21 @@ def backup_under_writers(bench: Bench) -> None:
             measure("omkd", daemon.socket_path, lambda: raw.call("db.backup", {"dest": str(dest)}))
         bench.progress(f"direct online backup under direct writers (repetition {rep + 1})")
         measure("direct", bench.big_db, lambda: _online_backup(bench.big_db, dest))
+
+
+def _beside_writers(
+    call: Callable[[], object], before_s: float, after_s: float, stop: Path
+) -> tuple[int, int]:
+    """What runs while ``run_writers``'s writers write (until ``stop`` appears): ``call``
+    after ``before_s``, then ``after_s`` more; returns when ``call`` began and ended (ns).
+    (The caller removes ``stop`` before starting the writers.)"""
+    time.sleep(before_s)
+    begin = time.monotonic_ns()
+    call()
+    end = time.monotonic_ns()
+    time.sleep(after_s)
+    stop.touch()
+    return begin, end
 
 
 def _online_backup(source: Path, dest: Path) -> None:
@@ -781,16 +789,7 @@ def long_read(bench: Bench) -> None:
 
     def measure(mode: str, target: Path, read: Callable[[], object], into: dict[str, Row]) -> None:
         stop.unlink(missing_ok=True)
-
-        def during() -> tuple[int, int]:
-            time.sleep(LONG_READ_LEAD_S)
-            begin = time.monotonic_ns()
-            read()
-            end = time.monotonic_ns()
-            time.sleep(LONG_READ_LEAD_S)
-            stop.touch()
-            return begin, end
-
+        during = functools.partial(_beside_writers, read, LONG_READ_LEAD_S, LONG_READ_LEAD_S, stop)
         calls, (begin, end) = run_writers(
             bench, mode, target, ["w0"], until_file=stop, during=during
         )

@@ -94,9 +94,6 @@ class ReplyPieces:
     def __init__(self, pieces: tuple[bytes | memoryview, ...]) -> None:
         self.pieces = pieces
 
-    def __len__(self) -> int:
-        return sum(len(piece) for piece in self.pieces)
-
     def join(self) -> bytes:
         return b"".join(self.pieces)
 
@@ -314,7 +311,7 @@ class Dispatcher:
             params = _decode_params(method.name, self._decoders[method.name], envelope.params)
         except (InvalidParams, ParseError):  # answered by the async path
             return NOT_NOW
-        if method.rows is not None and self._long(method, params, size):
+        if method.rows is not None and self._long(method, params):
             return NOT_NOW
         pending = None
         try:
@@ -405,7 +402,7 @@ class Dispatcher:
             decode = functools.partial(_decode_params, method.name, decoder, call.params)
             return await session.run_long(method, None, decode)
         params = _decode_params(method.name, decoder, call.params)
-        if method.access is not _SESSION and self._long(method, params, size):
+        if method.rows is not None and self._long(method, params):
             return await session.run_long(method, params)
         if method.access is _READ:
             return session.run_read(method, params)
@@ -413,12 +410,10 @@ class Dispatcher:
             return await session.run_write(method, params)
         return await cast(SessionFn, method.run)(session, params)
 
-    def _long(self, method: Method, params: Any, size: int) -> bool:
-        """Whether a repository call of ``size`` bytes of params may be long."""
-        if size > self.long_call_bytes:
-            return True
-        if method.rows is None:
-            return False
+    def _long(self, method: Method, params: Any) -> bool:
+        """Whether a call of a method with ``rows`` may touch more than ``long_call_rows``
+        (its params' length the callers check first)."""
+        assert method.rows is not None
         rows = method.rows(params)
         return rows is None or rows > self.long_call_rows
 
