@@ -40,6 +40,7 @@ GC_THRESHOLD_MAX: Final = 2**31 - 1
 BATCH_SLICE_S: Final = 0.002  # the default of batch_slice (also the Dispatcher's)
 LONG_CALL_ROWS: Final = 1000  # the default of long_call_rows (also the Dispatcher's)
 LONG_CALL_BYTES: Final = 256 * 1024  # the default of long_call_bytes (also the Dispatcher's)
+LONG_CALL_S: Final = 0.01  # the default of long_call_seconds (also the Dispatcher's)
 
 
 class ConfigError(Exception):
@@ -103,6 +104,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Bytes of params past which a call runs in a worker thread too, whatever its rows: an
     # event.append_batch of 1,000 events of 15 KB held the event loop 330 ms.
     long_call_bytes: int = LONG_CALL_BYTES
+    # Seconds a page or list under long_call_rows may read on the event loop before it is
+    # stopped and run again in a worker thread: its rows do not tell its bytes (a page of
+    # 1,000 events of 15 KB, 15 MB, took 75 ms). A page of 1,000 small events takes 2-5 ms.
+    long_call_seconds: float = LONG_CALL_S
     # Long reads outside a transaction that run at once, each in a thread and on a read
     # connection of its own (long writes take the write lock: one at a time).
     long_reads: int = 4
@@ -146,6 +151,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "batch_slice",
             "long_call_rows",
             "long_call_bytes",
+            "long_call_seconds",
         ):
             if not getattr(self, name) >= 0:  # (NaN too)
                 raise ValueError(f"{name} must not be negative")

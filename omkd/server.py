@@ -69,6 +69,7 @@ class Daemon:
             turn=trio.lowlevel.checkpoint,
             long_call_rows=config.long_call_rows,
             long_call_bytes=config.long_call_bytes,
+            long_call_seconds=config.long_call_seconds,
         )
         self.gate = WriteGate(database, config)
         self.long_reads = trio.CapacityLimiter(config.long_reads)

@@ -66,6 +66,7 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
         ("long_reads = 0", "long_reads must be at least 1"),
         ("long_call_rows = -1", "long_call_rows must not be negative"),
         ("long_call_bytes = -1", "long_call_bytes must not be negative"),
+        ("long_call_seconds = -0.5", "long_call_seconds must not be negative"),
         ("gc_threshold = 2147483648", "gc_threshold must be at most 2147483647"),
         ("this is not toml", "not valid TOML"),
     ],

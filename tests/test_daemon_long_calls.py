@@ -297,6 +297,41 @@ async def test_every_bulk_method_down_the_thread_path(
         assert daemon.gate.single_writes >= 9
 
 
+async def test_a_page_past_its_time_limit_on_the_loop_runs_again_in_a_thread(
+    directory: Path, long_calls: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A page within long_call_rows may still be long in bytes (1,000 events of 15 KB): on
+    # the event loop it is stopped past long_call_seconds, then run in a thread; 0 s stops
+    # any page of more than a few rows at the first look.
+    limited: list[float | None] = []
+    run_read = Session.run_read
+
+    def counted(session: Session, method: Method, params: Any, limit: Any = None) -> Any:
+        limited.append(limit)
+        return run_read(session, method, params, limit)
+
+    monkeypatch.setattr(Session, "run_read", counted)
+    async with running_daemon(directory, long_call_seconds=0) as daemon:
+        a = await connect(daemon)
+        await with_events(a, "g1", 300)
+        limited.clear()
+        page = await a.call("event.get_by_goal", goal_id="g1", limit=300)
+        assert [e["payload"] for e in page] == list(range(300))
+        # Stopped once on the loop (answer_now), then run in a thread, not on the loop again.
+        assert long_calls == ["event.get_by_goal"] and limited == [0]
+        params = {"goal_id": "g1", "after_event_id": 100, "limit": 300}
+        await a.send([{"jsonrpc": "2.0", "id": 1, "method": "event.get_by_goal", "params": params}])
+        in_a_batch = json.loads(await a.recv_raw() or b"")
+        assert [e["payload"] for e in in_a_batch[0]["result"]] == list(range(100, 300))
+        assert long_calls == ["event.get_by_goal"] * 2 and limited == [0, 0]
+        # A goal's row is no page: no limit. In a transaction a read runs on the transaction.
+        assert (await a.call("goal.get", goal_id="g1"))["goal_id"] == "g1"
+        await a.call("tx.begin")
+        assert len(await a.call("event.get_by_goal", goal_id="g1", limit=300)) == 300
+        await a.call("tx.rollback")
+        assert long_calls == ["event.get_by_goal"] * 2 and limited == [0, 0, None, 0]
+
+
 async def test_a_call_with_long_params_runs_in_a_thread(
     directory: Path, long_calls: list[str]
 ) -> None:
@@ -369,11 +404,12 @@ class _Session:
     """Enough of a session for answer_now to tell what it would run now."""
 
     aborted = False
+    long_read_next = False
 
     def settled(self) -> bool:
         return True
 
-    def run_read(self, method: Method, params: Any) -> str:
+    def run_read(self, method: Method, params: Any, time_limit: float | None = None) -> str:
         return "read now"
 
     def write_now(self, method: Method, params: Any) -> tuple[str, None]:

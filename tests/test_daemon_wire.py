@@ -258,8 +258,9 @@ class _NullSession:
     """A session for the bare dispatcher: reads and writes answer from nothing."""
 
     aborted = False
+    long_read_next = False
 
-    def run_read(self, method: object, params: object) -> None:
+    def run_read(self, method: object, params: object, time_limit: object = None) -> None:
         return None
 
     async def run_write(self, method: object, params: object) -> None:

@@ -30,6 +30,7 @@ from omkd.db import (
     InvalidData,
     StorageFailure,
     TaskRecord,
+    TimeLimitExceeded,
     TransactionClosed,
     backup_database,
     check_database,
@@ -341,6 +342,53 @@ def test_interrupt_reads_ends_the_reads_running_in_other_threads(
         release.set()
         holder.join(WAIT)
     assert db.goals.list() == []  # reads begun afterwards run
+
+
+def test_a_read_past_its_time_limit_stops_and_the_next_runs_whole(db: Database) -> None:
+    # The daemon's event loop reads under a limit, and runs a read that passes it in a thread.
+    with db.time_limit(0.05):
+        started = time.monotonic()
+        with pytest.raises(TimeLimitExceeded) as stopped, _DatabaseScope(db).read() as conn:
+            conn.scalar(ENDLESS)
+        assert time.monotonic() - started < WAIT
+        assert stopped.value.data == {"seconds": 0.05}
+        assert db.goals.list() == []  # the limit is each read's, not the block's
+    # Outside the block no limit is left on the connection: a read of 0.1 s runs to its end.
+    with _DatabaseScope(db).read() as conn:
+        assert conn.scalar(ENDLESS.replace("FROM c)", "FROM c WHERE x < 300000)")) == 300_000
+
+
+def test_a_time_limit_is_its_threads_and_its_blocks(db: Database) -> None:
+    outcomes: list[object] = []
+
+    def endless_read() -> None:
+        try:
+            with _DatabaseScope(db).read() as conn:
+                conn.scalar(ENDLESS)
+        except DbError as exc:
+            outcomes.append(exc)
+
+    with db.time_limit(0.01):
+        with db.time_limit(60):  # an inner block's limit, then the outer's again
+            assert db.goals.list() == []
+        with pytest.raises(TimeLimitExceeded), _DatabaseScope(db).read() as conn:
+            conn.scalar(ENDLESS)
+        other = threading.Thread(target=endless_read)  # no limit in another thread
+        other.start()
+        other.join(0.5)
+        assert other.is_alive()
+    db.interrupt_reads()
+    other.join(WAIT)
+    assert len(outcomes) == 1 and type(outcomes[0]) is Interrupted
+
+
+def test_an_interrupted_read_under_a_time_limit_is_interrupted(db: Database) -> None:
+    # Stopping the daemon interrupts the reads; one under a limit not passed says so.
+    timer = threading.Timer(0.2, db.interrupt_reads)
+    timer.start()
+    with db.time_limit(60), pytest.raises(Interrupted), _DatabaseScope(db).read() as conn:
+        conn.scalar(ENDLESS)
+    timer.join()
 
 
 def test_a_second_handle_reads_while_a_transaction_is_open(

@@ -19,6 +19,7 @@ from omkd.db.errors import (
     SchemaTooNew,
     StorageFailure,
     TaskNotFound,
+    TimeLimitExceeded,
     TransactionClosed,
     VersionConflict,
 )
@@ -62,6 +63,7 @@ __all__ = [
     "StorageFailure",
     "TaskNotFound",
     "TaskRecord",
+    "TimeLimitExceeded",
     "Transaction",
     "TransactionClosed",
     "VersionConflict",

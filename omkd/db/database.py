@@ -29,6 +29,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
@@ -43,8 +44,10 @@ from omkd.db.errors import (
     Busy,
     DatabaseClosed,
     DbError,
+    Interrupted,
     InvalidData,
     StorageFailure,
+    TimeLimitExceeded,
     TransactionClosed,
 )
 from omkd.db.events import EventRepository
@@ -58,6 +61,11 @@ __all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "backup_database", "mig
 
 BUSY_TIMEOUT_MS = 5000
 """How long SQLite waits for a lock held by another process before answering Busy."""
+
+# SQLite VM steps between two looks at a read's time limit (``Database.time_limit``): a look
+# costs a Python call, ~0.3 µs; 1,000 steps are ~50 rows of a page of small events, or ~15
+# ms of a page of 15 KB ones.
+TIME_LIMIT_STEPS: Final = 1000
 
 MAX_IDLE_SPARE_READERS = 4
 """Spare reader connections kept open once their read ended (more are closed then)."""
@@ -210,7 +218,8 @@ class Database(_Repositories):
         self._spare_readers: list[Conn] = []  # idle ones; those in use are their thread's
         self._spares_in_use: set[Conn] = set()
         self._spare_lock = threading.Lock()
-        self._local = threading.local()  # .reads: the connections this thread reads on
+        # .reads: the connections this thread reads on (with their limits); .time_limit
+        self._local = threading.local()
         self._checkpointer: Conn | None = None  # opened by the first checkpoint_concurrently
         self._checkpoint_lock = threading.Lock()
         self._busy_timeout_ms = busy_timeout_ms
@@ -389,6 +398,13 @@ class Database(_Repositories):
                 with contextlib.suppress(sqlite3.ProgrammingError):  # closed meanwhile
                     conn.raw.interrupt()
 
+    def time_limit(self, seconds: float) -> AbstractContextManager[None]:
+        """In this block, on this thread, each read made outside a transaction stops with
+        TimeLimitExceeded once it has run ``seconds`` (SQLite looks every
+        ``TIME_LIMIT_STEPS`` steps of its statement). For a caller that would rather run a
+        long read elsewhere than wait for it here (the daemon's event loop)."""
+        return _TimeLimit(self._local, seconds)
+
     def close(self) -> None:
         """Roll back an open Transaction, then close both connections. Idempotent."""
         if self._closed:
@@ -514,7 +530,8 @@ class _DatabaseScope:
 
 class _Read:
     """A read call outside a transaction: the reader connection, or a spare one when another
-    thread reads on the reader (or this one does, in a read of its own around this one)."""
+    thread reads on the reader (or this one does, in a read of its own around this one);
+    stopped past the thread's time limit, if it set one (``Database.time_limit``)."""
 
     __slots__ = ("_db",)
 
@@ -531,19 +548,71 @@ class _Read:
         else:
             conn = db._take_spare_reader()
         local = db._local
+        seconds: float | None = getattr(local, "time_limit", None)
+        limit = None if seconds is None else _Limit(conn, seconds)
         try:
-            local.reads.append(conn)
+            local.reads.append((conn, limit))
         except AttributeError:  # this thread's first read
-            local.reads = [conn]
+            local.reads = [(conn, limit)]
         return conn
 
-    def __exit__(self, *exc_info: object) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         db = self._db
-        conn = db._local.reads.pop()  # this thread's innermost read
+        conn, limit = db._local.reads.pop()  # this thread's innermost read
+        passed = limit is not None and limit.stop(conn)
         if conn is db._reader:
             db._read_lock.release()
         else:
             db._return_spare_reader(conn)
+        if passed and isinstance(exc, Interrupted):
+            assert limit is not None
+            raise TimeLimitExceeded(limit.seconds) from exc
+
+
+class _Limit:
+    """One read's time limit, watched from SQLite's progress handler on its connection."""
+
+    __slots__ = ("_deadline", "_passed", "seconds")
+
+    def __init__(self, conn: Conn, seconds: float) -> None:
+        self.seconds = seconds
+        self._deadline = time.perf_counter() + seconds
+        self._passed = False
+        conn.raw.set_progress_handler(self._check, TIME_LIMIT_STEPS)
+
+    def stop(self, conn: Conn) -> bool:
+        """Take the handler off ``conn``; whether the limit stopped the read."""
+        conn.raw.set_progress_handler(None, 0)
+        return self._passed
+
+    def _check(self) -> bool:
+        # SQLite's progress handler: True stops the statement (SQLITE_INTERRUPT).
+        if time.perf_counter() > self._deadline:
+            self._passed = True
+        return self._passed
+
+
+class _TimeLimit:
+    """``Database.time_limit``: sets the thread's limit for the block (restores the outer)."""
+
+    __slots__ = ("_local", "_outer", "_seconds")
+
+    def __init__(self, local: threading.local, seconds: float) -> None:
+        self._local = local
+        self._seconds = seconds
+        self._outer: float | None = None
+
+    def __enter__(self) -> None:
+        self._outer = getattr(self._local, "time_limit", None)
+        self._local.time_limit = self._seconds
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._local.time_limit = self._outer
 
 
 class _OwnTransaction:

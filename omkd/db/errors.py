@@ -27,6 +27,7 @@ __all__ = [
     "SchemaTooNew",
     "StorageFailure",
     "TaskNotFound",
+    "TimeLimitExceeded",
     "TransactionClosed",
     "VersionConflict",
 ]
@@ -144,3 +145,12 @@ class Busy(DbError):
 
 class Interrupted(DbError):
     """The statement was interrupted by ``Database.interrupt()``; nothing of it was written."""
+
+
+class TimeLimitExceeded(DbError):
+    """A read ran past the limit of ``Database.time_limit`` and was stopped; it returned
+    nothing (run it again without the limit, elsewhere)."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the read ran past its time limit of {seconds:g} s", seconds=seconds)
+        self.seconds = seconds

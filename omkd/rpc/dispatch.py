@@ -25,7 +25,9 @@ included, it leaves untouched, as NOT_NOW.
 A call that may be long (``Method.rows`` past ``long_call_rows``: a page of 100,000 events,
 goal.delete; or params past ``long_call_bytes``) is never answered now: ``handle`` has the
 session run it in a worker thread (``run_long``), and the other connections are served
-meanwhile.
+meanwhile. So is a read of such a method whose rows are few but long (1,000 events of 15
+KB): on the event loop it is stopped once it has run ``long_call_seconds``
+(``Database.time_limit``) and run again in the thread.
 
 An exception the error table does not know is logged with its traceback and answered as an
 internal error that says nothing of the daemon's insides.
@@ -43,7 +45,8 @@ from typing import Any, Final, Protocol, cast
 
 import msgspec
 
-from omkd.config import BATCH_SLICE_S, LONG_CALL_BYTES, LONG_CALL_ROWS
+from omkd import db
+from omkd.config import BATCH_SLICE_S, LONG_CALL_BYTES, LONG_CALL_ROWS, LONG_CALL_S
 from omkd.rpc._jsonrpcserver import (
     NODATA,
     NOID,
@@ -110,10 +113,12 @@ class PendingCommit(Protocol):
 class DispatchSession(SessionLike, Protocol):
     """What the dispatcher needs of a session, beyond the session methods."""
 
+    long_read_next: bool
+
     @property
     def aborted(self) -> bool: ...
 
-    def run_read(self, method: Method, params: Any) -> Any: ...
+    def run_read(self, method: Method, params: Any, time_limit: float | None = None) -> Any: ...
 
     async def run_write(self, method: Method, params: Any) -> Any: ...
 
@@ -225,16 +230,24 @@ class Dispatcher:
         turn: Callable[[], Awaitable[None]] | None = None,
         long_call_rows: int = LONG_CALL_ROWS,
         long_call_bytes: int = LONG_CALL_BYTES,
+        long_call_seconds: float = LONG_CALL_S,
     ) -> None:
         """``turn`` gives the event loop's other tasks a turn (the daemon's: trio's
         checkpoint): a batch takes one every ``batch_slice`` seconds. None: never. A
         repository call that may touch more than ``long_call_rows`` rows (``Method.rows``),
         or whose params are longer than ``long_call_bytes``, goes to the session's
-        ``run_long``."""
+        ``run_long``; so does a read of such a method that runs longer than
+        ``long_call_seconds`` here (stopped, then run again there)."""
         self.methods = dict(METHODS if methods is None else methods)
         self.batch_slice = batch_slice
         self.long_call_rows = long_call_rows
         self.long_call_bytes = long_call_bytes
+        self.long_call_seconds = long_call_seconds
+        # The time limit of each read here: the methods whose rows vary (pages, lists).
+        self._time_limits = {
+            m.name: long_call_seconds if m.rows is not None and m.access is _READ else None
+            for m in self.methods.values()
+        }
         self._bulk_params_bytes = min(_BULK_PARAMS_BYTES, long_call_bytes)
         self._turn = turn
         self._decoders = {m.name: msgspec.json.Decoder(m.params) for m in self.methods.values()}
@@ -316,7 +329,7 @@ class Dispatcher:
         pending = None
         try:
             if access is _READ:
-                result = session.run_read(method, params)
+                result = session.run_read(method, params, self._time_limits[method.name])
             elif access is _WRITE:
                 done = session.write_now(method, params)
                 if done is None:
@@ -325,6 +338,9 @@ class Dispatcher:
             else:
                 assert method.now is not None
                 result = method.now(session, params)
+        except db.TimeLimitExceeded:
+            session.long_read_next = True  # handle() runs it in a worker thread
+            return NOT_NOW
         except Exception as exc:
             return encode_error(*_failure(method, exc), envelope.id)
         reply = _success(result, envelope.id)
@@ -402,10 +418,17 @@ class Dispatcher:
             decode = functools.partial(_decode_params, method.name, decoder, call.params)
             return await session.run_long(method, None, decode)
         params = _decode_params(method.name, decoder, call.params)
-        if method.rows is not None and self._long(method, params):
-            return await session.run_long(method, params)
+        if method.rows is not None:
+            if session.long_read_next:  # answer_now stopped it past its time limit
+                session.long_read_next = False
+                return await session.run_long(method, params)
+            if self._long(method, params):
+                return await session.run_long(method, params)
         if method.access is _READ:
-            return session.run_read(method, params)
+            try:
+                return session.run_read(method, params, self._time_limits[method.name])
+            except db.TimeLimitExceeded:
+                return await session.run_long(method, params)
         if method.access is _WRITE:
             return await session.run_write(method, params)
         return await cast(SessionFn, method.run)(session, params)

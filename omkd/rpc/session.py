@@ -103,6 +103,9 @@ class Session:
         self.tx: db.Transaction | None = None
         self._pending: Commit | None = None  # a write's batch whose COMMIT is to come
         self._aborted = False
+        # A read of this session's next call ran past its time limit on the event loop:
+        # the dispatcher runs that call in a worker thread.
+        self.long_read_next = False
         self._subscriptions: dict[int, _Subscription] = {}
         self._to_start: list[_Subscription] = []
         self.nursery: trio.Nursery | None = None
@@ -119,11 +122,18 @@ class Session:
 
     # -- repository calls
 
-    def run_read(self, method: Method, params: Any) -> Any:
+    def run_read(self, method: Method, params: Any, time_limit: float | None = None) -> Any:
+        """Run a read here; outside a transaction, one that runs past ``time_limit`` seconds
+        (None: no limit) is stopped and raises db.TimeLimitExceeded (``run_long`` it
+        instead)."""
         tx = self.tx
-        if tx is None:
-            return method.run(self.daemon.db, params)  # type: ignore[arg-type]
-        return self._run_in_transaction(tx, method, params)
+        if tx is not None:
+            return self._run_in_transaction(tx, method, params)
+        database = self.daemon.db
+        if time_limit is None:
+            return method.run(database, params)  # type: ignore[arg-type]
+        with database.time_limit(time_limit):
+            return method.run(database, params)  # type: ignore[arg-type]
 
     async def run_write(self, method: Method, params: Any) -> Any:
         """Run a write; its result stands once ``pending_commit()`` is None or done."""
