@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from collections.abc import AsyncIterator
@@ -12,6 +13,7 @@ import trio.testing
 
 from omkd import db
 from omkd.db.goals import GoalRepository
+from omkd.rpc import session as session_module
 from omkd.rpc.framing import Framing, encode_frame
 from omkd.server import Daemon
 from omkd_client.codes import ErrorCode
@@ -266,6 +268,67 @@ async def test_subscription_backlog_goal_filter_and_unsubscribe(daemon: Daemon) 
     assert {n["params"]["subscription"] for n in notes} == {everything["subscription"]}
     assert await sub.call("event.unsubscribe", subscription=sid) == {"unsubscribed": True}
     assert (await sub.error("event.unsubscribe", subscription=sid))["code"] == (ErrorCode.NOT_FOUND)
+
+
+async def test_nothing_of_a_subscription_comes_after_its_unsubscribe_reply(
+    daemon: Daemon,
+) -> None:
+    sub, writer = await connect(daemon), await connect(daemon)
+    await writer.call("goal.create", **goal("g1"))
+    events = [{"kind": "k", "payload": i} for i in range(3000)]
+    await writer.call("event.append_batch", goal_id="g1", events=events)
+
+    def request(id: int, method: str, **params: object) -> bytes:
+        message = {"jsonrpc": "2.0", "id": id, "method": method, "params": params}
+        return encode_frame(Framing.LENGTH, json.dumps(message).encode())
+
+    subscribe = request(1, "event.subscribe", goal_id="g1", after_event_id=0)
+    for started in (False, True):
+        if started:  # the backlog is going out already
+            await sub.send_bytes(subscribe)
+            sid = (await sub.reply())["result"]["subscription"]
+            await sub.notification()
+            unsubscribe = request(2, "event.unsubscribe", subscription=sid)
+            await sub.send_bytes(unsubscribe + request(3, "daemon.ping"))
+        else:  # subscribe, unsubscribe and ping read at once, the subscription's id foreseen
+            sid = next(copy.copy(session_module._subscription_ids))
+            unsubscribe = request(2, "event.unsubscribe", subscription=sid)
+            await sub.send_bytes(subscribe + unsubscribe + request(3, "daemon.ping"))
+        replies: list[dict[str, object]] = []
+        with trio.fail_after(5):
+            while not replies or replies[-1]["id"] != 4:
+                message = await sub.recv()
+                if "id" not in message:
+                    assert len(replies) < 2, "a notification after the unsubscribe reply"
+                    continue
+                replies.append(message)
+                if message["id"] == 3:  # the feeder might run once the daemon has no more
+                    await sub.send_bytes(request(4, "daemon.ping"))
+        assert [r.get("result") for r in replies[-3:]] == [{"unsubscribed": True}, "pong", "pong"]
+        sub.notifications.clear()
+
+
+async def test_a_backlog_goes_out_a_page_at_a_time_others_served_between() -> None:
+    # A subscriber replaying 200,000 events held every other client up to 300 ms: the
+    # feeder filled the whole outbox (4 MiB) in one step of the event loop. (These 10,000
+    # notifications fit in it.)
+    with short_tempdir() as directory:
+        async with running_daemon(directory, page_size=20) as daemon:
+            sub, other = await connect(daemon), await connect(daemon)
+            await other.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": i} for i in range(10_000)]
+            last = (await other.call("event.append_batch", goal_id="g1", events=events))[
+                "event_ids"
+            ][-1]
+            await sub.call("event.subscribe", goal_id="g1", after_event_id=0)
+            assert await other.call("daemon.ping") == "pong"
+            (subscription,) = [s for s in daemon.sessions if s._subscriptions]
+            (fed,) = subscription._subscriptions.values()
+            assert 0 < fed.cursor < last  # the ping was answered in the middle of the backlog
+            with trio.fail_after(10):
+                assert [(await sub.notification())["params"]["event"]["payload"]
+                        for _ in range(10_000)] == list(range(10_000))  # fmt: skip
+            await close_clients()
 
 
 async def test_commits_wake_subscriptions_only_while_there_are_some(daemon: Daemon) -> None:
