@@ -1,7 +1,8 @@
 """``omkd``: the daemon (``serve``) and maintenance without a running daemon.
 
 Every command finds the database as ``serve`` does (``--db``, ``$OMKD_DB``, the XDG default)
-and on failure prints one readable line to stderr and exits non-zero.
+and on failure prints one readable line to stderr and exits non-zero: 1, or 78 when
+``serve`` refuses to start (nothing changes by starting it again until someone acts).
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ __all__ = ["main"]
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+# serve refused to start (a damaged or newer database, another daemon, a path or setting it
+# cannot use): starting again changes nothing until someone acts. sysexits' EX_CONFIG; the
+# systemd unit's RestartPreventExitStatus.
+EXIT_REFUSED = 78
 
 _EXAMPLES = """\
 examples:
@@ -125,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_COMMANDS[args.command](args))
     except (StartupError, ConfigError, db.DbError, OSError) as exc:
         print(f"omkd {args.command}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
+        return EXIT_REFUSED if args.command == "serve" else EXIT_FAILURE
 
 
 def _serve(args: argparse.Namespace) -> int:

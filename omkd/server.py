@@ -123,7 +123,10 @@ def open_database(config: Config) -> db.Database:
         raise StartupError(f"database {config.db_path} is unusable ({exc}); {advice}") from exc
     except db.DbError as exc:
         raise StartupError(f"cannot open database {config.db_path}: {exc}") from exc
-    problems = database.quick_check()
+    try:
+        problems = database.quick_check()
+    except db.DbError as exc:  # damage SQLite stops at ("database disk image is malformed")
+        problems = [str(exc)]
     if problems:
         database.close()
         raise StartupError(

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from omkd.db import Database, EventInput, GoalRecord
+
 from proc_helpers import DaemonProcess, SyncConnection, goal_params, sync_call
 from rpc_helpers import short_tempdir
 
@@ -210,17 +212,21 @@ def test_another_uid_is_refused_even_with_loose_modes(workdir: Path) -> None:
         assert sync_call(daemon.socket_path, "daemon.ping")["result"] == "pong"
 
 
-def test_damaged_database_refused_with_advice(workdir: Path) -> None:
+@pytest.mark.parametrize("page", [1, 100])  # past the header; in the middle of the events
+def test_damaged_database_refused_with_advice(workdir: Path, page: int) -> None:
     db_path = workdir / "omk.db"
-    with DaemonProcess(workdir) as daemon, SyncConnection(daemon.socket_path) as conn:
-        for i in range(200):
-            conn.call("goal.create", **goal_params(f"g{i}"))
-    with open(db_path, "r+b") as f:  # clobber pages past the header
-        f.seek(4096)
-        f.write(os.urandom(8192))
+    with Database.open(db_path) as database:
+        database.goals.create(GoalRecord(goal_id="g", status="s", phase="p", goal_text="t",
+                                         project_dir="/"))  # fmt: skip
+        events = [EventInput(kind="k", payload={"pad": "x" * 200, "i": i}) for i in range(8000)]
+        database.events.append_batch("g", events)
+    with open(db_path, "r+b") as f:  # clobber pages
+        f.seek(page * 4096)
+        f.write(os.urandom(20 * 4096))
     broken = DaemonProcess(workdir).start(wait=False)
-    assert broken.wait() != 0
+    assert broken.wait() == 78  # refused: systemd does not restart it (RestartPreventExitStatus)
     log = broken.log()
+    assert "is damaged" in log or "is unusable" in log
     assert "omkd check" in log and "backup" in log
     assert "Traceback" not in log
 
@@ -293,6 +299,6 @@ def test_a_path_it_cannot_use_is_one_readable_line(workdir: Path) -> None:
              "--db", str(db_path)],
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
-        assert done.returncode == 1
+        assert done.returncode == 78
         assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
         assert "cannot start: Not a directory" in done.stderr
