@@ -612,6 +612,22 @@ def test_after_an_error_that_closes_the_connection_the_next_call_opens_a_new_one
         assert len(server._connections) == 2
 
 
+def test_a_request_over_the_daemons_limit_gets_its_error_and_is_not_sent_twice() -> None:
+    # The daemon answers -32600 (with what to do) and closes while the client is still
+    # sending: the send fails (EPIPE), and the error waits unread in the socket.
+    with daemon_process("--max-message-bytes", "100000") as daemon:
+        with Client.connect(daemon.socket_path) as c:
+            gid = c.goals.create(make_goal()).goal_id
+            events = [omkd_client.EventInput(kind="k", payload="x" * 1000) for _ in range(2000)]
+            with pytest.raises(omkd_client.InvalidRequest) as refused:
+                c.events.append_batch(gid, events)
+            assert "max-message-bytes" in str(refused.value)
+            assert refused.value.data["limit"] == 100_000
+            assert c.events.get_by_goal(gid) == []  # and the next call opens a new connection
+        log = daemon.log_path.read_text()
+        assert log.count("exceeds the limit") == 1, log  # sent once, not again on a new one
+
+
 def test_a_commit_never_sent_is_known_not_to_have_committed() -> None:
     sent = error_after_break(["tx.commit"], in_transaction=True, delivered=True, retried=False)
     assert isinstance(sent, CommitOutcomeUnknown)

@@ -19,6 +19,7 @@ from omkd_client import (
     DaemonNotRunning,
     EventInput,
     InvalidParams,
+    InvalidRequest,
     MethodNotFound,
     NotFound,
     NoTransaction,
@@ -264,6 +265,23 @@ async def test_after_an_error_that_closes_the_connection_the_next_call_opens_a_n
                 await c.call("goal.get", goal_id="g")
             assert await c.call("daemon.ping") == "pong"
             assert len(server._connections) == 2
+
+
+async def test_a_request_over_the_daemons_limit_gets_its_error_and_is_not_sent_twice(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with short_tempdir() as directory:
+        async with (
+            running_daemon(directory, max_message_bytes=100_000) as daemon,
+            TrioClient.connect(daemon.config.socket_path) as c,
+        ):
+            gid = (await c.goals.create(make_goal())).goal_id
+            events = [EventInput(kind="k", payload="x" * 1000) for _ in range(2000)]
+            with pytest.raises(InvalidRequest) as refused:
+                await c.events.append_batch(gid, events)
+            assert "max-message-bytes" in str(refused.value)
+            assert await c.events.get_by_goal(gid) == []
+    assert caplog.text.count("exceeds the limit") == 1, caplog.text
 
 
 async def test_subscription_closed_by_the_daemon() -> None:

@@ -298,7 +298,10 @@ class Client(_Calls):
                     if not delivered:  # a frame may be half sent: the stream is unusable
                         self._drop("timed out while sending")
                     raise self._timed_out(ids, _methods(requests)) from exc
+                answered = None if delivered or not isinstance(exc, OSError) else self._salvage(ids)
                 self._drop(f"connection lost: {exc}")
+                if answered is not None:
+                    return answered
                 error = error_after_break(
                     _methods(requests),
                     in_transaction=in_transaction,
@@ -309,6 +312,28 @@ class Client(_Calls):
                     raise error from exc
                 retried = True
                 self._open()
+
+    def _salvage(self, ids: list[int]) -> list[Reply] | None:
+        """After a send the daemon cut short by closing: the replies it sent first, if every
+        request got one. (A request over its size limit: it answers -32600, saying what to
+        do, then closes while the rest of the request is still being sent.)"""
+        assert self._sock is not None
+        try:
+            self._sock.setblocking(False)  # the daemon has closed: what it sent is here
+            while size := self._sock.recv_into(self._chunk):
+                self._protocol.receive_data(memoryview(self._chunk)[:size])
+        except OSError:  # nothing more (BlockingIOError), or reset
+            pass
+        replies: dict[int, Reply] = {}
+        try:
+            while (event := self._protocol.next_event()) is not NEED_DATA:
+                if isinstance(event, Reply):
+                    replies[event.id] = event
+        except ProtocolError:
+            return None
+        if not all(request_id in replies for request_id in ids):
+            return None
+        return [replies[request_id] for request_id in ids]
 
     def _timed_out(self, ids: list[int], methods: list[str]) -> CallTimeout:
         for request_id in ids:

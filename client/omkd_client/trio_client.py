@@ -292,7 +292,12 @@ class TrioClient(_AsyncCalls):
                         await stream.send_all(data)
                         sending = False
                     delivered = True
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                except trio.BrokenResourceError:
+                    # The daemon closed the connection (EPIPE): its reader reads what it
+                    # sent first (-32600 for a request over its size limit, answered before
+                    # the close), then ends the connection and every call still waiting.
+                    sending = False
+                except trio.ClosedResourceError as exc:
                     sending = False
                     self._lose(generation, f"sending failed: {exc}")
                 for slot in slots.values():
