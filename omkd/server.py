@@ -32,6 +32,7 @@ import trio
 import omkd
 from omkd import db, systemd
 from omkd.config import Config
+from omkd.failures import FailureLog
 from omkd.listen import (
     FileLock,
     StartupError,
@@ -332,6 +333,7 @@ async def _checkpoint_wal(daemon: Daemon) -> None:
     # the backstop.)
     database, gate = daemon.db, daemon.gate
     restart_pages = daemon.config.wal_restart_pages
+    failures = FailureLog(log, "WAL checkpoints (retried after the next writes)")
     seen = gate.releases
     while True:
         await trio.sleep(daemon.config.checkpoint_interval)
@@ -345,7 +347,9 @@ async def _checkpoint_wal(daemon: Daemon) -> None:
                 await _restart_wal(daemon)
                 seen = gate.releases  # (that wrote nothing)
         except db.DbError as exc:
-            log.warning("WAL checkpoint failed (retried after the next writes): %s", exc)
+            failures.failed(str(exc))
+        else:
+            failures.succeeded()
 
 
 async def _restart_wal(daemon: Daemon) -> None:

@@ -464,7 +464,13 @@ def test_disk_full_answers_storage_failure_and_recovers_without_restart(workdir:
         assert conn.call("event.get_by_goal", {"goal_id": "old"}) == old_events
     assert daemon.wait() == 0
     assert integrity(daemon.db_path) == ["ok"]
-    assert "Traceback" not in daemon.log() and "internal error" not in daemon.log()
+    log = daemon.log()
+    assert "Traceback" not in log and "internal error" not in log
+    # The operator learns of it once, and again when it clears, not at every failed call.
+    assert log.count("writes to the database failing: event.append: ") == 1, log
+    assert log.count("writes to the database still failing") == 0, log  # (under a minute)
+    assert log.count("writes to the database succeeding again, after 3 failures") == 1, log
+    assert log.count("WAL checkpoints (retried after the next writes) failing") <= 1, log
     figure(
         "disk full",
         f"{acked} writes of 50 KB acknowledged under a {limit // MiB} MiB "

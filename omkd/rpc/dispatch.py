@@ -47,6 +47,7 @@ import msgspec
 
 from omkd import db
 from omkd.config import BATCH_SLICE_S, LONG_CALL_BYTES, LONG_CALL_ROWS, LONG_CALL_S
+from omkd.failures import FailureLog
 from omkd.rpc._jsonrpcserver import (
     NODATA,
     NOID,
@@ -118,6 +119,9 @@ class DispatchSession(SessionLike, Protocol):
     @property
     def aborted(self) -> bool: ...
 
+    @property
+    def in_transaction(self) -> bool: ...
+
     def run_read(self, method: Method, params: Any, time_limit: float | None = None) -> Any: ...
 
     async def run_write(self, method: Method, params: Any) -> Any: ...
@@ -139,18 +143,24 @@ class DeferredReply:
     """The reply to a write whose COMMIT is still to come: send ``resolve()`` once it is
     done (``commit.when_done``); it answers the batch's error if the COMMIT failed."""
 
-    __slots__ = ("_id", "_reply", "commit")
+    __slots__ = ("_id", "_reply", "_storage", "commit")
 
-    def __init__(self, commit: PendingCommit, reply: bytes, id: msgspec.Raw) -> None:
+    def __init__(
+        self, commit: PendingCommit, reply: bytes, id: msgspec.Raw, storage: FailureLog
+    ) -> None:
         self.commit = commit
         self._reply = reply
         self._id = id
+        self._storage = storage
 
     def resolve(self) -> bytes:
         error = self.commit.error
         if error is None:
+            self._storage.succeeded()
             return self._reply
         code, text, data = error_body(error)
+        if code == ErrorCode.STORAGE_FAILURE:
+            self._storage.failed(text)
         return encode_error(code, text, data, self._id)
 
 
@@ -243,6 +253,8 @@ class Dispatcher:
         self.long_call_rows = long_call_rows
         self.long_call_bytes = long_call_bytes
         self.long_call_seconds = long_call_seconds
+        # Calls that failed for the storage (a full disk): logged once, then now and then.
+        self.storage = FailureLog(log, "writes to the database")
         # The time limit of each read here: the methods whose rows vary (pages, lists).
         self._time_limits = {
             m.name: long_call_seconds if m.rows is not None and m.access is _READ else None
@@ -342,9 +354,13 @@ class Dispatcher:
             session.long_read_next = True  # handle() runs it in a worker thread
             return NOT_NOW
         except Exception as exc:
-            return encode_error(*_failure(method, exc), envelope.id)
+            return encode_error(*self._failure(method, exc), envelope.id)
         reply = _success(result, envelope.id)
-        return reply if pending is None else DeferredReply(pending, reply, envelope.id)
+        if pending is not None:
+            return DeferredReply(pending, reply, envelope.id, self.storage)
+        if self.storage.failing and access is _WRITE and not session.in_transaction:
+            self.storage.succeeded()  # committed
+        return reply
 
     async def _one(
         self, message: bytes | msgspec.Raw, session: DispatchSession
@@ -391,7 +407,9 @@ class Dispatcher:
         if pending is None and len(raw) > _PIECES_BYTES:
             return ReplyPieces(_success_pieces(raw, envelope.id))
         reply = _success_raw(raw, envelope.id)
-        return reply if pending is None else DeferredReply(pending, reply, envelope.id)
+        if pending is None:
+            return reply
+        return DeferredReply(pending, reply, envelope.id, self.storage)
 
     def _route(self, method: Method) -> Any:
         decoder = self._decoders[method.name]
@@ -400,7 +418,9 @@ class Dispatcher:
             try:
                 result = await self._invoke(method, decoder, call)
             except Exception as exc:
-                return Error(*_failure(method, exc))
+                return Error(*self._failure(method, exc))
+            if self.storage.failing and _committed(method, call.session):
+                self.storage.succeeded()
             if isinstance(result, msgspec.Raw):  # a page built by SQLite: no copy of it here
                 return Success(result)
             return Success(msgspec.Raw(_ENCODER.encode(result)))
@@ -432,6 +452,18 @@ class Dispatcher:
         if method.access is _WRITE:
             return await session.run_write(method, params)
         return await cast(SessionFn, method.run)(session, params)
+
+    def _failure(self, method: Method, exc: Exception) -> tuple[int, str, dict[str, Any] | None]:
+        """The error to answer for a call that raised ``exc``; an internal one is logged, and
+        a storage failure (``self.storage``)."""
+        code, text, data = error_body(exc)
+        if code == ErrorCode.INTERNAL_ERROR:
+            log.exception("internal error in %s", method.name)
+        elif code == ErrorCode.STORAGE_FAILURE:
+            self.storage.failed(f"{method.name}: {text}")
+        elif code == ErrorCode.INVALID_PARAMS and data is not None and "method" not in data:
+            data = {"method": method.name, **data}  # as the params' own -32602 has it
+        return code, text, data
 
     def _long(self, method: Method, params: Any) -> bool:
         """Whether a call of a method with ``rows`` may touch more than ``long_call_rows``
@@ -471,14 +503,12 @@ def _envelope_problem(envelope: _Envelope) -> InvalidRequest | UnicodeDecodeErro
     return None
 
 
-def _failure(method: Method, exc: Exception) -> tuple[int, str, dict[str, Any] | None]:
-    """The error to answer for a call that raised ``exc``; an internal one is logged."""
-    code, text, data = error_body(exc)
-    if code == ErrorCode.INTERNAL_ERROR:
-        log.exception("internal error in %s", method.name)
-    elif code == ErrorCode.INVALID_PARAMS and data is not None and "method" not in data:
-        data = {"method": method.name, **data}  # as the params' own -32602 has it
-    return code, text, data
+def _committed(method: Method, session: DispatchSession) -> bool:
+    """Whether a call of ``method`` that succeeded wrote to the database for good: a write
+    outside a transaction (committed unless it joined a batch still to commit), tx.commit."""
+    if method.access is _WRITE:
+        return not session.in_transaction and session.pending_commit() is None
+    return method.name == "tx.commit"
 
 
 def _success(result: Any, id: msgspec.Raw) -> bytes:
