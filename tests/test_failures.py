@@ -22,8 +22,8 @@ def test_a_run_of_failures_is_logged_when_it_begins_now_and_then_and_when_it_end
     assert caplog.records[0].levelno == logging.ERROR
     quiet.succeeded()
     quiet.succeeded()
-    assert caplog.records[-1].getMessage().startswith(
-        "writes succeeding again, after 5 failures over"
+    assert (
+        caplog.records[-1].getMessage().startswith("writes succeeding again, after 5 failures over")
     )
     assert len(caplog.records) == 2
     caplog.clear()
