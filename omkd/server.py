@@ -24,6 +24,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Final
 
 import msgspec
@@ -105,6 +106,29 @@ class Daemon:
             return
         signal_, self.new_events = self.new_events, trio.Event()
         signal_.set()
+
+
+def check_database_path(path: str) -> None:
+    """Refuse, before anything is created, a database path the daemon could not write: a
+    directory, or a file (or its WAL) it may not open for writing. (SQLite would open such a
+    file read-only and fail every write.)"""
+    where = Path(path)
+    if where.is_dir():
+        raise StartupError(
+            f"database {where} is a directory: --db names the database file "
+            f"(e.g. {where / 'omk.db'})"
+        )
+    for name in (where, where.with_name(where.name + "-wal")):
+        try:
+            fd = os.open(name, os.O_RDWR)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise StartupError(
+                f"cannot open database {name} for writing: {exc.strerror}; the daemon "
+                f"writes to it (see its owner and mode)"
+            ) from exc
+        os.close(fd)
 
 
 def open_database(config: Config) -> db.Database:
@@ -194,6 +218,7 @@ async def run_daemon(
     On the way out, whatever the reason, the sessions roll back, the WAL is checkpointed,
     the database closed, and the socket file and the locks released.
     """
+    check_database_path(config.db_path)
     inherited = _inherited_socket()
     with (
         _claim_socket(config, inherited) as config,

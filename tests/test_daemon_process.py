@@ -231,6 +231,36 @@ def test_damaged_database_refused_with_advice(workdir: Path, page: int) -> None:
     assert "Traceback" not in log
 
 
+def test_a_directory_named_as_the_database_is_refused_creating_nothing(workdir: Path) -> None:
+    target = workdir / "state"
+    target.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "omkd", "serve", "--socket", str(workdir / "s.sock"),
+         "--db", str(target)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 78
+    assert f"database {target} is a directory" in done.stderr and "omkd check" not in done.stderr
+    assert sorted(p.name for p in workdir.iterdir()) == ["state"]  # no lock, no socket
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping root's capabilities with setpriv")
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not installed")
+def test_a_database_file_it_may_not_write_is_refused(workdir: Path) -> None:
+    # SQLite would open it read-only: the daemon served reads and failed every write.
+    db_path = workdir / "omk.db"
+    Database.open(db_path).close()
+    db_path.chmod(0o444)
+    done = subprocess.run(
+        ["setpriv", "--bounding-set=-all", "--inh-caps=-all", sys.executable, "-m", "omkd",
+         "serve", "--socket", str(workdir / "s.sock"), "--db", str(db_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 78
+    assert f"cannot open database {db_path} for writing: Permission denied" in done.stderr
+    assert not (workdir / "s.sock").exists()
+
+
 def test_socket_path_too_long(workdir: Path) -> None:
     long_path = workdir / ("x" * 120) / "omkd.sock"
     daemon = DaemonProcess(workdir, socket_path=long_path).start(wait=False)
