@@ -36,6 +36,7 @@ from omkd.db import (
     check_database,
 )
 from omkd.db.database import _DatabaseScope
+from omkd.db.maintenance import _TEMPORARY_BACKUP, temporary_backup
 
 MakeGoal = Callable[..., GoalRecord]
 WAIT = 10.0  # seconds; only reached when a test is about to fail
@@ -582,6 +583,33 @@ def test_backup_database_copies_a_hot_wal_and_writes_nothing(tmp_path: Path) -> 
         assert conn.execute("SELECT goal_id FROM goals").fetchall() == [("g1",)]
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("delete",)
     conn.close()
+
+
+def test_a_backup_removes_what_a_killed_backup_left_and_nothing_else(
+    db: Database, tmp_path: Path
+) -> None:
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # a pid no process has now
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        names = {
+            "stale": f".omkd-backup-{gone.pid}-{'a' * 32}.tmp",
+            "stale journal": f".omkd-backup-{gone.pid}-{'a' * 32}.tmp-journal",
+            "in progress": f".omkd-backup-{live.pid}-{'b' * 32}.tmp",
+            "someone else's": f".omkd-backup-{gone.pid}-notours.tmp",
+            "older omkd's": f".omkd-backup-{'c' * 32}.tmp",
+        }
+        backups = tmp_path / "backups"
+        backups.mkdir()
+        for name in names.values():
+            (backups / name).write_bytes(b"partial")
+        db.backup_to(backups / "copy.db")
+        left = {p.name for p in backups.iterdir()}
+        assert left == {"copy.db", *names.values()} - {names["stale"], names["stale journal"]}
+        assert _TEMPORARY_BACKUP.fullmatch(temporary_backup(backups / "x.db").name)
+    finally:
+        live.kill()
+        live.wait()
 
 
 def test_backup_database_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:

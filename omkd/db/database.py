@@ -30,7 +30,6 @@ import os
 import sqlite3
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -52,7 +51,13 @@ from omkd.db.errors import (
 )
 from omkd.db.events import EventRepository
 from omkd.db.goals import GoalRepository
-from omkd.db.maintenance import backup_target, make_private_dirs, sync_and_rename
+from omkd.db.maintenance import (
+    backup_target,
+    make_private_dirs,
+    remove_stale_backups,
+    sync_and_rename,
+    temporary_backup,
+)
 from omkd.db.migrate import Migration, apply_migrations, load_migrations
 from omkd.db.proofs import ProofRepository
 from omkd.db.tasks import TaskRepository
@@ -909,8 +914,9 @@ def backup_database(
     using it keeps reading and writing meanwhile (WAL). SQLite's online backup API copies
     it in one step, so the copy is one consistent snapshot. The copy goes to a temporary
     file in dest's directory, is synced, then renamed onto dest: dest is never a partial
-    file, and the temporary file is removed on any failure. The copy is one self-contained
-    file (journal_mode DELETE).
+    file, and the temporary file is removed on any failure (and those of backups into that
+    directory whose process was killed, before this one begins). The copy is one
+    self-contained file (journal_mode DELETE).
 
     Raises StorageFailure (no file at ``path``, not a database, unreadable, the copy cannot
     be written), InvalidData (``dest`` relative, ``path`` itself or its -wal/-shm, a
@@ -923,7 +929,8 @@ def backup_database(
     target = backup_target(dest, source)
     # Named apart from dest: any name dest may have leaves room for it (and SQLite's
     # -journal beside it) within the file system's limit.
-    temporary = target.with_name(f".omkd-backup-{uuid.uuid4().hex}.tmp")
+    remove_stale_backups(target.parent)  # left by a backup whose process was killed
+    temporary = temporary_backup(target)
     conn = connect_read_only(source)
     try:
         conn.execute(SET_BUSY_TIMEOUT.format(ms=busy_timeout_ms))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import re
+import uuid
 from pathlib import Path
 
 from omkd.db._conn import connect_read_only
@@ -14,11 +16,16 @@ __all__ = [
     "backup_target",
     "check_database",
     "make_private_dirs",
+    "remove_stale_backups",
     "sync_and_rename",
+    "temporary_backup",
 ]
 
 _PRIVATE_DIR_MODE = 0o700  # the directories omkd creates: its user's alone
 INTEGRITY_CHECK = "PRAGMA integrity_check"
+# A backup's temporary file, named by the process that writes it (the pid tells whether it
+# may still be at it), and the journal SQLite may keep beside it.
+_TEMPORARY_BACKUP = re.compile(r"\.omkd-backup-(\d+)-[0-9a-f]{32}\.tmp(-journal)?")
 FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
 
 
@@ -90,6 +97,37 @@ def _locked(target: Path) -> bool:
     finally:
         os.close(fd)  # drops the lock if it was had
     return False
+
+
+def temporary_backup(target: Path) -> Path:
+    """The temporary file a backup to ``target`` is written to before its rename."""
+    return target.with_name(f".omkd-backup-{os.getpid()}-{uuid.uuid4().hex}.tmp")
+
+
+def remove_stale_backups(directory: Path) -> list[Path]:
+    """Remove the temporary files that backups into ``directory`` left when their process
+    was killed (no process has their pid); return them. Another process's backup in
+    progress is left alone."""
+    removed = []
+    with contextlib.suppress(OSError):  # an unreadable directory: the backup will say so
+        for entry in os.scandir(directory):
+            match = _TEMPORARY_BACKUP.fullmatch(entry.name)
+            if match is None or _running(int(match.group(1))):
+                continue
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's
+        return True
+    return True
 
 
 def sync_and_rename(temporary: Path, target: Path) -> None:
