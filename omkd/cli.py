@@ -175,7 +175,15 @@ def _backup(args: argparse.Namespace) -> int:
         raise StartupError(f"no database at {path}")
     dest = Path(args.dest).expanduser().absolute()  # relative to where it is run, as cp
     size = db.backup_database(path, dest)  # as the file is: never migrated
-    print(f"wrote {dest} ({size} bytes)")
+    # A copy is as sound as its source: one that fails the check is no backup to rely on.
+    problems = db.check_database(dest)
+    if problems:
+        print(f"wrote {dest} ({size} bytes), but the copy fails the integrity check: "
+              f"{'; '.join(problems[:3])}", file=sys.stderr)  # fmt: skip
+        print(f"the database itself is damaged (omkd check --db {path}); keep a good "
+              f"backup you have, and this copy only as a last resort", file=sys.stderr)  # fmt: skip
+        return EXIT_FAILURE
+    print(f"wrote {dest} ({size} bytes), checked")
     return 0
 
 

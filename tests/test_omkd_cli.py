@@ -98,6 +98,10 @@ def test_check_reports_a_damaged_file(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "problem" in result.stderr and "backup" in result.stderr
     assert "Traceback" not in result.stderr
+    # A backup of it is written (a last resort) but is no good backup: said so, exit 1.
+    copied = omkd("backup", "--db", str(db), str(tmp_path / "copy.db"))
+    assert copied.returncode == 1 and (tmp_path / "copy.db").exists()
+    assert "fails the integrity check" in copied.stderr and "Traceback" not in copied.stderr
 
 
 @pytest.mark.parametrize("command", ["check", "backup"])
