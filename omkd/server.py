@@ -16,6 +16,7 @@ prints it and exits non-zero. Nothing a client does reaches this level.
 from __future__ import annotations
 
 import contextlib
+import errno
 import gc
 import itertools
 import logging
@@ -121,9 +122,9 @@ def check_database_path(path: str) -> None:
     for name in (where, where.with_name(where.name + "-wal")):
         try:
             fd = os.open(name, os.O_RDWR)
-        except FileNotFoundError:
-            continue
         except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                continue  # not there (yet): the start says what is wrong with the path
             raise StartupError(
                 f"cannot open database {name} for writing: {exc.strerror}; the daemon "
                 f"writes to it (see its owner and mode)"
