@@ -50,6 +50,16 @@ async def test_ping_status_discover(client: RawClient, daemon: Daemon) -> None:
     create = next(m for m in doc["methods"] if m["name"] == "goal.create")
     required = {p["name"] for p in create["params"] if p["required"]}
     assert required == {"goal_id", "status", "phase", "goal_text", "project_dir"}
+    version = next(p for p in create["params"] if p["name"] == "version")
+    assert version["schema"]["maximum"] == 2**53 - 1  # what the daemon takes
+    errors = {m["name"]: {e["code"] for e in m["errors"]} for m in doc["methods"]}
+    assert all(ErrorCode.INVALID_PARAMS in codes for codes in errors.values())
+    assert errors["event.append"] == {ErrorCode.INVALID_PARAMS, ErrorCode.NOT_FOUND,
+                                      ErrorCode.BUSY, ErrorCode.STORAGE_FAILURE,
+                                      ErrorCode.TRANSACTION_ABORTED}  # fmt: skip
+    assert ErrorCode.BUSY not in errors["goal.get"]
+    assert ErrorCode.STORAGE_FAILURE in errors["tx.commit"]
+    assert ErrorCode.TRANSACTION_ABORTED not in errors["tx.rollback"] | errors["daemon.ping"]
 
 
 async def test_goal_lifecycle(client: RawClient) -> None:
@@ -253,8 +263,17 @@ async def test_goal_delete_cascades(client: RawClient) -> None:
             {"goal_id": "g", "tasks": [{"task_id": "t1", "kind": "k", "goal_id": "h"}]},
             "tasks[0].goal_id",
         ),
+        # Inside an element of a list: the field, not only the element.
+        ("task.create_batch", {"goal_id": "g", "tasks": [{"task_id": "t1", "kind": "k"},
+                                                         {"task_id": "t2", "kind": "k",
+                                                          "foo": 1}]}, "tasks[1].foo"),
+        ("event.append_batch", {"goal_id": "g", "events": [{"kind": "k", "payload": 1},
+                                                           {"kind": "k"}]}, "events[1].payload"),
+        ("task.create_batch", {"goal_id": "g", "tasks": [{"task_id": "t1", "kind": "k",
+                                                          "retry_count": "3"}]},
+         "tasks[0].retry_count"),
     ],
-)
+)  # fmt: skip
 async def test_invalid_params_name_the_method_and_field_and_say_why(
     client: RawClient, method: str, params: dict[str, Any], field: str
 ) -> None:
@@ -286,6 +305,7 @@ TOO_SMALL = -(2**63) - 1
     [
         ("goal.create", goal("g1", max_agents=TOO_BIG), "max_agents"),
         ("goal.create", goal("g1", budget_usd=TOO_SMALL), "budget_usd"),
+        ("goal.upsert", goal("g1", version=2**53), "version"),  # past 2^53 - 1, the schema's
         ("goal.list", {"older_than": 2**64 - 1}, "older_than"),
         ("goal.update", {"goal_id": "g0", "expected_version": 1,
                          "changes": {"budget_tokens": TOO_BIG}}, "budget_tokens"),

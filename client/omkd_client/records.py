@@ -21,6 +21,9 @@ import msgspec
 Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 # A number of rows to return (a limit): none or more.
 Count = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+# A goal's version: at most 2^53 - 1, the largest integer every JSON reader keeps exactly
+# (counting writes up from it never overflows); the storage layer checks it too.
+GoalVersion = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**53 - 1)]
 
 __all__ = [
     "ArtifactRecord",
@@ -73,7 +76,7 @@ class GoalRecord(_Record):
     updated_at: Int64 = msgspec.field(default_factory=now)
     completed_at: Int64 | None = None
     controller_pid: Int64 | None = None
-    version: Int64 = 1
+    version: GoalVersion = 1
 
 
 class GoalSummary(_Record):

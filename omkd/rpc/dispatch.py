@@ -548,8 +548,13 @@ def _decode_params(name: str, decoder: msgspec.json.Decoder[Any], raw: msgspec.R
 
 
 def _field_named(detail: str) -> str | None:
-    """The field a msgspec ValidationError's text names (``$.a.b`` or ``field `a```), if any."""
-    match = _FIELD_AT.search(detail) or _FIELD_NAMED.search(detail)
+    """The field a msgspec ValidationError's text names, if any: ``$.a.b``, ``field `a```,
+    or both (``field `foo` - at `$.tasks[1]```: ``tasks[1].foo``)."""
+    at = _FIELD_AT.search(detail)
+    named = _FIELD_NAMED.search(detail)
+    if at and named:
+        return f"{at.group(1)}.{named.group(1)}"
+    match = at or named
     return match.group(1) if match else None
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-from omkd.rpc.methods import Method
+from omkd.rpc.methods import Access, Method
 from omkd_client.codes import ErrorCode
 
 __all__ = ["openrpc_document"]
@@ -53,6 +53,19 @@ def _method(
         ],
         "result": {"name": "result", "schema": result},
         "errors": [
-            {"code": int(code), "message": ErrorCode(code).name.lower()} for code in method.errors
+            {"code": int(code), "message": ErrorCode(code).name.lower()} for code in _errors(method)
         ],
     }
+
+
+def _errors(method: Method) -> list[ErrorCode]:
+    """The errors a call of ``method`` may answer: its own, and those of its kind. (Errors
+    of the message itself, -32700 and -32600, are any method's.)"""
+    codes = {ErrorCode.INVALID_PARAMS, *method.errors}  # unknown params: every method
+    if method.access is not Access.SESSION:
+        codes.add(ErrorCode.STORAGE_FAILURE)  # the disk
+    if method.access is Access.WRITE:
+        codes.add(ErrorCode.BUSY)  # the write lock, past the lock timeout
+    if not method.when_aborted:
+        codes.add(ErrorCode.TRANSACTION_ABORTED)  # until tx.rollback
+    return sorted(codes, reverse=True)
