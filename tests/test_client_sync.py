@@ -430,6 +430,42 @@ def test_pipelined_requests_are_all_sent_before_any_reply_and_matched_by_id() ->
 # -- failures of the connection
 
 
+def test_a_long_pipeline_does_not_wait_on_itself(client: Client) -> None:
+    # The daemon answers in order and reads no further while a reply waits for room: sent
+    # whole before reading, 2,500 calls waited on themselves until the call timeout.
+    gid = client.goals.create(make_goal()).goal_id
+    results = client.call_many([("goal.get", {"goal_id": gid})] * 6000)
+    assert len(results) == 6000 and all(r["goal_id"] == gid for r in results)
+    with client.pipeline() as p:
+        pending = [p.call("daemon.ping") for _ in range(6000)]
+    assert {r.result() for r in pending} == {"pong"}
+
+
+def test_a_call_timing_out_on_a_transaction_closes_the_connection(daemon: Daemon) -> None:
+    # tx.begin waits for another session's transaction past the client's call timeout: the
+    # daemon would grant it later, on a connection the client no longer knows to be in one.
+    with (
+        Client.connect(daemon.socket_path) as holder,
+        Client.connect(daemon.socket_path, call_timeout=0.3) as c,
+        Client.connect(daemon.socket_path) as other,
+    ):
+        gid = holder.goals.create(make_goal()).goal_id
+        with holder.transaction():
+            with pytest.raises(CallTimeout) as caught:
+                c.transaction().begin()
+            assert "the connection was closed" in str(caught.value)
+            assert not c.in_transaction
+        # The next call runs on a new connection, on its own: the others see it.
+        c.goals.update_status(gid, "after", "p")
+        assert other.goals.get(gid).status == "after"
+        deadline = time.monotonic() + 10
+        while other.daemon.status().active_transactions and time.monotonic() < deadline:
+            time.sleep(0.02)  # the old session ends once its tx.begin is through
+        assert other.daemon.status().active_transactions == 0
+        with c.transaction() as tx:  # and the client's own transactions work
+            tx.goals.heartbeat(gid)
+
+
 def test_call_timeout_against_a_server_that_never_answers() -> None:
     with (
         fake_server(lambda r: SILENT) as server,
@@ -495,6 +531,25 @@ def test_call_timeout_when_the_daemon_takes_no_more_bytes() -> None:
         assert 0.25 < time.monotonic() - started < 3
         assert "event.append" in str(caught.value)
         stop.set()
+
+
+def test_a_pipeline_that_got_no_reply_says_why_in_each_result() -> None:
+    with (
+        fake_server(lambda r: CLOSE) as server,
+        Client.connect(server.socket_path) as c,
+        pytest.raises(ConnectionLost),
+        c.pipeline() as p,
+    ):
+        put = p.call("goal.heartbeat", goal_id="g")
+    with pytest.raises(ConnectionLost):
+        put.result()  # not "has not been sent yet"
+
+
+def test_a_closed_client_runs_no_more_calls(daemon: Daemon) -> None:
+    c = Client.connect(daemon.socket_path)
+    c.close()
+    with pytest.raises(ConnectionLost, match="the client was closed"):
+        c.daemon.ping()
 
 
 def test_late_reply_after_a_timeout_is_dropped() -> None:

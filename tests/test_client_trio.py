@@ -251,6 +251,33 @@ async def test_call_timeout_and_commit_outcome_unknown() -> None:
             assert await c.call("fast") == "ok"  # reconnected
 
 
+async def test_giving_up_on_a_transactions_call_closes_the_connection(
+    client: TrioClient, socket_path: Path
+) -> None:
+    # A tx.begin cancelled while it waits for another session's transaction, or a call
+    # inside a transaction cancelled: the session's state is not known any more; the client
+    # closes the connection, and the daemon rolls back whatever it holds.
+    async with (
+        TrioClient.connect(socket_path) as holder,
+        TrioClient.connect(socket_path) as other,
+    ):
+        gid = (await holder.goals.create(make_goal())).goal_id
+        async with holder.transaction():
+            with trio.move_on_after(0.2):
+                async with client.transaction():
+                    raise AssertionError("tx.begin must wait for the holder's transaction")
+            assert not client.in_transaction
+        await client.goals.update_status(gid, "after", "p")  # on its own, committed
+        assert (await other.goals.get(gid)).status == "after"
+        with pytest.raises(ConnectionLost):
+            async with client.transaction() as tx:
+                await tx.goals.update_status(gid, "inside", "p")
+                with trio.move_on_after(0):
+                    await tx.goals.heartbeat(gid)  # given up on
+        assert (await other.goals.get(gid)).status == "after"  # nothing of it committed
+        assert (await client.goals.get(gid)).status == "after"  # a new connection
+
+
 async def test_after_an_error_that_closes_the_connection_the_next_call_opens_a_new_one() -> None:
     # As the sync client's test: an error of id null means the daemon closes the connection.
     def handler(request: dict[str, Any]) -> Any:

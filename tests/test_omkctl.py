@@ -142,6 +142,9 @@ def test_error_exits(daemon: Daemon, capsys: Any) -> None:
     with pytest.raises(SystemExit) as usage:
         run(daemon, capsys, "call", "goal.get", "{not json")
     assert usage.value.code == EXIT_USAGE and "not JSON" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:  # JSON, but no UTF-8 holds a lone surrogate
+        run(daemon, capsys, "call", "goal.get", '{"goal_id": "\\ud800"}')
+    assert usage.value.code == EXIT_USAGE and "UTF-8" in capsys.readouterr().err
     with pytest.raises(SystemExit) as usage:
         main(["goal", "frob"])
     assert usage.value.code == EXIT_USAGE

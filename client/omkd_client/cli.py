@@ -219,6 +219,10 @@ def _params_argument(text: str) -> dict[str, Any]:
         raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
     if not isinstance(params, dict):
         raise argparse.ArgumentTypeError("must be a JSON object of named params")
+    try:  # JSON may spell what UTF-8 cannot hold: a lone surrogate ("\ud800")
+        msgspec.json.encode(params)
+    except UnicodeEncodeError as exc:
+        raise argparse.ArgumentTypeError(f"not sendable as UTF-8: {exc.reason}") from exc
     return params
 
 

@@ -22,6 +22,7 @@ bytes of UTF-8 JSON. The client never sends line mode.
 
 from __future__ import annotations
 
+import collections
 import enum
 import itertools
 import math
@@ -33,9 +34,11 @@ from typing import Any, Final
 import msgspec
 
 from omkd_client.errors import (
+    CallTimeout,
     CommitOutcomeUnknown,
     ConnectionLost,
     DaemonError,
+    OmkdError,
     ProtocolError,
     error_from_wire,
 )
@@ -57,6 +60,7 @@ __all__ = [
     "SubscriptionItem",
     "checked_timeouts",
     "encode_frame",
+    "error_after_abandoning",
     "error_after_break",
 ]
 
@@ -100,6 +104,7 @@ SAFE_TO_RETRY: Final = frozenset(
 _TX_BEGIN: Final = "tx.begin"
 _SUBSCRIBE: Final = "event.subscribe"
 _TX_END: Final = frozenset({"tx.commit", "tx.rollback"})
+_TX_CONTROL: Final = frozenset({"tx.begin", "tx.commit", "tx.rollback"})
 
 
 class NeedData(enum.Enum):
@@ -403,6 +408,45 @@ class ClientProtocol:
         if not self.subscriptions.deliver(subscription, item):
             return None
         return Notification(subscription)
+
+
+def error_after_abandoning(
+    methods: list[str], *, in_transaction: bool, timeout: float | None
+) -> tuple[bool, OmkdError]:
+    """What giving up on the replies to ``methods`` (a timeout; for the trio client a
+    cancellation too) means: whether the connection must be closed, and the error to raise.
+
+    Inside a transaction, or for a call that opens or ends one, the session's state would
+    no longer be known: the connection is closed, so the daemon rolls back whatever
+    transaction the session has (a tx.commit's outcome stays unknown). Otherwise it stays
+    usable; the late reply is dropped.
+    """
+    named = _named(methods)
+    after = "" if timeout is None else f" within {timeout:g} s"
+    data = {"methods": methods, "timeout_s": timeout}
+    if "tx.commit" in methods:
+        return True, CommitOutcomeUnknown(
+            f"no reply to {named}{after}: the transaction may or may not have been "
+            "committed; the connection was closed, so if it was not, the daemon rolls it "
+            "back (read the state back to know)",
+            data,
+        )
+    if in_transaction or not _TX_CONTROL.isdisjoint(methods):
+        return True, CallTimeout(
+            f"no reply to {named}{after}; the connection was closed, so the daemon rolls "
+            "back the session's transaction, if it has one (nothing of it is committed)",
+            data,
+        )
+    return False, CallTimeout(f"no reply to {named}{after}", data)
+
+
+def _named(methods: list[str]) -> str:
+    """``methods`` for a message: all of a few, or how many of which."""
+    if len(methods) <= 4:
+        return ", ".join(methods)
+    counts = collections.Counter(methods).most_common(3)
+    which = ", ".join(f"{m} x{n}" for m, n in counts)
+    return f"{len(methods)} calls ({which}{', ...' if len(counts) < len(set(methods)) else ''})"
 
 
 def error_after_break(

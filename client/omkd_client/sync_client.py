@@ -29,7 +29,6 @@ import msgspec
 
 from omkd_client import ops
 from omkd_client.errors import (
-    CallTimeout,
     ConnectionLost,
     DaemonNotRunning,
     NoTransaction,
@@ -49,6 +48,7 @@ from omkd_client.protocol import (
     SubscriptionEnded,
     SubscriptionItem,
     checked_timeouts,
+    error_after_abandoning,
     error_after_break,
 )
 from omkd_client.records import EventRecord
@@ -66,6 +66,11 @@ _RECEIVE_BYTES: Final = 256 * 1024
 # this from it: each setting is an ioctl, and a call would otherwise make two. A wait may
 # then last this much past its call's deadline.
 _TIMEOUT_SLACK_S: Final = 0.01
+# Requests up to this size go out in one sendall: the socket's buffer takes them whole. A
+# longer run is sent while the replies that come meanwhile are read: the daemon answers
+# in order and reads no further while a reply waits for room, so 2,500 pipelined calls
+# sent whole waited on themselves.
+_SEND_WHOLE_BYTES: Final = 64 * 1024
 
 
 class _Broken(Exception):
@@ -127,6 +132,7 @@ class Client(_Calls):
         self._chunk = bytearray(_RECEIVE_BYTES)  # see _RECEIVE_BYTES
         # Counts connections opened and lost: a transaction belongs to one.
         self._generation = 0
+        self._closed = False
         # The Transaction open on this client, until it ends: once its connection is lost,
         # calls on the client raise instead of running outside it.
         self._transaction: Transaction | None = None
@@ -156,7 +162,9 @@ class Client(_Calls):
         self.close()
 
     def close(self) -> None:
-        """Close the connection; an open transaction is rolled back by the daemon."""
+        """Close the connection; an open transaction is rolled back by the daemon. Calls
+        made afterwards raise ConnectionLost."""
+        self._closed = True
         if self._sock is not None:
             self._drop("the client was closed")
 
@@ -263,6 +271,8 @@ class Client(_Calls):
         """Send ``requests`` together, then return their replies in the same order."""
         # Loops, not comprehensions: on Python 3.11 each comprehension makes a function
         # object, and most calls are one request.
+        if self._closed:
+            raise ConnectionLost("the client was closed")
         transaction = self._transaction
         if transaction is not None and transaction._generation != self._generation:
             raise ConnectionLost(
@@ -290,14 +300,25 @@ class Client(_Calls):
             try:
                 assert self._sock is not None
                 self._set_timeout(self.call_timeout)
-                self._sock.sendall(frames[0] if len(frames) == 1 else b"".join(frames))
+                data = frames[0] if len(frames) == 1 else b"".join(frames)
+                if len(data) <= _SEND_WHOLE_BYTES:
+                    self._sock.sendall(data)
+                else:
+                    self._send_reading(data)
                 delivered = True
                 return self._read_replies(ids)
             except (_Broken, ProtocolError, OSError) as exc:
                 if isinstance(exc, TimeoutError):
-                    if not delivered:  # a frame may be half sent: the stream is unusable
-                        self._drop("timed out while sending")
-                    raise self._timed_out(ids, _methods(requests)) from exc
+                    for request_id in ids:
+                        self._protocol.abandon(request_id)
+                    close, timed_out = error_after_abandoning(
+                        _methods(requests),
+                        in_transaction=in_transaction,
+                        timeout=self.call_timeout,
+                    )
+                    if close or not delivered:  # (a frame may be half sent)
+                        self._drop("a call timed out" if delivered else "timed out while sending")
+                    raise timed_out from exc
                 answered = None if delivered or not isinstance(exc, OSError) else self._salvage(ids)
                 self._drop(f"connection lost: {exc}")
                 if answered is not None:
@@ -335,13 +356,34 @@ class Client(_Calls):
             return None
         return [replies[request_id] for request_id in ids]
 
-    def _timed_out(self, ids: list[int], methods: list[str]) -> CallTimeout:
-        for request_id in ids:
-            self._protocol.abandon(request_id)
-        return CallTimeout(
-            f"no reply to {', '.join(methods)} within {self.call_timeout:g} s",
-            {"methods": methods, "timeout_s": self.call_timeout},
-        )
+    def _send_reading(self, data: bytes) -> None:
+        """Send ``data`` (a long run of requests) while reading the replies that come
+        meanwhile into the protocol; TimeoutError past the call timeout."""
+        sock = self._sock
+        assert sock is not None
+        deadline = None if self.call_timeout is None else time.monotonic() + self.call_timeout
+        both = select.poll()
+        both.register(sock, select.POLLIN | select.POLLOUT)
+        view = memoryview(data)
+        sent = 0
+        sock.setblocking(False)
+        try:
+            while sent < len(view):
+                wait_ms = None if deadline is None else (deadline - time.monotonic()) * 1000
+                if (wait_ms is not None and wait_ms <= 0) or not both.poll(wait_ms):
+                    raise TimeoutError
+                try:
+                    size = sock.recv_into(self._chunk)
+                except BlockingIOError:
+                    pass
+                else:
+                    if not size:
+                        raise _Broken("the daemon closed the connection")
+                    self._protocol.receive_data(memoryview(self._chunk)[:size])
+                with contextlib.suppress(BlockingIOError):
+                    sent += sock.send(view[sent:])
+        finally:
+            sock.settimeout(self.call_timeout)
 
     def _read_replies(self, ids: list[int]) -> list[Reply]:
         wanted = set(ids)
@@ -597,7 +639,14 @@ class Pipeline:
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
         if exc_type is not None or not self._calls:
             return
-        results = self._client.call_many(self._calls, return_exceptions=True)
+        try:
+            results = self._client.call_many(self._calls, return_exceptions=True)
+        except OmkdError as exc:  # no reply for any (the connection broke, a timeout)
+            self._settle([exc] * len(self._calls))
+            raise
+        self._settle(results)
+
+    def _settle(self, results: list[Any]) -> None:
         for pending, result in zip(self._pending, results, strict=True):
             pending._done = True
             if isinstance(result, OmkdError):

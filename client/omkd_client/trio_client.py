@@ -32,7 +32,6 @@ import trio
 
 from omkd_client import ops
 from omkd_client.errors import (
-    CallTimeout,
     ConnectionLost,
     DaemonNotRunning,
     NoTransaction,
@@ -51,6 +50,7 @@ from omkd_client.protocol import (
     SubscriptionEnded,
     SubscriptionItem,
     checked_timeouts,
+    error_after_abandoning,
     error_after_break,
 )
 from omkd_client.records import EventRecord
@@ -255,7 +255,7 @@ class TrioClient(_AsyncCalls):
                 slots[request_id] = self._slots[request_id] = _Slot()
                 frames.append(frame)
             delivered = await self._send_and_wait(
-                stream, generation, b"".join(frames), slots, methods
+                stream, generation, b"".join(frames), slots, methods, in_transaction
             )
             broken = next((s.broken for s in slots.values() if s.broken is not None), None)
             if broken is None:
@@ -274,12 +274,15 @@ class TrioClient(_AsyncCalls):
         data: bytes,
         slots: dict[int, _Slot],
         methods: list[str],
+        in_transaction: bool,
     ) -> bool:
         """Send ``data`` and wait for every slot; return whether the data left whole.
 
-        Raises CallTimeout after the call timeout. On a timeout or cancellation the
-        unanswered requests are abandoned; one that interrupts a send closes the connection,
-        whose stream is then unusable.
+        Raises CallTimeout after the call timeout (CommitOutcomeUnknown for tx.commit). On a
+        timeout or cancellation the unanswered requests are abandoned; one that interrupts a
+        send closes the connection, whose stream is then unusable, and so does one that
+        leaves the session's transaction unknown (inside one, or tx.*): the daemon then
+        rolls it back.
         """
         sending = False
         delivered = False
@@ -305,15 +308,19 @@ class TrioClient(_AsyncCalls):
         finally:
             if sending:
                 self._lose(generation, "a send was interrupted")
+            abandoned = False
             for request_id, slot in slots.items():
                 if not slot.done.is_set():
                     self._slots.pop(request_id, None)
                     self._protocol.abandon(request_id)
-        if scope.cancelled_caught:
-            raise CallTimeout(
-                f"no reply to {', '.join(methods)} within {timeout:g} s",
-                {"methods": methods, "timeout_s": timeout},
+                    abandoned = True
+            close, timed_out = error_after_abandoning(
+                methods, in_transaction=in_transaction, timeout=self.call_timeout
             )
+            if abandoned and close:
+                self._lose(generation, f"a call was given up: {timed_out}")
+        if scope.cancelled_caught:
+            raise timed_out
         return delivered
 
     # -- the connection
