@@ -220,7 +220,15 @@ def _install_units(args: argparse.Namespace) -> int:
 
     # The database serve would use here, pinned in ExecStart: the service sees no $OMKD_DB.
     db_path = resolve_db_path(args.db)
-    for written in units.install_units(args.dest, db_path=db_path):
+    try:
+        written_units = units.install_units(args.dest, db_path=db_path)
+    except ValueError as exc:  # a path a unit file cannot name, or the service cannot see
+        print(f"omkd install-units: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    warning = units.private_tmp_warning(db_path)
+    if warning is not None:
+        print(warning, file=sys.stderr)
+    for written in written_units:
         print(f"wrote {written}")
     print(units.enable_instructions())
     return 0

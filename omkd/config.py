@@ -132,6 +132,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "subscriber_stall_timeout",
             "reply_stall_timeout",
             "checkpoint_interval",
+            "accept_retry_delay",
         ):
             if not getattr(self, name) > 0:  # (NaN too)
                 raise ValueError(f"{name} must be positive")
@@ -141,6 +142,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "page_size",
             "gc_threshold",
             "long_reads",
+            "listen_backlog",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
@@ -225,4 +227,6 @@ def _read_config_file(config_file: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from exc
     except msgspec.DecodeError as exc:
         raise ConfigError(f"config file {config_file} is not valid TOML: {exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {config_file} is not UTF-8 text: {exc.reason}") from exc
     return dict(fields)

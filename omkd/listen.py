@@ -170,7 +170,14 @@ def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.soc
     _check_length(path)
     prepare_socket_directory(path)
     _refuse_live_socket(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Bound under a temporary name, listening, then renamed into place: a client never
+    # finds the socket before it listens. A path near the length limit leaves no room for
+    # the longer name: then it is bound in place (a client may be refused for a moment).
+    temporary = path
+    for name in (f".{path.name}.{os.getpid()}.tmp", f".{os.getpid()}.tmp"):
+        if len(os.fsencode(path.with_name(name))) <= _UNIX_PATH_MAX:
+            temporary = path.with_name(name)
+            break
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -178,12 +185,13 @@ def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.soc
         sock.bind(os.fspath(temporary))
         os.chmod(temporary, _SOCKET_MODE)
         sock.listen(backlog)
-        os.replace(temporary, path)
+        if temporary != path:
+            os.replace(temporary, path)
     except OSError as exc:
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-        raise StartupError(f"cannot listen on {path}: {exc.strerror}") from exc
+        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
     return sock
 
 
@@ -191,17 +199,26 @@ def prepare_socket_directory(socket_path: str | os.PathLike[str]) -> None:
     """Create the socket's directory (0700) if missing; refuse one of another user.
 
     /tmp/omk-<uid> can be made by anyone before the daemon first runs: a directory of another
-    user could let them replace the socket, so it is refused, never "fixed". Raises
-    StartupError.
+    user could let them replace the socket, so it is refused, never "fixed". root's own
+    directories are taken when no other user may replace the socket in them: /tmp itself
+    (sticky), /run. Raises StartupError.
     """
     directory = Path(socket_path).parent
     make_private_dirs(directory)
-    owner = directory.stat().st_uid
-    if owner != os.getuid():
-        raise StartupError(
-            f"the socket directory {directory} belongs to uid {owner}, not to this user "
-            f"(uid {os.getuid()}); remove it or choose another --socket"
-        )
+    status = directory.stat()
+    if status.st_uid == os.getuid():
+        return
+    # root's own, where only the owner of a file may remove or rename it (/tmp: sticky) or
+    # nobody else may write: no other user can replace the socket.
+    if status.st_uid == 0 and (
+        status.st_mode & stat.S_ISVTX or not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        return
+    raise StartupError(
+        f"the socket directory {directory} belongs to uid {status.st_uid}, not to this user "
+        f"(uid {os.getuid()}), and others may replace the socket in it; remove it or choose "
+        f"another --socket"
+    )
 
 
 def _refuse_live_socket(path: Path) -> None:

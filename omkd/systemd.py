@@ -10,7 +10,6 @@ References: sd_notify(3), sd_watchdog_enabled(3), sd_listen_fds(3).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import stat
@@ -23,6 +22,7 @@ __all__ = [
     "notify",
     "notify_ready",
     "notify_reloading",
+    "notify_starting",
     "notify_status",
     "notify_stopping",
     "notify_watchdog",
@@ -37,8 +37,12 @@ WATCHDOG_PING_FRACTION = 0.5
 
 _LISTEN_VARS = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
+NOTIFY_WAIT_S = 1.0
+"""How long READY=1 and STOPPING=1 wait for room in systemd's queue (sd_notify(3) blocks;
+a lost READY=1 leaves the unit starting until its timeout). Other notifications never wait."""
 
-def notify(state: str, *, env: Mapping[str, str] = os.environ) -> bool:
+
+def notify(state: str, *, env: Mapping[str, str] = os.environ, wait: float = 0.0) -> bool:
     """Send one sd_notify(3) datagram, such as ``"READY=1"``, to ``$NOTIFY_SOCKET``.
 
     ``$NOTIFY_SOCKET`` is a filesystem path or, when it starts with ``@``, an abstract socket
@@ -50,7 +54,8 @@ def notify(state: str, *, env: Mapping[str, str] = os.environ) -> bool:
     Raises ValueError when ``$NOTIFY_SOCKET`` is neither an absolute path nor an ``@`` name,
     and OSError when the send fails (no such socket, permission denied). The socket is
     non-blocking, so a receiver that has fallen behind raises BlockingIOError instead of
-    stalling the caller's event loop.
+    stalling the caller's event loop; with ``wait``, it waits that many seconds for room
+    first (then TimeoutError).
     """
     address = env.get("NOTIFY_SOCKET", "")
     if not address:
@@ -64,7 +69,7 @@ def notify(state: str, *, env: Mapping[str, str] = os.environ) -> bool:
             f"NOTIFY_SOCKET={address!r} is neither an absolute path nor an @abstract name"
         )
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.setblocking(False)
+        sock.settimeout(wait or 0.0)  # (0: non-blocking)
         sock.sendto(state.encode(), target)
     return True
 
@@ -81,7 +86,7 @@ def notify_ready(status: str = "serving", *, env: Mapping[str, str] = os.environ
     Returns and raises as notify().
     """
     state = f"READY=1\nSTATUS={_one_line(status)}\nMAINPID={os.getpid()}"
-    return notify(state, env=env)
+    return notify(state, env=env, wait=NOTIFY_WAIT_S)
 
 
 def notify_status(text: str, *, env: Mapping[str, str] = os.environ) -> bool:
@@ -94,7 +99,15 @@ def notify_stopping(status: str = "shutting down", *, env: Mapping[str, str] = o
 
     Returns and raises as notify().
     """
-    return notify(f"STOPPING=1\nSTATUS={_one_line(status)}", env=env)
+    return notify(f"STOPPING=1\nSTATUS={_one_line(status)}", env=env, wait=NOTIFY_WAIT_S)
+
+
+def notify_starting(status: str, *, extend: float, env: Mapping[str, str] = os.environ) -> bool:
+    """Say what the start is doing, and give it ``extend`` seconds more from now
+    (``EXTEND_TIMEOUT_USEC``, systemd 236 and later: a long check of a large database must
+    not be killed by TimeoutStartSec). Returns and raises as notify()."""
+    usec = int(extend * 1_000_000)
+    return notify(f"STATUS={_one_line(status)}\nEXTEND_TIMEOUT_USEC={usec}", env=env)
 
 
 def notify_watchdog(*, env: Mapping[str, str] = os.environ) -> bool:
@@ -148,8 +161,8 @@ def listen_socket(env: MutableMapping[str, str] = os.environ) -> socket.socket |
     ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` are then removed from ``env``, so a child process
     does not take them for its own.
 
-    omkd listens on one socket: when systemd passes more than one, the first (fd 3) is used
-    and the others are only marked close-on-exec, left open and unused.
+    omkd listens on one socket: more than one (two ``ListenStream=``) is refused, as their
+    clients would wait on a socket nobody accepts on.
 
     Returns None when the process was not socket-activated: the variables are unset,
     ``$LISTEN_PID`` names another process (``env`` is then left as it is), or
@@ -167,9 +180,11 @@ def listen_socket(env: MutableMapping[str, str] = os.environ) -> socket.socket |
         env.pop(name, None)
     if count < 1:
         return None
-    for fd in range(SD_LISTEN_FDS_START + 1, SD_LISTEN_FDS_START + count):
-        with contextlib.suppress(OSError):  # Already closed: nothing to leak.
-            os.set_inheritable(fd, False)
+    if count > 1:
+        raise ValueError(
+            f"systemd passed {count} sockets (LISTEN_FDS={count}): omkd listens on one, so "
+            "give its socket unit one ListenStream="
+        )
     return _adopt_listener(SD_LISTEN_FDS_START)
 
 

@@ -33,11 +33,13 @@ __all__ = [
     "enable_instructions",
     "install_units",
     "omkd_command",
+    "private_tmp_warning",
     "render_units",
     "unit_dir",
 ]
 
 UNIT_NAMES = ("omkd.socket", "omkd.service")
+_PRIVATE_TMP_DIRS = ("/tmp", "/var/tmp")  # the service's own (PrivateTmp=yes)
 SERVICE = "omkd.service"
 UNIT_FILE_MODE = 0o644
 
@@ -76,6 +78,19 @@ def _quote_path(path: str) -> str:
     return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+def private_tmp_warning(db_path: str | os.PathLike[str]) -> str | None:
+    """What to tell whoever installs the units for a database under /tmp or /var/tmp: the
+    service (PrivateTmp=yes) has its own, and would serve another, empty database there."""
+    path = os.fspath(db_path)
+    if not any(os.path.commonpath([path, tmp]) == tmp for tmp in _PRIVATE_TMP_DIRS):
+        return None
+    return (
+        f"warning: {path} is under /tmp or /var/tmp, and the service runs with "
+        "PrivateTmp=yes: it would open another database, in a /tmp of its own; choose one "
+        "outside them with --db (or drop PrivateTmp= in an override)"
+    )
+
+
 def render_units(
     exec_path: str | Sequence[str],
     extra_args: list[str] | None = None,
@@ -97,6 +112,7 @@ def render_units(
         raise ValueError(f"ExecStart needs an absolute executable path, got {exec_path!r}")
     if db_path is not None and not os.path.isabs(db_path):
         raise ValueError(f"--db needs an absolute path, got {db_path!r}")
+
     db_word = _quote_exec_arg(db_path) if db_path is not None else "%S/omk/omk.db"
     words = [_quote_exec_arg(w) for w in command] + ["serve", "--db", db_word]
     words += [_quote_exec_arg(w) for w in extra_args or []]

@@ -67,6 +67,9 @@ def test_config_file_then_overrides(tmp_path: Path) -> None:
         ("long_call_rows = -1", "long_call_rows must not be negative"),
         ("long_call_bytes = -1", "long_call_bytes must not be negative"),
         ("long_call_seconds = -0.5", "long_call_seconds must not be negative"),
+        ("accept_retry_delay = -1", "accept_retry_delay must be positive"),
+        ("accept_retry_delay = nan", "accept_retry_delay must be positive"),
+        ("listen_backlog = -1", "listen_backlog must be at least 1"),
         ("gc_threshold = 2147483648", "gc_threshold must be at most 2147483647"),
         ("this is not toml", "not valid TOML"),
     ],
@@ -77,6 +80,14 @@ def test_bad_config_file_is_named(tmp_path: Path, text: str, needle: str) -> Non
     with pytest.raises(ConfigError) as info:
         load_config(str(file), env={})
     assert needle in str(info.value) and str(file) in str(info.value)
+
+
+def test_a_config_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    file = tmp_path / "latin1.toml"
+    file.write_bytes('socket_path = "/tmp/caf\u00e9.sock"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as info:
+        load_config(str(file), env={})
+    assert str(file) in str(info.value)
 
 
 def test_missing_config_file(tmp_path: Path) -> None:

@@ -261,6 +261,18 @@ def test_a_database_file_it_may_not_write_is_refused(workdir: Path) -> None:
     assert not (workdir / "s.sock").exists()
 
 
+def test_a_watchdog_setting_that_is_no_number_is_one_line_exit_78(workdir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "omkd", "serve", "--socket", str(workdir / "s.sock"),
+         "--db", str(workdir / "omk.db")],
+        capture_output=True, text=True, timeout=60,
+        env={**os.environ, "WATCHDOG_USEC": "abc"},
+    )  # fmt: skip
+    assert done.returncode == 78
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "WATCHDOG_USEC='abc'" in done.stderr
+
+
 def test_socket_path_too_long(workdir: Path) -> None:
     long_path = workdir / ("x" * 120) / "omkd.sock"
     daemon = DaemonProcess(workdir, socket_path=long_path).start(wait=False)

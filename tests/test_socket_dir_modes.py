@@ -3,14 +3,19 @@ that exists keeps its mode, and the socket is 0600 either way, whatever the umas
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from rpc_helpers import running_daemon, short_tempdir
+from omkd.listen import StartupError, open_unix_listener, prepare_socket_directory
+from omkd.server import _activated_config
+
+from rpc_helpers import make_config, running_daemon, short_tempdir
 
 
 def mode(path: Path) -> int:
@@ -56,3 +61,51 @@ async def test_existing_directory_keeps_its_mode(
         assert mode(shared) == existing_mode
         assert stat.S_ISSOCK(os.stat(socket_path).st_mode) and mode(socket_path) == 0o600
     assert mode(shared) == existing_mode
+
+
+@pytest.mark.parametrize(
+    ("owner", "dir_mode", "taken"),
+    [
+        (0, 0o1777, True),  # /tmp: root's, sticky (only a file's owner may replace it)
+        (0, 0o755, True),  # root's alone (/run)
+        (0, 0o777, False),  # root's, but anyone may replace the socket
+        (4343, 0o700, False),  # another user's: made before the daemon first ran
+        (4242, 0o700, True),  # this user's own
+    ],
+)
+def test_which_socket_directories_a_user_may_serve_in(
+    monkeypatch: pytest.MonkeyPatch, owner: int, dir_mode: int, taken: bool
+) -> None:
+    # As uid 4242 (the tests run as root, whom every directory would suit).
+    with short_tempdir() as directory:
+        socket_dir = directory / "d"
+        socket_dir.mkdir()
+        os.chown(socket_dir, owner, -1)
+        os.chmod(socket_dir, dir_mode)
+        monkeypatch.setattr(os, "getuid", lambda: 4242)
+        if taken:
+            prepare_socket_directory(socket_dir / "omkd.sock")
+        else:
+            with pytest.raises(StartupError, match="others may replace the socket"):
+                prepare_socket_directory(socket_dir / "omkd.sock")
+
+
+def test_a_socket_path_near_the_length_limit_listens(shared: Path) -> None:
+    # Bound first under a longer temporary name, it failed past ~97 bytes ("None").
+    path = shared / ("s" * (106 - len(os.fsencode(shared)) - 1))
+    assert len(os.fsencode(path)) == 106
+    with contextlib.closing(open_unix_listener(path, 8)) as listener:
+        with socket.socket(socket.AF_UNIX) as client:
+            client.connect(str(path))
+            accepted, _ = listener.accept()
+            accepted.close()
+        assert sorted(p.name for p in shared.iterdir()) == [path.name]
+
+
+def test_an_abstract_activation_socket_is_reported_by_its_name() -> None:
+    name = f"omkd-test-{os.getpid()}"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind("\0" + name)
+        sock.listen()
+        config = _activated_config(make_config(Path("/nonexistent")), sock)
+    assert config.socket_path == "@" + name

@@ -92,6 +92,14 @@ class ActivatedDaemon:
         assert notification is not None, f"no notification in {timeout} s: {self.log()}"
         return notification
 
+    def ready(self) -> dict[str, str]:
+        """READY=1, past what the start said before it (its check of the database)."""
+        notification = self.receive()
+        while "READY" not in notification:
+            assert set(notification) <= {"STATUS", "EXTEND_TIMEOUT_USEC"}, notification
+            notification = self.receive()
+        return notification
+
     def close(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
@@ -130,6 +138,9 @@ def test_first_connection_starts_daemon_that_answers_and_reports_ready(
     assert created["goal_id"] == "g1" and created["version"] == 1
     assert status["pid"] == activated.proc.pid  # exec'd: the tool's pid is the daemon's
     assert status["socket_path"] == str(activated.socket_path)
+    starting = activated.receive()  # the check of the database may take long: said so
+    assert starting["STATUS"] == f"checking {activated.db_path} (0 MiB)"
+    assert int(starting["EXTEND_TIMEOUT_USEC"]) >= 30_000_000
     ready = activated.receive()
     assert ready == {
         "READY": "1",
@@ -144,7 +155,7 @@ def test_first_connection_starts_daemon_that_answers_and_reports_ready(
 def test_watchdog_pings_at_half_watchdog_usec(activated_with_watchdog: ActivatedDaemon) -> None:
     daemon = activated_with_watchdog
     with SyncConnection(daemon.socket_path, timeout=TIMEOUT_S) as conn:
-        assert daemon.receive()["READY"] == "1"
+        assert daemon.ready()["READY"] == "1"
         environ = Path(f"/proc/{daemon.proc.pid}/environ").read_bytes().split(b"\0")
         assert f"WATCHDOG_PID={daemon.proc.pid}".encode() in environ  # as systemd sets it
         end = time.monotonic() + WATCHDOG_WINDOW_S
@@ -166,7 +177,7 @@ def test_sigterm_notifies_stopping_rolls_back_and_exits_zero(
 ) -> None:
     with SyncConnection(activated.socket_path, timeout=TIMEOUT_S) as conn:
         conn.call("goal.create", **goal_params("kept"))
-        assert activated.receive()["READY"] == "1"
+        assert activated.ready()["READY"] == "1"
         conn.call("tx.begin")
         conn.call("goal.create", **goal_params("uncommitted"))
         activated.proc.send_signal(signal.SIGTERM)

@@ -7,6 +7,7 @@ fd 3 is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +105,8 @@ def test_notify_helpers_send_documented_states(receiver: tuple[socket.socket, st
     fields = dict(line.split("=", 1) for line in sock.recv(4096).decode().split("\n"))
     assert fields["RELOADING"] == "1"
     assert int(fields["MONOTONIC_USEC"]) > 0
+    systemd.notify_starting("checking /x (1,500 MiB)", extend=67.5, env=env)
+    assert sock.recv(4096) == b"STATUS=checking /x (1,500 MiB)\nEXTEND_TIMEOUT_USEC=67500000"
 
 
 # --- watchdog -----------------------------------------------------------------------------
@@ -214,12 +218,33 @@ def test_listen_socket_takes_listening_unix_socket(short_dir: Path) -> None:
     assert result == {"fileno": 3, "blocking": False, "inheritable": False, "env": []}
 
 
-def test_listen_socket_with_several_fds_uses_the_first(short_dir: Path) -> None:
+def test_listen_socket_refuses_several_sockets(short_dir: Path) -> None:
+    # omkd accepts on one: the clients of a second would wait on a socket nobody accepts on.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(str(short_dir / "s"))
         listener.listen()
         result = run_child(listener.fileno(), count="2")
-    assert result["fileno"] == 3
+    assert "passed 2 sockets" in result["error"] and "one ListenStream=" in result["error"]
+
+
+def test_ready_and_stopping_wait_for_room_in_a_full_queue(short_dir: Path) -> None:
+    path = str(short_dir / "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as receiver:
+        receiver.bind(path)
+        env = {"NOTIFY_SOCKET": path}
+        with pytest.raises(BlockingIOError):  # fill systemd's queue
+            for _ in range(100_000):
+                systemd.notify("STATUS=filler", env=env)
+        with pytest.raises(BlockingIOError):
+            systemd.notify_watchdog(env=env)  # a ping never waits
+        threading.Timer(0.2, lambda: receiver.recv(4096)).start()  # room, a moment later
+        assert systemd.notify_ready("serving", env=env)
+        received = []
+        receiver.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                received.append(receiver.recv(4096))
+        assert received[-1].startswith(b"READY=1\n")
 
 
 def test_listen_socket_refuses_socket_not_listening(short_dir: Path) -> None:
@@ -447,6 +472,23 @@ def test_cli_install_units_writes_absolute_exec_start_and_prints_commands(
         assert command in proc.stdout.splitlines()
     if shutil.which("systemd-analyze") is not None:
         verify([dest / name for name in units.UNIT_NAMES], short_dir)
+
+
+def test_cli_install_units_refuses_a_path_no_unit_can_hold_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["install-units", "--dest", str(tmp_path), "--db", "/srv/a\nb/omk.db"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "newline" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_database_under_tmp_gets_a_warning_at_install() -> None:
+    for path in ("/tmp/omk.db", "/var/tmp/x/omk.db"):
+        warning = units.private_tmp_warning(path)
+        assert warning is not None and "PrivateTmp=yes" in warning
+    assert units.private_tmp_warning("/home/u/.local/state/omk/omk.db") is None
+    assert units.private_tmp_warning("/tmpfoo/omk.db") is None
 
 
 def test_enable_instructions() -> None:
