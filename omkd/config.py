@@ -216,7 +216,9 @@ def load_config(
     return msgspec.structs.replace(
         config,
         db_path=str(canonical_db_path(config.db_path)),
-        socket_path=os.path.expanduser(config.socket_path),  # a config file's "~/..."
+        # A config file's "~/..."; absolute, as db_path, so that daemon.status and the log
+        # name the socket clients can find from anywhere.
+        socket_path=os.path.abspath(os.path.expanduser(config.socket_path)),
     )
 
 

@@ -146,5 +146,7 @@ def test_a_database_has_one_name_however_it_is_given(
     )
     monkeypatch.chdir(home)
     assert load_config(overrides={"db_path": "state/omk.db"}, env={}).db_path == str(real)
+    relative = load_config(overrides={"socket_path": "rel.sock"}, env={})
+    assert relative.socket_path == str(home / "rel.sock")  # as daemon.status reports it
     assert resolve_db_path(str(tmp_path / "link.db"), {}) == real
     assert resolve_db_path(None, {"OMKD_DB": "~/state/omk.db"}) == real
