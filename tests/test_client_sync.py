@@ -545,6 +545,28 @@ def test_a_pipeline_that_got_no_reply_says_why_in_each_result() -> None:
         put.result()  # not "has not been sent yet"
 
 
+def test_a_client_used_by_two_threads_at_once_says_so() -> None:
+    # Documented as not thread-safe: the second thread's call raises at once rather than
+    # mix its bytes into the first one's stream (it hung, past the call timeout).
+    release = threading.Event()
+
+    def handler(request: dict[str, Any]) -> Any:
+        release.wait(10)
+        return result(request, "pong")
+
+    with fake_server(handler) as server, Client.connect(server.socket_path) as c:
+        first = threading.Thread(target=c.daemon.ping)
+        first.start()
+        deadline = time.monotonic() + 10
+        while not server.requests and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with pytest.raises(RuntimeError, match="not thread-safe"):
+            c.daemon.ping()
+        release.set()
+        first.join(10)
+        assert c.daemon.ping() == "pong"  # one thread at a time is fine
+
+
 def test_a_closed_client_runs_no_more_calls(daemon: Daemon) -> None:
     c = Client.connect(daemon.socket_path)
     c.close()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import select
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
@@ -133,6 +134,8 @@ class Client(_Calls):
         # Counts connections opened and lost: a transaction belongs to one.
         self._generation = 0
         self._closed = False
+        # Held during a call: a second thread's call raises instead of mixing up the stream.
+        self._in_use = threading.Lock()
         # The Transaction open on this client, until it ends: once its connection is lost,
         # calls on the client raise instead of running outside it.
         self._transaction: Transaction | None = None
@@ -269,6 +272,14 @@ class Client(_Calls):
 
     def _exchange(self, requests: list[tuple[str, Any]]) -> list[Reply]:
         """Send ``requests`` together, then return their replies in the same order."""
+        if not self._in_use.acquire(blocking=False):
+            raise _shared_between_threads()
+        try:
+            return self._exchange_alone(requests)
+        finally:
+            self._in_use.release()
+
+    def _exchange_alone(self, requests: list[tuple[str, Any]]) -> list[Reply]:
         # Loops, not comprehensions: on Python 3.11 each comprehension makes a function
         # object, and most calls are one request.
         if self._closed:
@@ -427,6 +438,16 @@ class Client(_Calls):
         self, queue: deque[SubscriptionItem], timeout: float | None
     ) -> SubscriptionItem | None:
         """The subscription's next buffered item, reading as needed; None on timeout."""
+        if not self._in_use.acquire(blocking=False):
+            raise _shared_between_threads()
+        try:
+            return self._next_item_alone(queue, timeout)
+        finally:
+            self._in_use.release()
+
+    def _next_item_alone(
+        self, queue: deque[SubscriptionItem], timeout: float | None
+    ) -> SubscriptionItem | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if queue:
@@ -663,6 +684,13 @@ def connect(
 ) -> Client:
     """``Client.connect``: a connected sync client, to use in a ``with`` block."""
     return Client.connect(socket_path, connect_timeout=connect_timeout, call_timeout=call_timeout)
+
+
+def _shared_between_threads() -> RuntimeError:
+    return RuntimeError(
+        "this Client is in a call in another thread: a Client is not thread-safe; give each "
+        "thread its own"
+    )
 
 
 def _decode(op: Op[T], raw: msgspec.Raw) -> T:
