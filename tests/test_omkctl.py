@@ -78,6 +78,25 @@ def test_goal_list_and_show(daemon: Daemon, goal_id: str, capsys: Any) -> None:
     assert json.loads(out)["goal_id"] == goal_id
 
 
+def test_stored_text_does_not_drive_the_terminal(daemon: Daemon, capsys: Any) -> None:
+    text = "red \x1b[31malert\x1b[0m\nsecond line\x07"
+    with Client.connect(daemon.socket_path) as c:
+        gid = c.goals.create(make_goal(unique("esc"), goal_text=text, phase="p\x1b]0;x")).goal_id
+    for args in (("goal", "show", gid), ("goal", "list")):
+        code, out, _ = run(daemon, capsys, *args)
+        assert code == 0 and "\x1b" not in out and "\x07" not in out
+        assert "\\x1b[31malert" in out  # written out, readable
+    code, out, _ = run(daemon, capsys, "--json", "goal", "show", gid)
+    assert json.loads(out)["goal_text"] == text  # --json gives the data as it is
+
+
+def test_lists_of_an_unknown_goal_say_so(daemon: Daemon, capsys: Any) -> None:
+    for args in (("task", "list", "nope"), ("events", "tail", "nope"),
+                 ("--json", "task", "list", "nope")):  # fmt: skip
+        code, out, err = run(daemon, capsys, *args)
+        assert code == EXIT_DAEMON_ERROR and out == "" and err.startswith("omkctl: no goal")
+
+
 def test_task_list(daemon: Daemon, goal_id: str, capsys: Any) -> None:
     code, out, _ = run(daemon, capsys, "task", "list", goal_id)
     assert code == 0 and "TASK" in out and "task 1" in out

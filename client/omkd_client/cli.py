@@ -98,7 +98,7 @@ class _Output:
         self.line(msgspec.json.encode(value).decode() if self.json else _pretty(value))
 
     def table(self, rows: Iterable[Sequence[Any]], headers: Sequence[str]) -> None:
-        rows = list(rows)
+        rows = [[_visible(c) if isinstance(c, str) else c for c in row] for row in rows]
         if rows:
             self.line(tabulate(rows, headers=headers, tablefmt="simple"))
 
@@ -148,7 +148,7 @@ def duration(seconds: float) -> str:
 
 
 def _shorten(text: str, width: int) -> str:
-    text = " ".join(text.split())
+    text = _visible(" ".join(text.split()))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
@@ -156,8 +156,16 @@ def _cell(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, str):
-        return value
+        return _visible(value)
     return msgspec.json.encode(value).decode()
+
+
+def _visible(text: str) -> str:
+    """``text`` with what a terminal would act on (an escape sequence, a newline in a cell)
+    written out as Python would: stored data must not drive the user's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _pretty(value: Any) -> str:
@@ -276,6 +284,8 @@ class _NoSuchGoal(Exception):
 
 def _task_list(client: Client, args: argparse.Namespace, out: _Output) -> int:
     tasks = client.tasks.get_by_goal(args.goal)
+    if not tasks and client.goals.get(args.goal) is None:  # ([] for an unknown goal)
+        raise _NoSuchGoal(args.goal)
     if out.json:
         out.document(tasks)
         return EXIT_OK
@@ -292,6 +302,9 @@ def _task_list(client: Client, args: argparse.Namespace, out: _Output) -> int:
 
 def _events_tail(client: Client, args: argparse.Namespace, out: _Output) -> int:
     events = _tail(client, args.goal, args.after, args.limit)
+    # Following a goal not created yet is fine: its events are printed as they come.
+    if not events and not args.follow and client.goals.get(args.goal) is None:
+        raise _NoSuchGoal(args.goal)
     for event in events:
         _print_event(out, event)
     if not args.follow:
@@ -323,8 +336,8 @@ def _print_event(out: _Output, event: EventRecord) -> None:
         return
     payload = _shorten(msgspec.json.encode(event.payload).decode(), PAYLOAD_WIDTH)
     out.line(
-        f"{event.event_id:>8}  {local_time(event.created_at)}  {event.kind:<20} "
-        f"{event.actor or '-':<12} {payload}"
+        f"{event.event_id:>8}  {local_time(event.created_at)}  {_visible(event.kind):<20} "
+        f"{_visible(event.actor or '-'):<12} {payload}"
     )
 
 
