@@ -296,3 +296,21 @@ def test_open_makes_every_missing_directory_private(tmp_path: Path) -> None:
     for directory in (tmp_path / "a", tmp_path / "a" / "b"):
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
     assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o751  # an existing one: left alone
+
+
+def test_a_new_database_and_its_wal_are_the_users_alone(tmp_path: Path) -> None:
+    # SQLite makes a new file 0644 (less the umask); a state daemon's data is its user's.
+    previous = os.umask(0o022)
+    try:
+        with Database.open(tmp_path / "omk.db") as db:
+            db.goals.list()
+            names = sorted(p.name for p in tmp_path.iterdir())
+            assert names == ["omk.db", "omk.db-shm", "omk.db-wal"]
+            assert {stat.S_IMODE((tmp_path / n).stat().st_mode) for n in names} == {0o600}
+    finally:
+        os.umask(previous)
+    existing = tmp_path / "old.db"
+    Database.open(existing).close()
+    existing.chmod(0o640)
+    Database.open(existing).close()
+    assert stat.S_IMODE(existing.stat().st_mode) == 0o640  # an existing file keeps its mode

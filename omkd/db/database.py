@@ -64,6 +64,8 @@ from omkd.db.tasks import TaskRepository
 
 __all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "backup_database", "migrate"]
 
+_PRIVATE_FILE_MODE: Final = 0o600  # a database file Database.open creates
+
 BUSY_TIMEOUT_MS = 5000
 """How long SQLite waits for a lock held by another process before answering Busy."""
 
@@ -270,6 +272,14 @@ class Database(_Repositories):
         except OSError as exc:
             raise StorageFailure(f"cannot create {path.parent}: {exc}") from exc
         path = path.resolve()
+        # A new file is its user's alone (0600, whatever the umask; SQLite would make it
+        # 0644), and so are its -wal and -shm, which SQLite gives the file's mode.
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _PRIVATE_FILE_MODE))
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise StorageFailure(f"cannot create {path}: {exc.strerror}") from exc
         migrations = load_migrations(migrations_dir)
         with contextlib.ExitStack() as stack:
             writer = connect(str(path))
