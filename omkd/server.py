@@ -24,7 +24,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -136,24 +136,29 @@ def check_database_path(path: str) -> None:
 
 
 def open_database(config: Config) -> db.Database:
-    """Open and migrate the database; refuse a damaged file with what to do about it."""
-    advice = (
-        f"run `omkd check --db {config.db_path}` for a report, and restore the file from a "
-        f"backup (`omkd backup` writes one)"
-    )
+    """Open and migrate the database; refuse a file SQLite cannot use, with what to do."""
     try:
-        database = db.Database.open(
+        return db.Database.open(
             config.db_path,
             synchronous=config.synchronous,
             wal_autocheckpoint=config.wal_autocheckpoint,
             wal_size_limit=config.wal_restart_pages or None,
         )
     except db.StorageFailure as exc:
-        raise StartupError(f"database {config.db_path} is unusable ({exc}); {advice}") from exc
+        raise StartupError(
+            f"database {config.db_path} is unusable ({exc}); {_restore_advice(config)}"
+        ) from exc
     except db.DbError as exc:
         raise StartupError(f"cannot open database {config.db_path}: {exc}") from exc
-    # systemd's start timeout (30 s) must not cut a long check short: ~20 s a 1.5 GB file
-    # with a cold cache here; allowed twice that, at 40 MB a second.
+
+
+async def check_database(database: db.Database, config: Config) -> None:
+    """Refuse a damaged file (``PRAGMA quick_check``), with what to do about it.
+
+    The check reads the whole file (~20 s for 1.5 GB with a cold cache): it runs in a
+    worker thread, systemd is told (a status line, a longer start timeout), and a stop
+    requested meanwhile (the start cancelled) interrupts it.
+    """
     size = os.stat(config.db_path).st_size
     _notify(
         lambda: systemd.notify_starting(
@@ -161,16 +166,39 @@ def open_database(config: Config) -> db.Database:
             extend=START_CHECK_BASE_S + size / START_CHECK_BYTES_PER_S,
         )
     )
-    try:
-        problems = database.quick_check()
-    except db.DbError as exc:  # damage SQLite stops at ("database disk image is malformed")
-        problems = [str(exc)]
+    async with trio.open_nursery() as nursery:
+        finished = False
+
+        async def interrupt_if_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                if not finished:  # the start was cancelled: the check ends now
+                    database.interrupt_reads()
+
+        nursery.start_soon(interrupt_if_cancelled)
+        try:
+            problems = await trio.to_thread.run_sync(database.quick_check)
+        except db.Interrupted:
+            await trio.lowlevel.checkpoint()  # the cancellation goes on from here
+            raise
+        except db.DbError as exc:  # damage SQLite stops at ("database disk image is malformed")
+            problems = [str(exc)]
+        finally:
+            finished = True
+            nursery.cancel_scope.cancel()
     if problems:
-        database.close()
         raise StartupError(
-            f"database {config.db_path} is damaged ({'; '.join(problems[:3])}); {advice}"
+            f"database {config.db_path} is damaged ({'; '.join(problems[:3])}); "
+            f"{_restore_advice(config)}"
         )
-    return database
+
+
+def _restore_advice(config: Config) -> str:
+    return (
+        f"run `omkd check --db {config.db_path}` for a report, and restore the file from a "
+        f"backup (`omkd backup` writes one)"
+    )
 
 
 async def serve(config: Config) -> int:
@@ -187,6 +215,32 @@ async def serve(config: Config) -> int:
         raise _first_leaf(startup) from None
 
 
+async def _start(
+    nursery: trio.Nursery, config: Config, signals: AsyncIterator[int]
+) -> Daemon | None:
+    """Start the daemon in ``nursery``; None if a signal stopped the start first (the check
+    of a large database takes seconds, and a stop must not wait for it)."""
+    with trio.CancelScope() as starting:
+        async with trio.open_nursery() as watching:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    log.info("received %s while starting: stopping", signal.Signals(signum).name)
+                    _notify(systemd.notify_stopping)
+                    starting.cancel()
+                    return
+
+            watching.start_soon(stop_on_signal)
+            try:
+                daemon: Daemon = await nursery.start(run_daemon, config)
+            except OSError as exc:  # a path it cannot use: the socket's, the database's
+                where = f": {exc.filename}" if exc.filename else ""
+                raise StartupError(f"cannot start: {exc.strerror or exc}{where}") from exc
+            watching.cancel_scope.cancel()
+        return daemon
+    return None
+
+
 def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
     first = group.exceptions[0]
     return first if isinstance(first, StartupError) else _first_leaf(first)
@@ -195,11 +249,10 @@ def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
 async def _serve_until_signalled(config: Config) -> int:
     with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            try:
-                daemon: Daemon = await nursery.start(run_daemon, config)
-            except OSError as exc:  # a path it cannot use: the socket's, the database's
-                where = f": {exc.filename}" if exc.filename else ""
-                raise StartupError(f"cannot start: {exc.strerror or exc}{where}") from exc
+            daemon = await _start(nursery, config, signals)
+            if daemon is None:  # stopped before it could serve
+                log.info("stopped before serving")
+                return 0
             async for signum in signals:
                 log.info("received %s: stopping", signal.Signals(signum).name)
                 break
@@ -240,6 +293,11 @@ async def run_daemon(
     ):
         file_lock.take()  # before anything is read or migrated, when the file exists
         database = open_database(config)
+        try:
+            await check_database(database, config)  # (a damaged file is left as it is)
+        except BaseException:
+            database.close()
+            raise
         try:
             file_lock.take()  # a new file: now it does
             if inherited is not None:

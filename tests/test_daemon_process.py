@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import signal
@@ -10,16 +11,20 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
 from omkd.db import Database, EventInput, GoalRecord
+from omkd.db.database import _DatabaseScope
+from omkd.server import serve
 
 from proc_helpers import DaemonProcess, SyncConnection, goal_params, sync_call
-from rpc_helpers import short_tempdir
+from rpc_helpers import make_config, short_tempdir
 
 
 @pytest.fixture
@@ -271,6 +276,41 @@ def test_a_watchdog_setting_that_is_no_number_is_one_line_exit_78(workdir: Path)
     assert done.returncode == 78
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert "WATCHDOG_USEC='abc'" in done.stderr
+
+
+ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c"
+
+
+async def test_a_stop_during_the_start_check_ends_it_at_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The start reads the whole file (quick_check: ~20 s for 1.5 GB with a cold cache); a
+    # SIGTERM then waited for it. Here the check never ends unless interrupted.
+    checking = threading.Event()
+
+    def endless_check(database: Database) -> list[str]:
+        checking.set()
+        with _DatabaseScope(database).read() as conn:
+            conn.scalar(ENDLESS)
+        return []
+
+    monkeypatch.setattr(Database, "quick_check", endless_check)
+    caplog.set_level(logging.INFO)
+    with short_tempdir() as directory:
+        config = make_config(directory)
+
+        async def terminate_once_checking() -> None:
+            assert await trio.to_thread.run_sync(checking.wait, 10)
+            os.kill(os.getpid(), signal.SIGTERM)  # (trio's receiver is open by then)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(terminate_once_checking)
+            with trio.fail_after(10):
+                assert await serve(config) == 0
+        assert not Path(config.socket_path).exists()
+    assert "received SIGTERM while starting: stopping" in caplog.text
+    assert "stopped before serving" in caplog.text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_socket_path_too_long(workdir: Path) -> None:
