@@ -441,6 +441,25 @@ def test_a_long_pipeline_does_not_wait_on_itself(client: Client) -> None:
     assert {r.result() for r in pending} == {"pong"}
 
 
+def test_a_pipeline_cut_off_part_way_is_not_sent_again() -> None:
+    # The daemon ran the first writes, then closed at one over its size limit: sending the
+    # whole pipeline again on a new connection applied them twice.
+    with (
+        daemon_process("--max-message-bytes", "100000") as daemon,
+        Client.connect(daemon.socket_path) as c,
+    ):
+        gid = c.goals.create(make_goal()).goal_id
+        calls: list[tuple[str, dict[str, Any] | None]] = [
+            ("event.append", {"goal_id": gid, "kind": "k", "payload": i}) for i in range(50)
+        ]
+        calls.append(("event.append", {"goal_id": gid, "kind": "k", "payload": "x" * 2_000_000}))
+        calls += [("event.append", {"goal_id": gid, "kind": "k", "payload": -1})] * 5
+        with pytest.raises(ConnectionLost, match="may or may not have been applied"):
+            c.call_many(calls)
+        payloads = [e.payload for e in c.events.get_by_goal(gid)]
+        assert payloads == list(range(len(payloads))) and len(payloads) <= 50  # once each
+
+
 def test_a_call_timing_out_on_a_transaction_closes_the_connection(daemon: Daemon) -> None:
     # tx.begin waits for another session's transaction past the client's call timeout: the
     # daemon would grant it later, on a connection the client no longer knows to be in one.

@@ -251,6 +251,25 @@ async def test_call_timeout_and_commit_outcome_unknown() -> None:
             assert await c.call("fast") == "ok"  # reconnected
 
 
+async def test_a_pipeline_cut_off_part_way_is_not_sent_again() -> None:
+    with short_tempdir() as directory:
+        async with (
+            running_daemon(directory, max_message_bytes=100_000) as daemon,
+            TrioClient.connect(daemon.config.socket_path) as c,
+        ):
+            gid = (await c.goals.create(make_goal())).goal_id
+            calls: list[tuple[str, dict[str, Any] | None]] = [
+                ("event.append", {"goal_id": gid, "kind": "k", "payload": i}) for i in range(50)
+            ]
+            big = {"goal_id": gid, "kind": "k", "payload": "x" * 2_000_000}
+            calls += [("event.append", big)] + [("event.append", {"goal_id": gid, "kind": "k",
+                                                                  "payload": -1})] * 5  # fmt: skip
+            with pytest.raises((ConnectionLost, InvalidRequest)):
+                await c.call_many(calls)
+            payloads = [e.payload for e in await c.events.get_by_goal(gid)]
+            assert payloads == list(range(len(payloads))) and len(payloads) <= 50
+
+
 async def test_giving_up_on_a_transactions_call_closes_the_connection(
     client: TrioClient, socket_path: Path
 ) -> None:

@@ -330,14 +330,17 @@ class Client(_Calls):
                     if close or not delivered:  # (a frame may be half sent)
                         self._drop("a call timed out" if delivered else "timed out while sending")
                     raise timed_out from exc
-                answered = None if delivered or not isinstance(exc, OSError) else self._salvage(ids)
+                # A send cut short: what the daemon answered first is here (-32600 for a
+                # request over its size limit). Of several requests the first ones may have
+                # run: they count as delivered, never sent twice.
+                answered = None if delivered else self._salvage(ids)
                 self._drop(f"connection lost: {exc}")
                 if answered is not None:
                     return answered
                 error = error_after_break(
                     _methods(requests),
                     in_transaction=in_transaction,
-                    delivered=delivered,
+                    delivered=delivered or len(ids) > 1,
                     retried=retried,
                 )
                 if error is not None:

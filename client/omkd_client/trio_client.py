@@ -260,8 +260,13 @@ class TrioClient(_AsyncCalls):
             broken = next((s.broken for s in slots.values() if s.broken is not None), None)
             if broken is None:
                 return [slot.reply for slot in slots.values() if slot.reply is not None]
+            # Of several requests whose send was cut short the first ones may have run:
+            # they count as delivered, never sent twice.
             error = error_after_break(
-                methods, in_transaction=in_transaction, delivered=delivered, retried=retried
+                methods,
+                in_transaction=in_transaction,
+                delivered=delivered or len(methods) > 1,
+                retried=retried,
             )
             if error is not None:
                 raise error
