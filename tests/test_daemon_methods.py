@@ -363,6 +363,17 @@ async def test_backup(client: RawClient, tmp_path: Path) -> None:
         assert refused["data"]["field"] == "dest"
 
 
+async def test_a_backup_that_cannot_be_written_is_no_failing_database(
+    client: RawClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its destination's fault, answered -32030: not logged as the database's writes failing.
+    refused = await client.error("db.backup", dest="/proc/no-such-place/copy.db")
+    assert refused["code"] in (ErrorCode.INVALID_PARAMS, ErrorCode.STORAGE_FAILURE)
+    refused = await client.error("db.backup", dest="/proc/copy.db")
+    assert refused["code"] == ErrorCode.STORAGE_FAILURE
+    assert "writes to the database" not in caplog.text
+
+
 async def test_unknown_subscription(client: RawClient) -> None:
     error = await client.error("event.unsubscribe", subscription=999)
     assert error["code"] == ErrorCode.NOT_FOUND

@@ -459,8 +459,8 @@ class Dispatcher:
         code, text, data = error_body(exc)
         if code == ErrorCode.INTERNAL_ERROR:
             log.exception("internal error in %s", method.name)
-        elif code == ErrorCode.STORAGE_FAILURE:
-            self.storage.failed(f"{method.name}: {text}")
+        elif code == ErrorCode.STORAGE_FAILURE and _writes(method):
+            self.storage.failed(f"{method.name}: {text}")  # (not a backup's own destination)
         elif code == ErrorCode.INVALID_PARAMS and data is not None and "method" not in data:
             data = {"method": method.name, **data}  # as the params' own -32602 has it
         return code, text, data
@@ -501,6 +501,11 @@ def _envelope_problem(envelope: _Envelope) -> InvalidRequest | UnicodeDecodeErro
             except UnicodeDecodeError as exc:
                 return exc
     return None
+
+
+def _writes(method: Method) -> bool:
+    """Whether a call of ``method`` writes to the database: a write, or tx.commit."""
+    return method.access is _WRITE or method.name == "tx.commit"
 
 
 def _committed(method: Method, session: DispatchSession) -> bool:
