@@ -7,6 +7,7 @@ import gc
 import os
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -36,7 +37,7 @@ from omkd.db import (
     check_database,
 )
 from omkd.db.database import _DatabaseScope
-from omkd.db.maintenance import _TEMPORARY_BACKUP, temporary_backup
+from omkd.db.maintenance import _TEMPORARY_BACKUP, remove_stale_backups, temporary_backup
 
 MakeGoal = Callable[..., GoalRecord]
 WAIT = 10.0  # seconds; only reached when a test is about to fail
@@ -588,28 +589,39 @@ def test_backup_database_copies_a_hot_wal_and_writes_nothing(tmp_path: Path) -> 
 def test_a_backup_removes_what_a_killed_backup_left_and_nothing_else(
     db: Database, tmp_path: Path
 ) -> None:
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()  # a pid no process has now
-    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    backups = tmp_path / "backups"
+    backups.mkdir()
+    names = {
+        "stale": f".omkd-backup.{'a' * 32}.tmp",
+        "stale journal": f".omkd-backup.{'a' * 32}.tmp-journal",
+        "journal alone": f".omkd-backup.{'d' * 32}.tmp-journal",
+        "in progress": f".omkd-backup.{'b' * 32}.tmp",
+        "someone else's": ".omkd-backup.notours.tmp",
+        "older omkd's": f".omkd-backup-{'c' * 32}.tmp",
+    }
+    for name in names.values():
+        (backups / name).write_bytes(b"partial")
+    # Another process writes the one in progress: it holds its lock (any pid namespace).
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time\n"
+         "f = open(sys.argv[1], 'rb'); fcntl.flock(f, fcntl.LOCK_EX); print(flush=True)\n"
+         "time.sleep(60)", str(backups / names["in progress"])],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
     try:
-        names = {
-            "stale": f".omkd-backup-{gone.pid}-{'a' * 32}.tmp",
-            "stale journal": f".omkd-backup-{gone.pid}-{'a' * 32}.tmp-journal",
-            "in progress": f".omkd-backup-{live.pid}-{'b' * 32}.tmp",
-            "someone else's": f".omkd-backup-{gone.pid}-notours.tmp",
-            "older omkd's": f".omkd-backup-{'c' * 32}.tmp",
-        }
-        backups = tmp_path / "backups"
-        backups.mkdir()
-        for name in names.values():
-            (backups / name).write_bytes(b"partial")
+        assert holder.stdout is not None and holder.stdout.readline() == b"\n"
         db.backup_to(backups / "copy.db")
         left = {p.name for p in backups.iterdir()}
-        assert left == {"copy.db", *names.values()} - {names["stale"], names["stale journal"]}
-        assert _TEMPORARY_BACKUP.fullmatch(temporary_backup(backups / "x.db").name)
+        gone = {names["stale"], names["stale journal"], names["journal alone"]}
+        assert left == {"copy.db", *names.values()} - gone
+        assert stat.S_IMODE((backups / "copy.db").stat().st_mode) == 0o600
     finally:
-        live.kill()
-        live.wait()
+        holder.kill()
+        holder.communicate()
+    with temporary_backup(backups / "x.db") as temporary:
+        assert _TEMPORARY_BACKUP.fullmatch(temporary.name)
+        assert temporary not in remove_stale_backups(backups)  # locked while it is written
+    assert not temporary.exists() or temporary.stat().st_size == 0
 
 
 def test_backup_database_of_a_missing_file_creates_nothing(tmp_path: Path) -> None:

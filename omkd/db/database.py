@@ -925,7 +925,8 @@ def backup_database(
     it in one step, so the copy is one consistent snapshot. The copy goes to a temporary
     file in dest's directory, is synced, then renamed onto dest: dest is never a partial
     file, and the temporary file is removed on any failure (and those of backups into that
-    directory whose process was killed, before this one begins). The copy is one
+    directory whose process was killed, before this one begins: no process holds their
+    lock). Like the database, the copy is its user's alone (0600). The copy is one
     self-contained file (journal_mode DELETE).
 
     Raises StorageFailure (no file at ``path``, not a database, unreadable, the copy cannot
@@ -940,23 +941,19 @@ def backup_database(
     # Named apart from dest: any name dest may have leaves room for it (and SQLite's
     # -journal beside it) within the file system's limit.
     remove_stale_backups(target.parent)  # left by a backup whose process was killed
-    temporary = temporary_backup(target)
     conn = connect_read_only(source)
     try:
         conn.execute(SET_BUSY_TIMEOUT.format(ms=busy_timeout_ms))
-        copy = connect(str(temporary))
-        try:
-            for pragma in BACKUP_TARGET_PRAGMAS:
-                copy.execute(pragma)
-            conn.copy_to(copy)
-            copy.execute(BACKUP_SELF_CONTAINED)
-        finally:
-            copy.close()
-        sync_and_rename(temporary, target)
+        with temporary_backup(target) as temporary:
+            copy = connect(str(temporary))
+            try:
+                for pragma in BACKUP_TARGET_PRAGMAS:
+                    copy.execute(pragma)
+                conn.copy_to(copy)
+                copy.execute(BACKUP_SELF_CONTAINED)
+            finally:
+                copy.close()
+            sync_and_rename(temporary, target)
         return target.stat().st_size
-    except BaseException:
-        with contextlib.suppress(OSError):  # the copy's own error is the one to raise
-            temporary.unlink(missing_ok=True)
-        raise
     finally:
         conn.close()

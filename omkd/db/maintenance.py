@@ -7,6 +7,7 @@ import fcntl
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 from omkd.db._conn import connect_read_only
@@ -23,9 +24,10 @@ __all__ = [
 
 _PRIVATE_DIR_MODE = 0o700  # the directories omkd creates: its user's alone
 INTEGRITY_CHECK = "PRAGMA integrity_check"
-# A backup's temporary file, named by the process that writes it (the pid tells whether it
-# may still be at it), and the journal SQLite may keep beside it.
-_TEMPORARY_BACKUP = re.compile(r"\.omkd-backup-(\d+)-[0-9a-f]{32}\.tmp(-journal)?")
+# A backup's temporary file, locked (flock) by the backup writing it, and the journal
+# SQLite may keep beside it.
+_TEMPORARY_BACKUP = re.compile(r"\.omkd-backup\.[0-9a-f]{32}\.tmp(-journal)?")
+_PRIVATE_FILE_MODE = 0o600  # a backup is as private as the database
 FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
 
 
@@ -99,20 +101,38 @@ def _locked(target: Path) -> bool:
     return False
 
 
-def temporary_backup(target: Path) -> Path:
-    """The temporary file a backup to ``target`` is written to before its rename."""
-    return target.with_name(f".omkd-backup-{os.getpid()}-{uuid.uuid4().hex}.tmp")
+@contextlib.contextmanager
+def temporary_backup(target: Path) -> Iterator[Path]:
+    """A new file beside ``target`` for a backup to be written to before its rename, held
+    with an ``flock`` for the block (so no other backup takes it for one left by a killed
+    process) and removed if the block raises. StorageFailure if it cannot be created."""
+    path = target.with_name(f".omkd-backup.{uuid.uuid4().hex}.tmp")
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, _PRIVATE_FILE_MODE)
+    except OSError as exc:
+        raise StorageFailure(f"cannot write the backup {target}: {exc}", dest=str(target)) from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    except BaseException:
+        for leftover in (path, path.with_name(path.name + "-journal")):
+            with contextlib.suppress(OSError):  # the copy's own error is the one to raise
+                leftover.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
 
 
 def remove_stale_backups(directory: Path) -> list[Path]:
-    """Remove the temporary files that backups into ``directory`` left when their process
-    was killed (no process has their pid); return them. Another process's backup in
-    progress is left alone."""
+    """Remove the temporary files (and their -journal) that backups into ``directory`` left
+    when their process was killed: those no process holds the lock of (any process, in any
+    pid namespace sharing the file system's locks); return them."""
     removed = []
     with contextlib.suppress(OSError):  # an unreadable directory: the backup will say so
         for entry in os.scandir(directory):
-            match = _TEMPORARY_BACKUP.fullmatch(entry.name)
-            if match is None or _running(int(match.group(1))):
+            if _TEMPORARY_BACKUP.fullmatch(entry.name) is None:
+                continue
+            if _in_progress(entry.path.removesuffix("-journal")):
                 continue
             with contextlib.suppress(OSError):
                 os.unlink(entry.path)
@@ -120,14 +140,20 @@ def remove_stale_backups(directory: Path) -> list[Path]:
     return removed
 
 
-def _running(pid: int) -> bool:
+def _in_progress(path: str) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False  # a -journal left without its file
+    except OSError:
+        return True  # cannot tell: leave it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held (BlockingIOError), or cannot tell
         return True
-    return True
+    finally:
+        os.close(fd)
+    return False
 
 
 def sync_and_rename(temporary: Path, target: Path) -> None:
