@@ -33,7 +33,7 @@ EXIT_REFUSED = 78
 _EXAMPLES = """\
 examples:
   omkd serve                                 # socket and database at their XDG defaults
-  omkd serve --socket /tmp/omk.sock --db ./omk.db --lock-timeout 10
+  omkd serve --socket ~/omk/omkd.sock --db ./omk.db --lock-timeout 10
   omkd migrate --db ~/.local/state/omk/omk.db
   omkd backup /var/backups/omk-$(date +%F).db
   omkd check

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import fcntl
 import os
+import secrets
 import socket
 import stat
 import struct
@@ -174,7 +175,7 @@ def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.soc
     # finds the socket before it listens. A path near the length limit leaves no room for
     # the longer name: then it is bound in place (a client may be refused for a moment).
     temporary = path
-    for name in (f".{path.name}.{os.getpid()}.tmp", f".{os.getpid()}.tmp"):
+    for name in (f".{path.name}.{os.getpid()}.tmp", f".{secrets.token_hex(6)}.tmp"):
         if len(os.fsencode(path.with_name(name))) <= _UNIX_PATH_MAX:
             temporary = path.with_name(name)
             break
@@ -199,26 +200,22 @@ def prepare_socket_directory(socket_path: str | os.PathLike[str]) -> None:
     """Create the socket's directory (0700) if missing; refuse one of another user.
 
     /tmp/omk-<uid> can be made by anyone before the daemon first runs: a directory of another
-    user could let them replace the socket, so it is refused, never "fixed". root's own
-    directories are taken when no other user may replace the socket in them: /tmp itself
-    (sticky), /run. Raises StartupError.
+    user could let them replace the socket, so it is refused, never "fixed"; so is /tmp
+    itself (root's, sticky), where another user could take the socket's name while the
+    daemon is stopped. Raises StartupError.
     """
     directory = Path(socket_path).parent
     make_private_dirs(directory)
-    status = directory.stat()
-    if status.st_uid == os.getuid():
-        return
-    # root's own, where only the owner of a file may remove or rename it (/tmp: sticky) or
-    # nobody else may write: no other user can replace the socket.
-    if status.st_uid == 0 and (
-        status.st_mode & stat.S_ISVTX or not status.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-    ):
-        return
-    raise StartupError(
-        f"the socket directory {directory} belongs to uid {status.st_uid}, not to this user "
-        f"(uid {os.getuid()}), and others may replace the socket in it; remove it or choose "
-        f"another --socket"
-    )
+    owner = directory.stat().st_uid
+    if owner != os.getuid():
+        # Even /tmp (root's, sticky): another user could take the socket's name there while
+        # the daemon is stopped, and clients would talk to them.
+        raise StartupError(
+            f"the socket directory {directory} belongs to uid {owner}, not to this user "
+            f"(uid {os.getuid()}): another user could take the socket's name in it; use a "
+            f"directory of your own (the default is $XDG_RUNTIME_DIR/omk, else "
+            f"/tmp/omk-{os.getuid()})"
+        )
 
 
 def _refuse_live_socket(path: Path) -> None:

@@ -66,17 +66,16 @@ async def test_existing_directory_keeps_its_mode(
 @pytest.mark.parametrize(
     ("owner", "dir_mode", "taken"),
     [
-        (0, 0o1777, True),  # /tmp: root's, sticky (only a file's owner may replace it)
-        (0, 0o755, True),  # root's alone (/run)
-        (0, 0o777, False),  # root's, but anyone may replace the socket
-        (4343, 0o700, False),  # another user's: made before the daemon first ran
         (4242, 0o700, True),  # this user's own
+        (0, 0o1777, False),  # /tmp: another user could take the name while it is stopped
+        (0, 0o755, False),  # root's
+        (4343, 0o700, False),  # another user's: made before the daemon first ran
     ],
 )
-def test_which_socket_directories_a_user_may_serve_in(
+def test_only_a_socket_directory_of_the_users_own_is_served_in(
     monkeypatch: pytest.MonkeyPatch, owner: int, dir_mode: int, taken: bool
 ) -> None:
-    # As uid 4242 (the tests run as root, whom every directory would suit).
+    # As uid 4242 (the tests run as root).
     with short_tempdir() as directory:
         socket_dir = directory / "d"
         socket_dir.mkdir()
@@ -86,7 +85,7 @@ def test_which_socket_directories_a_user_may_serve_in(
         if taken:
             prepare_socket_directory(socket_dir / "omkd.sock")
         else:
-            with pytest.raises(StartupError, match="others may replace the socket"):
+            with pytest.raises(StartupError, match="could take the socket's name"):
                 prepare_socket_directory(socket_dir / "omkd.sock")
 
 

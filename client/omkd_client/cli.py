@@ -57,7 +57,7 @@ examples:
 exit codes: 0 ok, 1 the daemon refused the call, 2 usage, 3 daemon not running,
 4 connection lost or timed out, 130 interrupted""",
     "status": "examples:\n  omkctl status\n  omkctl status --json",
-    "ping": "examples:\n  omkctl ping\n  omkctl --socket /tmp/omk.sock ping",
+    "ping": "examples:\n  omkctl ping\n  omkctl --socket ~/omk/omkd.sock ping",
     "call": """\
 examples:
   omkctl call daemon.status
