@@ -27,7 +27,8 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 # serve refused to start (a damaged or newer database, another daemon, a path or setting it
 # cannot use): starting again changes nothing until someone acts. sysexits' EX_CONFIG; the
-# systemd unit's RestartPreventExitStatus.
+# systemd unit's RestartPreventExitStatus. A failure that may pass (out of descriptors, a
+# full disk, the database busy for a moment) exits 1, which systemd retries.
 EXIT_REFUSED = 78
 
 _EXAMPLES = """\
@@ -130,7 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(_COMMANDS[args.command](args))
     except (StartupError, ConfigError, db.DbError, OSError) as exc:
         print(f"omkd {args.command}: {exc}", file=sys.stderr)
-        return EXIT_REFUSED if args.command == "serve" else EXIT_FAILURE
+        lasting = isinstance(exc, ConfigError) or getattr(exc, "lasting", False)
+        return EXIT_REFUSED if args.command == "serve" and lasting else EXIT_FAILURE
 
 
 def _serve(args: argparse.Namespace) -> int:

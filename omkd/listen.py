@@ -44,7 +44,13 @@ _UCRED: Final = struct.Struct("3i")
 
 
 class StartupError(Exception):
-    """The daemon cannot start; the message says why and what to do."""
+    """The daemon cannot start; the message says why and what to do. ``lasting``: starting
+    again will not help until someone acts (a damaged database, another daemon, a bad
+    path); else it may (out of descriptors, a full disk, a lock held for a moment)."""
+
+    def __init__(self, message: str, *, lasting: bool = True) -> None:
+        super().__init__(message)
+        self.lasting = lasting
 
 
 @contextlib.contextmanager

@@ -58,6 +58,10 @@ __all__ = ["Daemon", "StartupError", "serve"]
 log = logging.getLogger("omkd")
 
 _SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
+# Start failures that may pass by themselves: systemd may start the daemon again.
+_PASSING_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM, errno.EAGAIN, errno.EINTR}
+)
 # The start's time for its check of the database, told to systemd (EXTEND_TIMEOUT_USEC).
 START_CHECK_BASE_S: Final = 30.0
 START_CHECK_BYTES_PER_S: Final = 40 * MiB
@@ -148,6 +152,8 @@ def open_database(config: Config) -> db.Database:
         raise StartupError(
             f"database {config.db_path} is unusable ({exc}); {_restore_advice(config)}"
         ) from exc
+    except db.Busy as exc:  # another process holds it for a moment (a migration, a backup)
+        raise StartupError(f"cannot open database {config.db_path}: {exc}", lasting=False) from exc
     except db.DbError as exc:
         raise StartupError(f"cannot open database {config.db_path}: {exc}") from exc
 
@@ -235,7 +241,10 @@ async def _start(
                 daemon: Daemon = await nursery.start(run_daemon, config)
             except OSError as exc:  # a path it cannot use: the socket's, the database's
                 where = f": {exc.filename}" if exc.filename else ""
-                raise StartupError(f"cannot start: {exc.strerror or exc}{where}") from exc
+                raise StartupError(
+                    f"cannot start: {exc.strerror or exc}{where}",
+                    lasting=exc.errno not in _PASSING_ERRNOS,
+                ) from exc
             watching.cancel_scope.cancel()
         return daemon
     return None

@@ -11,6 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from omkd import cli
+from omkd.config import ConfigError
+from omkd.listen import StartupError
+
 
 def omkd(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -183,3 +187,24 @@ def test_check_says_what_the_schema_is_besides_whether_the_file_is_sound(tmp_pat
     assert omkd("migrate", "--db", str(current)).returncode == 0
     check = omkd("check", "--db", str(current))
     assert check.returncode == 0 and check.stdout == f"{current}: ok\n"
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (StartupError("another daemon serves it"), 78),
+        (StartupError("cannot start: Too many open files", lasting=False), 1),
+        (ConfigError("invalid configuration"), 78),
+        (OSError(28, "No space left on device"), 1),
+    ],
+)
+def test_serve_exits_78_only_for_what_starting_again_cannot_fix(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, error: Exception, code: int
+) -> None:
+    # 78 is the unit's RestartPreventExitStatus: a full disk or a lack of descriptors may
+    # pass, and systemd should try again.
+    async def failing(config: object) -> int:
+        raise error
+
+    monkeypatch.setattr("omkd.server.serve", failing)
+    assert cli.main(["serve", "--socket", str(tmp_path / "s"), "--db", str(tmp_path / "d")]) == code
