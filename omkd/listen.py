@@ -198,7 +198,10 @@ def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.soc
         sock.close()
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
-        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+        raise StartupError(
+            f"cannot listen on {path}: {exc.strerror or exc}",
+            lasting=exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM),
+        ) from exc
     return sock
 
 

@@ -62,6 +62,9 @@ _SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
 _PASSING_ERRNOS: Final = frozenset(
     {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM, errno.EAGAIN, errno.EINTR}
 )
+# Descriptors a start needs beyond those it has opened: the database, its WAL and -shm on
+# two connections, the socket, trio's own, the first clients'.
+START_DESCRIPTORS: Final = 16
 # The start's time for its check of the database, told to systemd (EXTEND_TIMEOUT_USEC).
 START_CHECK_BASE_S: Final = 30.0
 START_CHECK_BYTES_PER_S: Final = 40 * MiB
@@ -149,6 +152,7 @@ def open_database(config: Config) -> db.Database:
             wal_size_limit=config.wal_restart_pages or None,
         )
     except db.StorageFailure as exc:
+        _refuse_if_out_of_descriptors(exc)
         raise StartupError(
             f"database {config.db_path} is unusable ({exc}); {_restore_advice(config)}"
         ) from exc
@@ -189,6 +193,7 @@ async def check_database(database: db.Database, config: Config) -> None:
             await trio.lowlevel.checkpoint()  # the cancellation goes on from here
             raise
         except db.DbError as exc:  # damage SQLite stops at ("database disk image is malformed")
+            _refuse_if_out_of_descriptors(exc)
             problems = [str(exc)]
         finally:
             finished = True
@@ -198,6 +203,22 @@ async def check_database(database: db.Database, config: Config) -> None:
             f"database {config.db_path} is damaged ({'; '.join(problems[:3])}); "
             f"{_restore_advice(config)}"
         )
+
+
+def _refuse_if_out_of_descriptors(exc: Exception) -> None:
+    """SQLite says only "unable to open database file" when the process has too few
+    descriptors left for a database's files: that may pass, and is no damage (StartupError,
+    not lasting). (The ones SQLite had opened are closed again by now: a few are asked.)"""
+    opened: list[int] = []
+    try:
+        for _ in range(START_DESCRIPTORS):
+            opened.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError as probe:
+        if probe.errno in (errno.EMFILE, errno.ENFILE):
+            raise StartupError(f"cannot start: {probe.strerror} ({exc})", lasting=False) from exc
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def _restore_advice(config: Config) -> str:
@@ -223,9 +244,10 @@ async def serve(config: Config) -> int:
 
 async def _start(
     nursery: trio.Nursery, config: Config, signals: AsyncIterator[int]
-) -> Daemon | None:
-    """Start the daemon in ``nursery``; None if a signal stopped the start first (the check
-    of a large database takes seconds, and a stop must not wait for it)."""
+) -> tuple[Daemon | None, bool]:
+    """Start the daemon in ``nursery`` (the check of a large database takes seconds, and a
+    stop must not wait for it); return it, None if a signal stopped the start first, and
+    whether a signal came as the start ended (it is to stop at once)."""
     with trio.CancelScope() as starting:
         async with trio.open_nursery() as watching:
 
@@ -246,8 +268,8 @@ async def _start(
                     lasting=exc.errno not in _PASSING_ERRNOS,
                 ) from exc
             watching.cancel_scope.cancel()
-        return daemon
-    return None
+        return daemon, starting.cancel_called
+    return None, True
 
 
 def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
@@ -258,14 +280,15 @@ def _first_leaf(group: BaseExceptionGroup[StartupError]) -> StartupError:
 async def _serve_until_signalled(config: Config) -> int:
     with trio.open_signal_receiver(*_SHUTDOWN_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
-            daemon = await _start(nursery, config, signals)
+            daemon, stopping = await _start(nursery, config, signals)
             if daemon is None:  # stopped before it could serve
                 log.info("stopped before serving")
                 return 0
-            async for signum in signals:
-                log.info("received %s: stopping", signal.Signals(signum).name)
-                break
-            _notify(systemd.notify_stopping)
+            if not stopping:  # (a signal as the start ended: stop now)
+                async for signum in signals:
+                    log.info("received %s: stopping", signal.Signals(signum).name)
+                    break
+                _notify(systemd.notify_stopping)
             open_transactions = sum(1 for s in daemon.sessions if s.in_transaction)
             if open_transactions:
                 log.info("rolling back %d open transactions", open_transactions)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -19,6 +20,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from omkd import server
 from omkd.db import Database, EventInput, GoalRecord
 from omkd.db.database import _DatabaseScope
 from omkd.server import serve
@@ -276,6 +278,46 @@ def test_a_watchdog_setting_that_is_no_number_is_one_line_exit_78(workdir: Path)
     assert done.returncode == 78
     assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert "WATCHDOG_USEC='abc'" in done.stderr
+
+
+async def test_a_signal_as_the_start_ends_is_never_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The start's signal watcher could take a SIGTERM that came as the start ended, and
+    # the daemon then served on, deaf to it (9 runs in 20).
+    async def started_as_signalled(
+        config: object, *, task_status: trio.TaskStatus[object] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        task_status.started("the daemon")
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(server, "run_daemon", started_as_signalled)
+    monkeypatch.setattr(server, "_notify", lambda send: None)
+    for _ in range(20):
+        with trio.open_signal_receiver(signal.SIGTERM) as signals:
+            async with trio.open_nursery() as nursery:
+                daemon, stopping = await server._start(nursery, make_config(Path("/x")), signals)
+                assert daemon == "the daemon"  # started: the stop is the serve loop's
+                if not stopping:  # the signal is left for the serve loop
+                    with trio.fail_after(5):
+                        assert await signals.__anext__() == signal.SIGTERM
+                nursery.cancel_scope.cancel()
+
+
+def test_too_few_descriptors_at_start_is_no_damage_and_may_be_retried(workdir: Path) -> None:
+    # SQLite says "unable to open database file": exit 78 and "restore from a backup" were
+    # wrong for what may pass by itself; exit 1 lets systemd start it again.
+    def few_descriptors() -> None:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE, (14, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+        )
+
+    done = subprocess.run(
+        [sys.executable, "-m", "omkd", "serve", "--socket", str(workdir / "s.sock"),
+         "--db", str(workdir / "omk.db")],
+        capture_output=True, text=True, timeout=60, preexec_fn=few_descriptors,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    assert "Too many open files" in done.stderr and "backup" not in done.stderr
 
 
 ENDLESS = "WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c) SELECT max(x) FROM c"
