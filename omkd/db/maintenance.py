@@ -106,13 +106,24 @@ def temporary_backup(target: Path) -> Iterator[Path]:
     """A new file beside ``target`` for a backup to be written to before its rename, held
     with an ``flock`` for the block (so no other backup takes it for one left by a killed
     process) and removed if the block raises. StorageFailure if it cannot be created."""
-    path = target.with_name(f".omkd-backup.{uuid.uuid4().hex}.tmp")
+    name = f".omkd-backup.{uuid.uuid4().hex}"
+    path = target.with_name(f"{name}.tmp")
+    # Locked before it takes the name remove_stale_backups looks for: created under another.
+    unnamed = target.with_name(f"{name}.new")
     try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, _PRIVATE_FILE_MODE)
+        fd = os.open(unnamed, os.O_CREAT | os.O_EXCL | os.O_RDWR, _PRIVATE_FILE_MODE)
     except OSError as exc:
         raise StorageFailure(f"cannot write the backup {target}: {exc}", dest=str(target)) from exc
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.rename(unnamed, path)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                unnamed.unlink()
+            raise StorageFailure(
+                f"cannot write the backup {target}: {exc}", dest=str(target)
+            ) from exc
         yield path
     except BaseException:
         for leftover in (path, path.with_name(path.name + "-journal")):
