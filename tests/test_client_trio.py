@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import trio
 
@@ -362,6 +363,25 @@ async def test_no_call_of_a_transaction_whose_connection_was_lost_runs_outside_i
                             await c.goals.create(make_goal("t3"))
                 # The block is over (its commit raised): calls run on their own again.
                 assert [await c.goals.get(g) for g in ("t1", "t2", "t3")] == [None] * 3
+        finally:
+            daemon.stop()
+
+
+async def test_a_pipeline_on_a_connection_the_daemon_closed_goes_on_a_new_one() -> None:
+    # Several requests whose send fails are not sent again: a connection closed already
+    # (the daemon restarted while this task never yielded) is replaced before they go.
+    with short_tempdir() as directory:
+        daemon = Daemon(directory).start()
+        try:
+            async with TrioClient.connect(daemon.socket_path) as c:
+                await c.daemon.ping()
+                daemon.stop()
+                daemon.start()
+                goals = [make_goal(), make_goal()]
+                created = await c.call_many(
+                    [("goal.create", msgspec.to_builtins(g)) for g in goals]
+                )
+                assert [g["goal_id"] for g in created] == [g.goal_id for g in goals]
         finally:
             daemon.stop()
 

@@ -20,6 +20,8 @@ is dropped when it comes.
 
 from __future__ import annotations
 
+import os
+import socket
 from collections import deque
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -248,6 +250,12 @@ class TrioClient(_AsyncCalls):
                 await self._reconnect()
             stream, generation = self._stream, self._generation
             assert stream is not None
+            if len(requests) > 1 and not retried and _closed_by_peer(stream):
+                # Several requests whose send fails are not sent again (the first ones may
+                # have run): a connection the daemon closed already is replaced first.
+                self._lose(generation, "the daemon closed the connection")
+                retried = True
+                continue
             slots: dict[int, _Slot] = {}
             frames = []
             for method, params in requests:
@@ -408,6 +416,17 @@ class TrioClient(_AsyncCalls):
         return AsyncSubscription(
             self, subscription, queue, self._generation, subscribed.after_event_id
         )
+
+
+def _closed_by_peer(stream: trio.SocketStream) -> bool:
+    """Whether the daemon has closed ``stream`` (its end of file is waiting to be read)."""
+    try:
+        with socket.socket(fileno=os.dup(stream.socket.fileno())) as peek:
+            return peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read
+    except OSError:
+        return True
 
 
 class AsyncTransaction(_AsyncCalls):

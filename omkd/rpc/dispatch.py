@@ -253,8 +253,10 @@ class Dispatcher:
         self.long_call_rows = long_call_rows
         self.long_call_bytes = long_call_bytes
         self.long_call_seconds = long_call_seconds
-        # Calls that failed for the storage (a full disk): logged once, then now and then.
+        # Calls that failed for the storage (a full disk, an I/O error): logged once, then
+        # now and then; writes (a full disk) apart from reads (a failing disk, a damaged file).
         self.storage = FailureLog(log, "writes to the database")
+        self.read_storage = FailureLog(log, "reads from the database")
         # The time limit of each read here: the methods whose rows vary (pages, lists).
         self._time_limits = {
             m.name: long_call_seconds if m.rows is not None and m.access is _READ else None
@@ -460,7 +462,9 @@ class Dispatcher:
         if code == ErrorCode.INTERNAL_ERROR:
             log.exception("internal error in %s", method.name)
         elif code == ErrorCode.STORAGE_FAILURE and _writes(method):
-            self.storage.failed(f"{method.name}: {text}")  # (not a backup's own destination)
+            self.storage.failed(f"{method.name}: {text}")
+        elif code == ErrorCode.STORAGE_FAILURE and method.access is _READ:
+            self.read_storage.failed(f"{method.name}: {text}")  # (not a backup's destination)
         elif code == ErrorCode.INVALID_PARAMS and data is not None and "method" not in data:
             data = {"method": method.name, **data}  # as the params' own -32602 has it
         return code, text, data
