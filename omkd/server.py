@@ -65,6 +65,8 @@ _PASSING_ERRNOS: Final = frozenset(
 # Descriptors a start needs beyond those it has opened: the database, its WAL and -shm on
 # two connections, the socket, trio's own, the first clients'.
 START_DESCRIPTORS: Final = 16
+# How often a stopped start interrupts its check of the database until it has ended.
+START_CHECK_INTERRUPT_S: Final = 0.01
 # The start's time for its check of the database, told to systemd (EXTEND_TIMEOUT_USEC).
 START_CHECK_BASE_S: Final = 30.0
 START_CHECK_BYTES_PER_S: Final = 40 * MiB
@@ -183,8 +185,12 @@ async def check_database(database: db.Database, config: Config) -> None:
             try:
                 await trio.sleep_forever()
             finally:
-                if not finished:  # the start was cancelled: the check ends now
-                    database.interrupt_reads()
+                # The start was cancelled: the check ends now. Again until it has: an
+                # interrupt that comes before its statement begins is lost.
+                with trio.CancelScope(shield=True):
+                    while not finished:
+                        database.interrupt_reads()
+                        await trio.sleep(START_CHECK_INTERRUPT_S)
 
         nursery.start_soon(interrupt_if_cancelled)
         try:
