@@ -39,6 +39,10 @@ examples:
   omkd backup /var/backups/omk-$(date +%F).db
   omkd check
   omkd install-units && systemctl --user enable --now omkd.socket
+
+exit codes: 0 ok, 1 failed (serve: a start that may succeed later), 2 usage,
+78 serve refused to start (a damaged database, another daemon, a path or setting it
+cannot use: it will not start until someone acts)
 """
 
 

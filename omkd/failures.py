@@ -32,12 +32,12 @@ class FailureLog:
 
     def failed(self, detail: str) -> None:
         now = time.monotonic()
-        self._count += 1
         if not self.failing:
             self.failing = True
             self._count, self._unlogged, self._began, self._logged = 1, 0, now, now
             self._logger.error("%s failing: %s", self._what, detail)
             return
+        self._count += 1
         self._unlogged += 1
         if now - self._logged >= self._every:
             self._logger.error(

@@ -28,6 +28,7 @@ from typing import Final
 from omkd.db.maintenance import make_private_dirs
 
 __all__ = [
+    "PASSING_ERRNOS",
     "StartupError",
     "check_lock",
     "hold_lock",
@@ -41,6 +42,13 @@ __all__ = [
 _SOCKET_MODE: Final = 0o600
 _UNIX_PATH_MAX: Final = 107
 _UCRED: Final = struct.Struct("3i")
+
+
+# Start failures that may pass by themselves (a StartupError not lasting): systemd may
+# start the daemon again.
+PASSING_ERRNOS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM, errno.EAGAIN, errno.EINTR}
+)
 
 
 class StartupError(Exception):
@@ -200,7 +208,7 @@ def open_unix_listener(path: str | os.PathLike[str], backlog: int) -> socket.soc
             temporary.unlink()
         raise StartupError(
             f"cannot listen on {path}: {exc.strerror or exc}",
-            lasting=exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM),
+            lasting=exc.errno not in PASSING_ERRNOS,
         ) from exc
     return sock
 

@@ -36,6 +36,7 @@ from omkd import db, systemd
 from omkd.config import Config, MiB
 from omkd.failures import FailureLog
 from omkd.listen import (
+    PASSING_ERRNOS,
     FileLock,
     StartupError,
     check_lock,
@@ -58,10 +59,6 @@ __all__ = ["Daemon", "StartupError", "serve"]
 log = logging.getLogger("omkd")
 
 _SHUTDOWN_SIGNALS: Final = (signal.SIGTERM, signal.SIGINT)
-# Start failures that may pass by themselves: systemd may start the daemon again.
-_PASSING_ERRNOS: Final = frozenset(
-    {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.ENOMEM, errno.EAGAIN, errno.EINTR}
-)
 # Descriptors a start needs beyond those it has opened: the database, its WAL and -shm on
 # two connections, the socket, trio's own, the first clients'.
 START_DESCRIPTORS: Final = 16
@@ -271,7 +268,7 @@ async def _start(
                 where = f": {exc.filename}" if exc.filename else ""
                 raise StartupError(
                     f"cannot start: {exc.strerror or exc}{where}",
-                    lasting=exc.errno not in _PASSING_ERRNOS,
+                    lasting=exc.errno not in PASSING_ERRNOS,
                 ) from exc
             watching.cancel_scope.cancel()
         return daemon, starting.cancel_called

@@ -112,7 +112,6 @@ def render_units(
         raise ValueError(f"ExecStart needs an absolute executable path, got {exec_path!r}")
     if db_path is not None and not os.path.isabs(db_path):
         raise ValueError(f"--db needs an absolute path, got {db_path!r}")
-
     db_word = _quote_exec_arg(db_path) if db_path is not None else "%S/omk/omk.db"
     words = [_quote_exec_arg(w) for w in command] + ["serve", "--db", db_word]
     words += [_quote_exec_arg(w) for w in extra_args or []]

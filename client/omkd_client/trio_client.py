@@ -327,12 +327,13 @@ class TrioClient(_AsyncCalls):
                     self._slots.pop(request_id, None)
                     self._protocol.abandon(request_id)
                     abandoned = True
-            close, timed_out = error_after_abandoning(
-                methods, in_transaction=in_transaction, timeout=self.call_timeout
-            )
-            if abandoned and close:
-                self._lose(generation, f"a call was given up: {timed_out}")
-        if scope.cancelled_caught:
+            if abandoned:
+                close, timed_out = error_after_abandoning(
+                    methods, in_transaction=in_transaction, timeout=self.call_timeout
+                )
+                if close:
+                    self._lose(generation, f"a call was given up: {timed_out}")
+        if scope.cancelled_caught:  # (so some reply was given up on)
             raise timed_out
         return delivered
 

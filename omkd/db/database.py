@@ -52,6 +52,7 @@ from omkd.db.errors import (
 from omkd.db.events import EventRepository
 from omkd.db.goals import GoalRepository
 from omkd.db.maintenance import (
+    PRIVATE_FILE_MODE,
     backup_target,
     make_private_dirs,
     remove_stale_backups,
@@ -63,8 +64,6 @@ from omkd.db.proofs import ProofRepository
 from omkd.db.tasks import TaskRepository
 
 __all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "backup_database", "migrate"]
-
-_PRIVATE_FILE_MODE: Final = 0o600  # a database file Database.open creates
 
 BUSY_TIMEOUT_MS = 5000
 """How long SQLite waits for a lock held by another process before answering Busy."""
@@ -275,7 +274,7 @@ class Database(_Repositories):
         # A new file is its user's alone (0600, whatever the umask; SQLite would make it
         # 0644), and so are its -wal and -shm, which SQLite gives the file's mode.
         try:
-            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, _PRIVATE_FILE_MODE))
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, PRIVATE_FILE_MODE))
         except FileExistsError:
             pass
         except OSError as exc:

@@ -14,6 +14,7 @@ from omkd.db._conn import connect_read_only
 from omkd.db.errors import DbError, InvalidData, StorageFailure
 
 __all__ = [
+    "PRIVATE_FILE_MODE",
     "backup_target",
     "check_database",
     "make_private_dirs",
@@ -23,11 +24,11 @@ __all__ = [
 ]
 
 _PRIVATE_DIR_MODE = 0o700  # the directories omkd creates: its user's alone
+PRIVATE_FILE_MODE = 0o600  # the database and backup files omkd creates: its user's alone
 INTEGRITY_CHECK = "PRAGMA integrity_check"
 # A backup's temporary file, locked (flock) by the backup writing it, and the journal
 # SQLite may keep beside it.
 _TEMPORARY_BACKUP = re.compile(r"\.omkd-backup\.[0-9a-f]{32}\.tmp(-journal)?")
-_PRIVATE_FILE_MODE = 0o600  # a backup is as private as the database
 FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
 
 
@@ -111,7 +112,7 @@ def temporary_backup(target: Path) -> Iterator[Path]:
     # Locked before it takes the name remove_stale_backups looks for: created under another.
     unnamed = target.with_name(f"{name}.new")
     try:
-        fd = os.open(unnamed, os.O_CREAT | os.O_EXCL | os.O_RDWR, _PRIVATE_FILE_MODE)
+        fd = os.open(unnamed, os.O_CREAT | os.O_EXCL | os.O_RDWR, PRIVATE_FILE_MODE)
     except OSError as exc:
         raise StorageFailure(f"cannot write the backup {target}: {exc}", dest=str(target)) from exc
     try:

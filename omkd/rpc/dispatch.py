@@ -257,11 +257,6 @@ class Dispatcher:
         # now and then; writes (a full disk) apart from reads (a failing disk, a damaged file).
         self.storage = FailureLog(log, "writes to the database")
         self.read_storage = FailureLog(log, "reads from the database")
-        # The time limit of each read here: the methods whose rows vary (pages, lists).
-        self._time_limits = {
-            m.name: long_call_seconds if m.rows is not None and m.access is _READ else None
-            for m in self.methods.values()
-        }
         self._bulk_params_bytes = min(_BULK_PARAMS_BYTES, long_call_bytes)
         self._turn = turn
         self._decoders = {m.name: msgspec.json.Decoder(m.params) for m in self.methods.values()}
@@ -343,7 +338,7 @@ class Dispatcher:
         pending = None
         try:
             if access is _READ:
-                result = session.run_read(method, params, self._time_limits[method.name])
+                result = session.run_read(method, params, self._time_limit(method))
             elif access is _WRITE:
                 done = session.write_now(method, params)
                 if done is None:
@@ -360,8 +355,8 @@ class Dispatcher:
         reply = _success(result, envelope.id)
         if pending is not None:
             return DeferredReply(pending, reply, envelope.id, self.storage)
-        if self.storage.failing and access is _WRITE and not session.in_transaction:
-            self.storage.succeeded()  # committed
+        if self.storage.failing and _committed(method, session):
+            self.storage.succeeded()
         return reply
 
     async def _one(
@@ -448,7 +443,7 @@ class Dispatcher:
                 return await session.run_long(method, params)
         if method.access is _READ:
             try:
-                return session.run_read(method, params, self._time_limits[method.name])
+                return session.run_read(method, params, self._time_limit(method))
             except db.TimeLimitExceeded:
                 return await session.run_long(method, params)
         if method.access is _WRITE:
@@ -468,6 +463,11 @@ class Dispatcher:
         elif code == ErrorCode.INVALID_PARAMS and data is not None and "method" not in data:
             data = {"method": method.name, **data}  # as the params' own -32602 has it
         return code, text, data
+
+    def _time_limit(self, method: Method) -> float | None:
+        """How long a read of ``method`` may run here: a page or a list (its rows vary, so
+        do its bytes) ``long_call_seconds``; a row, as long as it takes."""
+        return None if method.rows is None else self.long_call_seconds
 
     def _long(self, method: Method, params: Any) -> bool:
         """Whether a call of a method with ``rows`` may touch more than ``long_call_rows``
@@ -517,7 +517,7 @@ def _committed(method: Method, session: DispatchSession) -> bool:
     outside a transaction (committed unless it joined a batch still to commit), tx.commit."""
     if method.access is _WRITE:
         return not session.in_transaction and session.pending_commit() is None
-    return method.name == "tx.commit"
+    return _writes(method)
 
 
 def _success(result: Any, id: msgspec.Raw) -> bytes:
