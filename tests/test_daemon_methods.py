@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import trio
 
@@ -60,6 +61,70 @@ async def test_ping_status_discover(client: RawClient, daemon: Daemon) -> None:
     assert ErrorCode.BUSY not in errors["goal.get"]
     assert ErrorCode.STORAGE_FAILURE in errors["tx.commit"]
     assert ErrorCode.TRANSACTION_ABORTED not in errors["tx.rollback"] | errors["daemon.ping"]
+
+
+async def test_every_result_matches_its_published_schema(client: RawClient, daemon: Daemon) -> None:
+    """What rpc.discover says a method returns is what it returns: every field of a record
+    present (assigned ids too), and nothing that is not in the schema."""
+    doc = await client.call("rpc.discover")
+    components = doc["components"]
+    results = {m["name"]: m["result"]["schema"] for m in doc["methods"]}
+    seen: set[str] = set()
+
+    async def check(method: str, **params: Any) -> Any:
+        result = await client.call(method, **params)
+        jsonschema.validate(result, {**results[method], "components": components})
+        seen.add(method)
+        return result
+
+    task = {"task_id": "t1", "kind": "code"}
+    await check("goal.create", **goal("g1", kind=None))
+    await check("goal.upsert", **goal("g2"))
+    await check("goal.get", goal_id="g1")
+    await check("goal.get", goal_id="nope")
+    await check("goal.update_status", goal_id="g1", status="s", phase="p")
+    await check("goal.update", goal_id="g1", expected_version=2, changes={"max_agents": 2})
+    await check("goal.heartbeat", goal_id="g1")
+    await check("goal.list")
+    await check("task.create_batch", goal_id="g1", tasks=[task])
+    await check("task.get", task_id="t1")
+    await check("task.get_by_goal", goal_id="g1")
+    await check("task.update_status", task_id="t1", status="done")
+    await check("task.update_task_graph", goal_id="g1", tasks=[task])
+    await check("event.append", goal_id="g1", kind="k", payload={"a": [1]})
+    await check("event.append_batch", goal_id="g1", events=[{"kind": "k", "payload": 1}])
+    await check("event.get_by_goal", goal_id="g1")
+    await check("event.get_by_goal", goal_id="g1", limit=5000)  # (a long read's own path)
+    subscribed = await check("event.subscribe", goal_id="g1")
+    await check("event.unsubscribe", subscription=subscribed["subscription"])
+    await check("proof.upsert", goal_id="g1", status="ready")
+    await check("proof.get", goal_id="g1")
+    await check("budget.append_checkpoint", goal_id="g1", label="l")
+    await check("budget.get_by_goal", goal_id="g1")
+    artifact = await check("artifact.register", goal_id="g1", kind="k", path="/a")
+    await check("artifact.get_by_goal", goal_id="g1")
+    await check("artifact.delete", artifact_id=artifact["artifact_id"])
+    await check("artifact.delete_by_goal", goal_id="g1")
+    await check("budget.delete_by_goal", goal_id="g1")
+    await check("proof.delete", goal_id="g1")
+    await check("event.delete_by_goal", goal_id="g1")
+    await check("task.delete_by_goal", goal_id="g1")
+    await check("goal.delete", goal_id="g2")
+    await check("tx.begin")
+    await check("tx.commit")
+    await check("tx.begin")
+    await check("tx.rollback")
+    await check("db.backup", dest=str(Path(daemon.config.db_path).parent / "copy.db"))
+    await check("daemon.ping")
+    await check("daemon.status")
+    await check("rpc.discover")
+    assert seen == set(METHODS)
+    # An assigned id is never null in a result, though optional as params.
+    budget = components["schemas"]["BudgetCheckpoint"]
+    assert budget["properties"]["checkpoint_id"]["type"] == "integer"
+    assert "checkpoint_id" in budget["required"]
+    create = next(m for m in doc["methods"] if m["name"] == "goal.create")
+    assert not any(p["required"] for p in create["params"] if p["name"] == "kind")
 
 
 async def test_goal_lifecycle(client: RawClient) -> None:
