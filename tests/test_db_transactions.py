@@ -549,6 +549,38 @@ def test_backup_refuses_bad_destinations(db: Database, tmp_path: Path) -> None:
     assert db.backup_to(locked) > 0  # nobody holds it now: an ordinary file to replace
 
 
+def test_backup_refuses_a_destination_with_a_wal_or_journal_beside_it(
+    db: Database, make_goal: MakeGoal, tmp_path: Path
+) -> None:
+    """An earlier copy opened by another program leaves dest-wal: SQLite would apply it to
+    the new copy when opening it, and the backup would read as the old data."""
+    db.goals.create(make_goal("live"))
+    dest = tmp_path / "copy.db"
+    db.backup_to(dest)
+    with Database.open(dest) as other:  # another program writes to the earlier copy ...
+        other.goals.create(make_goal("stale"))
+        other.goals.delete("live")
+        kept = sqlite3.connect(dest)  # ... and is still running: its -wal stays
+        try:
+            kept.execute("SELECT count(*) FROM goals").fetchone()
+            assert (tmp_path / "copy.db-wal").exists()
+            with pytest.raises(InvalidData, match="copy.db-wal exists") as info:
+                db.backup_to(dest)
+            assert info.value.data["field"] == "dest"
+        finally:
+            kept.close()
+    with Database.open(dest) as other:  # untouched: the other program's data
+        assert [g.goal_id for g in other.goals.list()] == ["stale"]
+    journal = tmp_path / "other.db-journal"
+    journal.write_bytes(b"hot")  # no other.db: a journal left alone is refused all the same
+    with pytest.raises(InvalidData, match="other.db-journal exists"):
+        db.backup_to(tmp_path / "other.db")
+    journal.unlink()
+    assert db.backup_to(tmp_path / "other.db") > 0
+    with Database.open(tmp_path / "other.db") as copy:
+        assert [g.goal_id for g in copy.goals.list()] == ["live"]
+
+
 def test_backup_to_a_file_name_of_the_longest_length(
     db: Database, make_goal: MakeGoal, tmp_path: Path
 ) -> None:

@@ -30,6 +30,8 @@ INTEGRITY_CHECK = "PRAGMA integrity_check"
 # SQLite may keep beside it.
 _TEMPORARY_BACKUP = re.compile(r"\.omkd-backup\.[0-9a-f]{32}\.tmp(-journal)?")
 FOREIGN_KEY_CHECK = "PRAGMA foreign_key_check"
+# Files beside a database that SQLite applies to it when it opens it (a WAL, a hot journal).
+_HOT_SUFFIXES = ("-wal", "-journal")
 
 
 def backup_target(dest: object, live: Path) -> Path:
@@ -38,7 +40,9 @@ def backup_target(dest: object, live: Path) -> Path:
     Refused: a relative path; the live database or its -wal, -shm or -journal file (by
     path, symbolic link or hard link); anything but a regular file (a directory, a socket,
     a FIFO); a file that a process holds an ``flock`` on (a running omkd's lock files:
-    replacing one would let a second daemon start on the same database); a missing directory.
+    replacing one would let a second daemon start on the same database); a path with a
+    -wal or -journal file beside it (SQLite would apply it to the copy when opening it); a
+    missing directory.
     """
     if not isinstance(dest, str | os.PathLike):
         raise InvalidData("dest", "expected a path")
@@ -66,6 +70,14 @@ def _destination_problem(target: Path, live: Path) -> str | None:
         return f"{target} is not a regular file"
     if _locked(target):
         return f"{target} is locked by a running process (a lock file?)"
+    for suffix in _HOT_SUFFIXES:
+        beside = target.with_name(target.name + suffix)
+        if os.path.lexists(beside):
+            return (
+                f"{beside} exists: a program has {target} open, or did not close it cleanly, "
+                f"and SQLite would apply that file to the copy when opening it; back up to "
+                f"another path, or remove {beside} if nothing uses {target}"
+            )
     if not target.parent.is_dir():
         return f"directory {target.parent} does not exist"
     return None
