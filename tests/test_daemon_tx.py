@@ -331,6 +331,132 @@ async def test_a_backlog_goes_out_a_page_at_a_time_others_served_between() -> No
             await close_clients()
 
 
+def _requests(*calls: tuple[str, dict[str, object]]) -> bytes:
+    """Frames of requests (ids from 1), to send at once: the daemon reads them together."""
+    return b"".join(
+        encode_frame(
+            Framing.LENGTH,
+            json.dumps({"jsonrpc": "2.0", "id": i, "method": m, "params": p}).encode(),
+        )
+        for i, (m, p) in enumerate(calls, 1)
+    )
+
+
+async def _replies(client: RawClient, count: int) -> list[dict[str, object]]:
+    with trio.fail_after(5):
+        return [await client.reply() for _ in range(count)]
+
+
+async def _appended(client: RawClient, count: int) -> list[object]:
+    """The payloads of the next ``count`` notifications, which must be event.appended."""
+    payloads = []
+    with trio.fail_after(5):
+        for _ in range(count):
+            note = await client.notification()
+            assert note["method"] == "event.appended", note
+            payloads.append(note["params"]["event"]["payload"])
+    return payloads
+
+
+async def test_events_deleted_before_a_subscription_sent_them_are_sent_first() -> None:
+    # A subscription still sending its backlog (a page a turn), and events of another goal
+    # appended, then deleted: they were never sent, nor was anything said. (Seen too with
+    # an append and a delete read together: the delete committed before the feeder read.)
+    with short_tempdir() as directory:
+        async with running_daemon(directory, page_size=20) as daemon:
+            sub, writer = await connect(daemon), await connect(daemon)
+            for g in ("g1", "g2", "g3"):
+                await writer.call("goal.create", **goal(g))
+            backlog = [{"kind": "k", "payload": i} for i in range(3000)]
+            await writer.call("event.append_batch", goal_id="g2", events=backlog)
+            await sub.call("event.subscribe", after_event_id=0)  # all goals
+            await writer.send_bytes(
+                _requests(
+                    ("event.append", {"goal_id": "g1", "kind": "k", "payload": "a"}),
+                    ("event.append", {"goal_id": "g2", "kind": "k", "payload": "b"}),
+                    ("event.delete_by_goal", {"goal_id": "g1"}),
+                    ("event.append", {"goal_id": "g3", "kind": "k", "payload": "c"}),
+                    ("goal.delete", {"goal_id": "g3"}),  # its events with it
+                )
+            )
+            replies = await _replies(writer, 5)
+            assert [r["result"] for r in replies[2::2]] == [{"deleted": 1}, {"deleted": True}]
+            assert await _appended(sub, 3003) == [*range(3000), "a", "b", "c"]
+            await close_clients()
+
+
+async def test_events_a_transaction_appended_and_deleted_are_never_sent(daemon: Daemon) -> None:
+    sub, writer = await connect(daemon), await connect(daemon)
+    await writer.call("goal.create", **goal("g1"))
+    await sub.call("event.subscribe", goal_id="g1")
+    await writer.send_bytes(
+        _requests(
+            ("event.append", {"goal_id": "g1", "kind": "k", "payload": "committed"}),
+            ("tx.begin", {}),
+            ("event.append", {"goal_id": "g1", "kind": "k", "payload": "deleted in its tx"}),
+            ("event.delete_by_goal", {"goal_id": "g1"}),
+            ("tx.commit", {}),
+            ("event.append", {"goal_id": "g1", "kind": "k", "payload": "last"}),
+        )
+    )
+    replies = await _replies(writer, 6)
+    assert replies[3]["result"] == {"deleted": 2} and replies[4]["result"] == {"committed": True}
+    assert await _appended(sub, 2) == ["committed", "last"]
+
+
+async def test_a_subscription_opened_in_the_deleting_transaction_gets_its_backlog(
+    daemon: Daemon,
+) -> None:
+    # Its feeder starts once the replies before it are out: after the commit, here. The
+    # events are gone by then; they wait for it in the subscription.
+    sub, writer = await connect(daemon), await connect(daemon)
+    await writer.call("goal.create", **goal("g1"))
+    events = [{"kind": "k", "payload": i} for i in range(5)]
+    await writer.call("event.append_batch", goal_id="g1", events=events)
+    await sub.send_bytes(
+        _requests(
+            ("tx.begin", {}),
+            ("event.subscribe", {"goal_id": "g1", "after_event_id": 0}),
+            ("event.delete_by_goal", {"goal_id": "g1"}),
+            ("tx.commit", {}),
+        )
+    )
+    replies = await _replies(sub, 4)
+    assert replies[2]["result"] == {"deleted": 5} and replies[3]["result"] == {"committed": True}
+    assert await _appended(sub, 5) == list(range(5))
+    assert await writer.call("event.get_by_goal", goal_id="g1") == []
+
+
+async def test_a_subscriber_too_far_behind_a_deletion_is_told_what_it_missed() -> None:
+    # It does not read: its outbox is full. The events it has not been sent are deleted:
+    # it is sent what fits, then closed with a reason, never left with a silent gap.
+    with short_tempdir() as directory:
+        async with running_daemon(directory, outbox_bytes=16 * 1024) as daemon:
+            sub, writer = await connect(daemon), await connect(daemon)
+            await writer.call("goal.create", **goal("g1"))
+            sid = (await sub.call("event.subscribe", goal_id="g1"))["subscription"]
+            events = [{"kind": "k", "payload": {"n": i, "pad": "p" * 500}} for i in range(2000)]
+            for start in range(0, 2000, 200):
+                await writer.call("event.append_batch", goal_id="g1", events=events[start:][:200])
+            await trio.testing.wait_all_tasks_blocked()  # the feeder waits for room
+            assert await writer.call("event.delete_by_goal", goal_id="g1") == {"deleted": 2000}
+            received: list[int] = []
+            with trio.fail_after(10):
+                while True:
+                    note = await sub.notification()
+                    if note["method"] != "event.appended":
+                        break
+                    received.append(note["params"]["event"]["payload"]["n"])
+            assert note["method"] == "event.subscription_closed"
+            assert note["params"]["subscription"] == sid
+            reason = note["params"]["reason"]
+            assert "deleted before they could be sent" in reason
+            assert 0 < len(received) < 2000 and received == list(range(len(received)))
+            assert f"after_event_id={received[-1] + 1}" in reason  # (event ids from 1)
+            assert await sub.call("daemon.ping") == "pong"
+            await close_clients()
+
+
 async def test_commits_wake_subscriptions_only_while_there_are_some(daemon: Daemon) -> None:
     writer = await connect(daemon)
     await writer.call("goal.create", **goal("g1"))

@@ -564,7 +564,7 @@ def test_backup_refuses_a_destination_with_a_wal_or_journal_beside_it(
         try:
             kept.execute("SELECT count(*) FROM goals").fetchone()
             assert (tmp_path / "copy.db-wal").exists()
-            with pytest.raises(InvalidData, match="copy.db-wal exists") as info:
+            with pytest.raises(InvalidData, match=r"copy\.db-wal exists") as info:
                 db.backup_to(dest)
             assert info.value.data["field"] == "dest"
         finally:
@@ -573,7 +573,7 @@ def test_backup_refuses_a_destination_with_a_wal_or_journal_beside_it(
         assert [g.goal_id for g in other.goals.list()] == ["stale"]
     journal = tmp_path / "other.db-journal"
     journal.write_bytes(b"hot")  # no other.db: a journal left alone is refused all the same
-    with pytest.raises(InvalidData, match="other.db-journal exists"):
+    with pytest.raises(InvalidData, match=r"other\.db-journal exists"):
         db.backup_to(tmp_path / "other.db")
     journal.unlink()
     assert db.backup_to(tmp_path / "other.db") > 0

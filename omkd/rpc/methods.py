@@ -78,6 +78,10 @@ class Method:
     # (all of a goal's). Past the daemon's long_call_rows the call runs in a worker thread.
     # None (the field): a call of a row or a few.
     rows: Callable[[Any], int | None] | None = None
+    # Deletes the events of the goal its params name (``goal_id``): the subscriptions queue
+    # those they have still to send first. Its ``rows`` must say "all of the goal's" (None):
+    # it then runs as a long call, and a single write has the write gate to itself.
+    deletes_events: bool = False
 
 
 _NF = ErrorCode.NOT_FOUND
@@ -144,8 +148,20 @@ def _repo(
     *errors: ErrorCode,
     appends_events: bool = False,
     rows: Callable[[Any], int | None] | None = None,
+    deletes_events: bool = False,
 ) -> Method:
-    return Method(name, params, result, access, run, summary, errors, appends_events, rows=rows)
+    return Method(
+        name,
+        params,
+        result,
+        access,
+        run,
+        summary,
+        errors,
+        appends_events,
+        rows=rows,
+        deletes_events=deletes_events,
+    )
 
 
 def _all_of_the_goal(p: Any) -> None:
@@ -196,7 +212,7 @@ _TABLE: tuple[Method, ...] = (
           "Goal summaries, newest updated_at first, filtered.", rows=lambda p: p.limit),
     _repo("goal.delete", P.GoalId, P.DeletedFlag, W, _goal_delete,
           "Delete a goal with its tasks, events, proof, checkpoints and artifacts.", _NF,
-          rows=_all_of_the_goal),
+          rows=_all_of_the_goal, deletes_events=True),
     _repo("task.create_batch", P.TaskBatch, P.Created, W,
           lambda r, p: P.Created(r.tasks.create_batch(p.goal_id, _task_records(p))),
           "Create tasks of one goal, all or nothing.", _NF, _CONFLICT,
@@ -226,7 +242,7 @@ _TABLE: tuple[Method, ...] = (
           "[] for an unknown goal.", rows=_page_rows),
     _repo("event.delete_by_goal", P.GoalId, P.DeletedCount, W,
           lambda r, p: P.DeletedCount(r.events.delete_by_goal(p.goal_id)),
-          "Delete a goal's events.", rows=_all_of_the_goal),
+          "Delete a goal's events.", rows=_all_of_the_goal, deletes_events=True),
     _repo("proof.upsert", ProofRecord, ProofRecord, W, lambda r, p: r.proofs.upsert(p),
           "Store a goal's proof, replacing any earlier one.", _NF),
     _repo("proof.get", P.GoalId, ProofRecord | None, R, lambda r, p: r.proofs.get(p.goal_id),

@@ -33,24 +33,34 @@ class Outbox:
     def closed(self) -> bool:
         return self._closed
 
-    def _full(self) -> bool:
-        # An empty outbox takes any frame, however large: a reply is never refused for size.
+    def full(self) -> bool:
+        """Whether a frame put now would wait (an empty outbox takes any frame, however
+        large: a reply is never refused for size)."""
         return self._bytes >= self.limit_bytes and bool(self._frames)
 
     async def put(self, frame: bytes | memoryview) -> None:
         """Queue ``frame``, waiting while the outbox is full. Raises ClosedResourceError."""
-        while self._full() and not self._closed:
+        while self.full() and not self._closed:
             await self._writers.park()
         self.force(frame)
 
     async def put_before(self, frame: bytes | memoryview, timeout: float) -> bool:
         """Queue ``frame`` if room comes within ``timeout`` seconds; False if it did not."""
-        if not self._full():
+        if not self.full():
             # Room now: no deadline to arm (a cancel scope per reply showed in profiles).
             self.force(frame)
             return True
         with trio.move_on_after(timeout):
             await self.put(frame)
+            return True
+        return False
+
+    async def room_before(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for room; whether it came (or the outbox closed:
+        ``force`` then raises)."""
+        with trio.move_on_after(timeout):
+            while self.full() and not self._closed:
+                await self._writers.park()
             return True
         return False
 

@@ -79,8 +79,13 @@ _ENCODER: Final = msgspec.json.Encoder()
 class _Subscription:
     id: int
     goal_id: str | None
-    cursor: int
+    cursor: int  # the newest event_id queued for the client (or, before that, the start)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # Kept for the feeder until it starts (after the subscribe reply): the events of a
+    # deletion that came first (``send_before_deletion``), then why it ends, if it must.
+    held: list[bytes] = field(default_factory=list)
+    held_bytes: int = 0
+    closing: str | None = None
 
 
 def _encoded(run: RepoFn, decode: Callable[[], Any] | None, repos: Any, params: Any) -> msgspec.Raw:
@@ -119,6 +124,10 @@ class Session:
     @property
     def in_transaction(self) -> bool:
         return self.tx is not None
+
+    @property
+    def subscribing(self) -> bool:
+        return bool(self._subscriptions)
 
     # -- repository calls
 
@@ -159,9 +168,16 @@ class Session:
         the thread decodes the params too (``params`` is then unused): long params (15 MB
         of events) are decoded there, not on the event loop."""
         daemon = self.daemon
+        before = None
+        if method.deletes_events:
+            if decode is not None:  # (a goal_id longer than long_call_bytes)
+                params, decode = decode(), None
+            before = functools.partial(daemon.send_before_deletion, params.goal_id)
         run = functools.partial(_encoded, cast(RepoFn, method.run), decode)
         tx = self.tx
         if tx is not None:
+            if before is not None:
+                before()  # (the session holds the write gate)
             try:
                 return await trio.to_thread.run_sync(run, tx, params)
             except db.StorageFailure as exc:
@@ -177,7 +193,7 @@ class Session:
                 # connection): no reply, no error; the cancellation goes on from here.
                 await trio.lowlevel.checkpoint()
                 raise
-        result, committed_events = await daemon.gate.write_long(method, run, params)
+        result, committed_events = await daemon.gate.write_long(method, run, params, before)
         if committed_events:
             daemon.events_committed()
         return result
@@ -365,6 +381,12 @@ class Session:
         self.daemon.subscriptions += 1  # commits wake new_events while any is counted
         try:
             with sub.scope:
+                for frame in sub.held:  # a deletion's, queued before the subscribe reply was
+                    self.outbox.force(frame)
+                sub.held.clear()
+                if sub.closing is not None:
+                    self._cut_off(sub, sub.closing)
+                    return
                 while True:
                     signal = self.daemon.new_events  # before the query: no lost wake-up
                     events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, config.page_size)
@@ -374,23 +396,81 @@ class Session:
                     for event in events:
                         if sub.scope.cancel_called:  # unsubscribed: nothing after its reply
                             return
-                        frame = self._notification(_Appended(sub.id, event))
-                        if not await self.outbox.put_before(frame, config.subscriber_stall_timeout):
-                            self._cut_off(sub)
-                            return
+                        if event.event_id <= sub.cursor:
+                            continue  # queued already, before a deletion
+                        if self.outbox.full():
+                            if not await self.outbox.room_before(config.subscriber_stall_timeout):
+                                self._cut_off(sub, self._stalled(sub))
+                                return
+                            if event.event_id <= sub.cursor:
+                                continue  # queued meanwhile, before a deletion
+                        self.outbox.force(self._notification(_Appended(sub.id, event)))
                         sub.cursor = event.event_id
                     # A backlog goes out a page at a time, the other connections served in
-                    # between: put_before waits only once the outbox is full (4 MiB of
+                    # between: the feeder waits only once the outbox is full (4 MiB of
                     # notifications, 300 ms of the event loop for a backlog of 200,000).
                     await trio.lowlevel.checkpoint()
         finally:
             self.daemon.subscriptions -= 1
 
-    def _cut_off(self, sub: _Subscription) -> None:
-        reason = (
+    def send_before_deletion(self, goal_id: str, last: int) -> None:
+        """A write holding the write gate is about to delete the goal's events, up to
+        event_id ``last``: queue now, to each subscription that is to send some of them,
+        the committed events it has still to send up to there (all goals' for a
+        subscription to all goals: they go in order). One that would need more than twice
+        the outbox's bound (its client does not keep up) is cut off instead, saying so."""
+        for sub in list(self._subscriptions.values()):
+            if sub.closing is None and sub.cursor < last and sub.goal_id in (None, goal_id):
+                self._send_up_to(sub, goal_id, last)
+
+    def _send_up_to(self, sub: _Subscription, goal_id: str, last: int) -> None:
+        started = sub not in self._to_start  # its frames may go to the outbox
+        bound = 2 * self.outbox.limit_bytes
+        queued = self.outbox.queued_bytes if started else sub.held_bytes
+        page_size = self.daemon.config.page_size
+        while sub.cursor < last:
+            if self.outbox.closed:
+                return  # the connection is ending
+            events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, page_size)
+            for event in events:
+                if event.event_id > last:
+                    return
+                frame = self._notification(_Appended(sub.id, event))
+                queued += len(frame)
+                if queued > bound:
+                    self._close_early(sub, started, self._deleted_unsent(sub, goal_id, last))
+                    return
+                if started:
+                    self.outbox.force(frame)
+                else:
+                    sub.held.append(frame)
+                    sub.held_bytes += len(frame)
+                sub.cursor = event.event_id
+            if len(events) < page_size:
+                return
+
+    def _close_early(self, sub: _Subscription, started: bool, reason: str) -> None:
+        if not started:  # the feeder says so once the subscribe reply is out
+            sub.closing = reason
+            return
+        sub.scope.cancel()
+        self._cut_off(sub, reason)
+
+    def _stalled(self, sub: _Subscription) -> str:
+        return (
             f"the client did not read for {self.daemon.config.subscriber_stall_timeout:g} s; "
             f"resubscribe with after_event_id={sub.cursor} to resume"
         )
+
+    @staticmethod
+    def _deleted_unsent(sub: _Subscription, goal_id: str, last: int) -> str:
+        return (
+            f"the client did not keep up, and events of goal {goal_id!r} up to event_id {last} "
+            f"were deleted before they could be sent (those are gone); resubscribe with "
+            f"after_event_id={sub.cursor} to resume"
+        )
+
+    def _cut_off(self, sub: _Subscription, reason: str) -> None:
         self._subscriptions.pop(sub.id, None)
         log.warning("session %d: subscription %d cut off: %s", self.id, sub.id, reason)
         self.outbox.force(self._notification(_Closed(sub.id, reason)))
