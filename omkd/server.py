@@ -162,6 +162,7 @@ def open_database(config: Config) -> db.Database:
             synchronous=config.synchronous,
             wal_autocheckpoint=config.wal_autocheckpoint,
             wal_size_limit=config.wal_restart_pages or None,
+            check_json=False,  # every value comes from msgspec's JSON decoder
         )
     except db.StorageFailure as exc:
         _refuse_if_out_of_descriptors(exc)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import collections
+import datetime
+import decimal
+import enum
+import re
 import resource
 import sqlite3
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -105,6 +111,83 @@ def test_any_json_value_round_trips(shared_db: Database, value: Any) -> None:
         shared_db.events.get_by_goal_json("g", after_event_id=event.event_id - 1)
     )
     assert from_json["payload"] == value
+
+
+class _Level(enum.IntEnum):
+    HIGH = 2
+
+
+NOT_JSON: list[tuple[Any, str]] = [
+    (float("nan"), "nan"),
+    ({"score": [1.0, float("inf")]}, "['score'][1]: inf"),
+    (b"bytes", "a bytes"),
+    ({"when": datetime.datetime(2026, 1, 1)}, "['when']: a datetime"),
+    ({1, 2}, "a set"),
+    ({1: "one"}, "key 1"),
+    (decimal.Decimal("1.5"), "a Decimal"),
+    (uuid.UUID(int=1), "a UUID"),
+]
+
+
+@pytest.mark.parametrize(("value", "problem"), NOT_JSON)
+def test_what_is_not_json_is_refused_not_changed(
+    db: Database, make_goal: MakeGoal, value: Any, problem: str
+) -> None:
+    """msgspec would store NaN as null, bytes as base64, a date as a string, ...: values
+    read back as something else. Every JSON field refuses them, naming the field and
+    where in the value; nothing is written."""
+    db.goals.create(make_goal("g1"))
+    with pytest.raises(InvalidData, match=re.escape(problem)) as info:
+        db.events.append("g1", "k", value)
+    assert info.value.field == "payload"
+    with pytest.raises(InvalidData, match=re.escape(problem)) as info:
+        db.events.append_batch(
+            "g1", [EventInput(kind="k", payload=1), EventInput(kind="k", payload=value)]
+        )
+    assert info.value.field == "payload" and info.value.data["index"] == 1
+    with pytest.raises(InvalidData) as info:
+        db.goals.create(make_goal("g2", terminal_criteria=value))
+    assert info.value.field == "terminal_criteria"
+    with pytest.raises(InvalidData) as info:
+        db.tasks.create_batch(
+            "g1", [TaskRecord(task_id="t", goal_id="g1", kind="k", read_set=value)]
+        )
+    assert info.value.field == "read_set"
+    with pytest.raises(InvalidData) as info:
+        db.proofs.upsert(ProofRecord(goal_id="g1", status="s", gates=[value]))
+    assert info.value.field == "gates"
+    with db.transaction() as tx, pytest.raises(InvalidData):
+        tx.events.append("g1", "k", value)
+    assert db.events.get_by_goal("g1") == [] and db.goals.get("g2") is None
+    assert db.tasks.get_by_goal("g1") == [] and db.proofs.get("g1") is None
+
+
+def test_what_json_extends_is_stored_as_json(db: Database, make_goal: MakeGoal) -> None:
+    db.goals.create(make_goal("g1"))
+    value = {"level": _Level.HIGH, "pair": (1, 2), "ordered": collections.OrderedDict(a=1)}
+    db.events.append("g1", "k", value)
+    assert db.events.get_by_goal("g1")[0].payload == {
+        "level": 2,
+        "pair": [1, 2],
+        "ordered": {"a": 1},
+    }
+    deep: list[Any] = []
+    for _ in range(2000):
+        deep = [deep]
+    with pytest.raises(InvalidData, match="nested deeper than 500 levels"):
+        db.events.append("g1", "k", deep)
+
+
+def test_a_database_told_its_values_are_json_does_not_check_them(
+    db_path: Path, make_goal: MakeGoal
+) -> None:
+    # The daemon's values come from msgspec's JSON decoder: the check would only cost.
+    with Database.open(db_path, check_json=False) as db:
+        db.goals.create(make_goal("g1"))
+        db.events.append("g1", "k", {"a": [1, "x", None]})
+        assert db.events.get_by_goal("g1")[0].payload == {"a": [1, "x", None]}
+        with pytest.raises(InvalidData):  # what msgspec cannot encode at all still fails
+            db.events.append("g1", "k", object())
 
 
 def test_bools_come_back_as_bools(db: Database, make_goal: MakeGoal) -> None:

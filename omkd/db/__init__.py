@@ -2,6 +2,12 @@
 
 Synchronous, thread-safe and unaware of trio or the wire. Start with :meth:`Database.open`;
 see ``omkd.db.database`` for how reads, writes and transactions share the file.
+
+JSON fields (an event's payload, a goal's terminal_criteria, ...) take JSON values: dicts
+with string keys, lists (and tuples), strings, ints, finite floats, bools, None, and their
+subclasses. Anything else (NaN, bytes, a datetime, a set, an int key ...) raises
+InvalidData naming the field, rather than being stored as something it would not read back
+as.
 """
 
 from omkd.db.database import BUSY_TIMEOUT_MS, Database, Transaction, backup_database, migrate

@@ -72,12 +72,13 @@ class RowCodec(Generic[R]):
         self.record: Callable[[Sequence[Any]], R] = self._compile_reader()
         """Return the record for a row whose columns are in this codec's order."""
 
-    def params(self, record: R) -> dict[str, Any]:
-        """Return the named parameters for ``record`` after validating it (InvalidData)."""
+    def params(self, record: R, encode_json: Callable[[Any, str], str | None]) -> dict[str, Any]:
+        """Return the named parameters for ``record`` after validating it (InvalidData), its
+        JSON fields encoded by ``encode_json`` (its scope's)."""
         validate(record)
         values = msgspec.structs.asdict(record)
         for name in self.json_fields:
-            values[name] = _json.encode(values[name], name)
+            values[name] = encode_json(values[name], name)
         return values
 
     def _compile_reader(self) -> Callable[[Sequence[Any]], R]:

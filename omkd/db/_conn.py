@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Final, Protocol
@@ -238,6 +238,10 @@ class Conn:
         return row[0] if row is not None else None
 
 
+JsonEncoder = Callable[[Any, str], str | None]
+"""``omkd.db._json.encode`` or its unchecked twin: (value, field name) -> the text to store."""
+
+
 class Scope(Protocol):
     """Where a repository's calls run: ``read()``, ``write()`` and ``statement()`` yield the
     connection.
@@ -245,8 +249,12 @@ class Scope(Protocol):
     A write block is atomic: it all happens or, on an exception, none of it does. A
     ``statement()`` block is a write of exactly one statement that ``execute`` runs to its
     end (no RETURNING): SQLite makes one statement atomic by itself, so it needs neither a
-    savepoint inside a transaction nor BEGIN and COMMIT outside one.
+    savepoint inside a transaction nor BEGIN and COMMIT outside one. ``encode_json`` turns
+    the value of a JSON field into the text to store (``omkd.db._json.encode``, or its
+    unchecked twin for a Database opened with ``check_json=False``).
     """
+
+    encode_json: JsonEncoder
 
     def read(self) -> AbstractContextManager[Conn]: ...
 

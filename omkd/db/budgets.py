@@ -39,7 +39,7 @@ class BudgetRepository:
         A checkpoint_id given by the caller is ignored: the database assigns it. Raises
         GoalNotFound, InvalidData (money as a float, for one).
         """
-        params = _codec.params(checkpoint)
+        params = _codec.params(checkpoint, self._scope.encode_json)
         params["checkpoint_id"] = None
         with self._scope.write() as conn:
             row = conn.query_one(INSERT, params, goal_id=checkpoint.goal_id)

@@ -34,9 +34,18 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Generic, TypeVar, overload
+from typing import Any, Final, Generic, TypeVar, overload
 
-from omkd.db._conn import Conn, Row, Scope, connect, connect_read_only, rollback_quietly
+from omkd.db import _json
+from omkd.db._conn import (
+    Conn,
+    JsonEncoder,
+    Row,
+    Scope,
+    connect,
+    connect_read_only,
+    rollback_quietly,
+)
 from omkd.db.artifacts import ArtifactRepository
 from omkd.db.budgets import BudgetRepository
 from omkd.db.errors import (
@@ -214,8 +223,10 @@ class Database(_Repositories):
         migrations_applied: list[Migration],
         busy_timeout_ms: int = BUSY_TIMEOUT_MS,
         synchronous: str = "NORMAL",
+        check_json: bool = True,
     ) -> None:
         self._path = path
+        self._encode_json: JsonEncoder = _json.encode if check_json else _json.encode_unchecked
         self._writer = writer
         self._reader = reader
         self._write_lock = threading.Lock()
@@ -248,6 +259,7 @@ class Database(_Repositories):
         lock_timeout: float | None = None,
         wal_autocheckpoint: int | None = None,
         wal_size_limit: int | None = None,
+        check_json: bool = True,
     ) -> Database:
         """Open (creating it and its directory if needed) and migrate the database at ``path``.
 
@@ -258,7 +270,10 @@ class Database(_Repositories):
         (SQLite's default, 1000, when None; 0 never): raise it when something else calls
         :meth:`checkpoint_concurrently`, so that commits do not pay for checkpoints.
         ``wal_size_limit``, in pages: when the WAL starts over, its file is cut back to this
-        size (SQLite's journal_size_limit; None: never cut).
+        size (SQLite's journal_size_limit; None: never cut). ``check_json`` False skips the
+        check that the values of JSON fields are JSON (no NaN, bytes, dates, sets, ...: they
+        raise InvalidData), for a caller whose values all come from a JSON decoder (the
+        daemon's, from msgspec): the check costs about three times the encoding.
 
         Raises InvalidData (bad option), SchemaTooNew, MigrationMismatch, MigrationFailed,
         Busy, StorageFailure (not a database, unwritable, ...). Nothing stays open on error.
@@ -307,6 +322,7 @@ class Database(_Repositories):
             migrations_applied=applied,
             busy_timeout_ms=busy_timeout_ms,
             synchronous=synchronous,
+            check_json=check_json,
         )
 
     @property
@@ -531,6 +547,7 @@ class _DatabaseScope:
         self._read = _Read(db)
         self._own_transaction = _OwnTransaction(db)
         self._autocommit = _Autocommit(db)
+        self.encode_json: JsonEncoder = db._encode_json
 
     def read(self) -> _Read:
         return self._read
@@ -808,6 +825,13 @@ class _Ended:
 
     write = statement = read
 
+    def __init__(self) -> None:
+        self.encode_json: JsonEncoder = _closed_encoder
+
+
+def _closed_encoder(value: Any, field: str) -> str | None:
+    raise TransactionClosed()
+
 
 _ENDED: Final = _Ended()
 
@@ -819,6 +843,7 @@ class _TransactionScope:
     def __init__(self, tx: Transaction) -> None:
         self._read = _InTransaction(tx)
         self._savepoint = _Savepoint(tx)
+        self.encode_json: JsonEncoder = tx._db._encode_json
 
     def read(self) -> _InTransaction:
         return self._read

@@ -9,9 +9,9 @@ that the deletes of events raise first (``NEXT_EVENT_ID``, ``RAISE_HIGH_WATER``)
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
-from omkd.db import _json
 from omkd.db._codec import RowCodec
 from omkd.db._conn import Scope
 from omkd.db.errors import DbError, GoalNotFound, InvalidData
@@ -130,7 +130,7 @@ class EventRepository:
                     _check_str(value, field)
             _check_int(schema_version, "schema_version")
         created_at = now()
-        text = _json.encode(payload, "payload")
+        text = self._scope.encode_json(payload, "payload")
         row = insert_row(goal_id, kind, text, created_at, event_uuid, run_id, actor, schema_version)
         sql = INSERT_BARE if len(row) == _BARE_LENGTH else INSERT
         with self._scope.statement() as conn:
@@ -155,7 +155,8 @@ class EventRepository:
         """
         _check_str(goal_id, "goal_id")
         created_at = now()
-        rows = [_batch_row(goal_id, index, event, created_at) for index, event in enumerate(events)]
+        encode = self._scope.encode_json
+        rows = [_batch_row(goal_id, i, event, created_at, encode) for i, event in enumerate(events)]
         with self._scope.write() as conn:
             if not conn.scalar(GOAL_EXISTS, (goal_id,)):
                 raise GoalNotFound(goal_id)
@@ -303,12 +304,18 @@ def _check_input(event: EventInput) -> None:
     _check_int(event.schema_version, "schema_version")
 
 
-def _batch_row(goal_id: str, index: int, event: EventInput, created_at: int) -> tuple[Any, ...]:
+def _batch_row(
+    goal_id: str,
+    index: int,
+    event: EventInput,
+    created_at: int,
+    encode_json: Callable[[Any, str], str | None],
+) -> tuple[Any, ...]:
     if not isinstance(event, EventInput):
         raise InvalidData("events", f"item {index} is not an EventInput", index=index)
     try:
         _check_input(event)
-        payload = _json.encode(event.payload, "payload")
+        payload = encode_json(event.payload, "payload")
     except InvalidData as exc:
         raise InvalidData(exc.field, f"event {index}: {exc.message}", index=index) from exc
     return insert_row(

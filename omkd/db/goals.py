@@ -97,7 +97,7 @@ class GoalRepository:
         Raises Conflict if the goal_id exists, InvalidData for a field of the wrong type (or
         a version over MAX_VERSION).
         """
-        params = _codec.params(goal)
+        params = _codec.params(goal, self._scope.encode_json)
         _check_version(goal)
         with self._scope.write() as conn:
             row = conn.query_one(INSERT, params, subject=("goal", goal.goal_id))
@@ -110,7 +110,7 @@ class GoalRepository:
         An existing goal keeps its ``created_at`` and gets version = old version + 1, whatever
         version was sent (refused over MAX_VERSION all the same). Raises InvalidData.
         """
-        params = _codec.params(goal)
+        params = _codec.params(goal, self._scope.encode_json)
         _check_version(goal)
         with self._scope.write() as conn:
             row = conn.query_one(UPSERT, params, subject=("goal", goal.goal_id))
@@ -154,7 +154,7 @@ class GoalRepository:
             current = _codec.record(row)
             if current.version != expected_version:
                 raise VersionConflict(goal_id, expected_version, current.version)
-            params = _codec.params(_apply_changes(current, changes))
+            params = _codec.params(_apply_changes(current, changes), self._scope.encode_json)
             params["expected_version"] = expected_version
             updated = conn.query_one(UPDATE, params)
         assert updated is not None

@@ -39,7 +39,7 @@ class ProofRepository:
 
         Raises GoalNotFound, InvalidData.
         """
-        params = _codec.params(proof)
+        params = _codec.params(proof, self._scope.encode_json)
         with self._scope.write() as conn:
             row = conn.query_one(UPSERT, params, goal_id=proof.goal_id)
         assert row is not None

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from omkd.db import _json
 from omkd.db._codec import RowCodec, named_params
 from omkd.db._conn import Conn, Scope
@@ -41,7 +44,7 @@ class TaskRepository:
         Raises InvalidData (a task of another goal, a field of the wrong type), GoalNotFound,
         Conflict (a task_id that exists; data names it).
         """
-        rows = _rows(goal_id, tasks)
+        rows = _rows(goal_id, tasks, self._scope.encode_json)
         with self._scope.write() as conn:
             _check_batch(conn, goal_id, rows)
             _insert(conn, goal_id, rows)
@@ -76,7 +79,7 @@ class TaskRepository:
 
         Raises InvalidData, GoalNotFound, Conflict (a task_id used by another goal).
         """
-        rows = _rows(goal_id, tasks)
+        rows = _rows(goal_id, tasks, self._scope.encode_json)
         with self._scope.write() as conn:
             _check_batch(conn, goal_id, rows)
             conn.change(DELETE_BY_GOAL, (goal_id,))
@@ -89,7 +92,9 @@ class TaskRepository:
             return conn.change(DELETE_BY_GOAL, (goal_id,))
 
 
-def _rows(goal_id: str, tasks: list[TaskRecord]) -> list[dict[str, object]]:
+def _rows(
+    goal_id: str, tasks: list[TaskRecord], encode_json: Callable[[Any, str], str | None]
+) -> list[dict[str, object]]:
     """Return the insert parameters of ``tasks`` after checking them (InvalidData)."""
     if not isinstance(tasks, list):
         raise InvalidData("tasks", "expected a list of tasks")
@@ -104,7 +109,7 @@ def _rows(goal_id: str, tasks: list[TaskRecord]) -> list[dict[str, object]]:
                 index=index,
                 task_id=task.task_id,
             )
-        rows.append(_codec.params(task))
+        rows.append(_codec.params(task, encode_json))
     return rows
 
 
@@ -128,7 +133,7 @@ def _insert(conn: Conn, goal_id: str, rows: list[dict[str, object]]) -> None:
     except Conflict as exc:
         # Rows of this batch inserted before the failure have later seqs than the task
         # that was there first, so the first by seq is the one in the way.
-        ids = _json.encode([row["task_id"] for row in rows], "tasks")
+        ids = _json.encode_unchecked([row["task_id"] for row in rows], "tasks")
         taken = conn.query(SELECT_EXISTING_IDS, (ids,))
         if not taken:
             raise
