@@ -553,6 +553,53 @@ def test_integers_beyond_64_bits_are_invalid_data(
     assert db.budgets.get_by_goal("g1") == [] and db.goals.get("g1") == goal
 
 
+@pytest.mark.parametrize(
+    ("field", "call"),
+    [
+        ("schema_version", lambda db: db.events.append("g1", "k", 1, schema_version=2**63)),
+        ("since", lambda db: db.events.get_by_goal("g1", since=2**64)),
+        ("after_event_id", lambda db: db.events.get_by_goal("g1", after_event_id=-(2**64))),
+        ("artifact_id", lambda db: db.artifacts.delete(2**70)),
+        ("after_event_id", lambda db: db.events.tail(2**64, "g1")),
+    ],
+)
+def test_an_integer_beyond_64_bits_is_named_by_its_field(
+    db: Database, goal: GoalRecord, field: str, call: Callable[[Database], object]
+) -> None:
+    with pytest.raises(InvalidData) as info:
+        call(db)
+    assert info.value.field == field  # ("value" for the positional ones)
+
+
+def test_a_lone_surrogate_in_a_string_field_is_invalid_data(
+    db: Database, make_goal: MakeGoal
+) -> None:
+    # No UTF-8 for SQLite: it escaped as UnicodeEncodeError, outside DbError.
+    bad = "half \ud800 a pair"
+    db.goals.create(make_goal("g1"))
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("goal_text", lambda: db.goals.create(make_goal("g2", goal_text=bad))),
+        ("value", lambda: db.events.append("g1", bad, 1)),  # (a positional parameter)
+        ("value", lambda: db.events.append_batch("g1", [EventInput(kind=bad, payload=1)])),
+        ("title", lambda: db.tasks.create_batch(
+            "g1", [TaskRecord(task_id="t", goal_id="g1", kind="k", title=bad)])),
+        ("value", lambda: db.goals.get(bad)),
+    ]  # fmt: skip
+    for field, call in calls:
+        with pytest.raises(InvalidData, match="lone surrogate") as info:
+            call()
+        assert info.value.field == field
+    assert db.events.get_by_goal("g1") == [] and db.tasks.get_by_goal("g1") == []
+    assert db.goals.get("g2") is None
+
+
+def test_a_negative_tail_limit_is_refused(db: Database, goal: GoalRecord) -> None:
+    db.events.append("g1", "k", 1)
+    with pytest.raises(InvalidData) as info:
+        db.events.tail(0, limit=-1)
+    assert info.value.field == "limit"
+
+
 # proofs, budgets, artifacts
 
 

@@ -32,6 +32,7 @@ from omkd.db import (
     StorageFailure,
     TaskRecord,
     TimeLimitExceeded,
+    Transaction,
     TransactionClosed,
     backup_database,
     check_database,
@@ -463,6 +464,49 @@ def test_concurrent_transactions_are_serialized(db: Database, make_goal: MakeGoa
     for t in threads:
         t.join(WAIT)
     assert db.goals.get("g1").version == 41  # type: ignore[union-attr]
+
+
+def test_a_later_thread_with_a_reused_ident_waits_for_the_lock_like_any_other(
+    db: Database, make_goal: MakeGoal
+) -> None:
+    # A Transaction begun in a thread that then ended: a new thread may get the same ident,
+    # and was told at once that it held the write lock itself (Busy) instead of waiting.
+    db.goals.create(make_goal("g1"))
+    box: dict[str, object] = {}
+
+    def begin() -> None:
+        box["tx"], box["ident"] = db.transaction(), threading.get_ident()
+
+    def write() -> None:
+        box["same ident"] = threading.get_ident() == box["ident"]
+        try:
+            box["result"] = db.events.append("g1", "k", 1).event_id
+        except Exception as exc:
+            box["result"] = exc
+
+    for _ in range(20):  # until the ident is reused (at once, on Linux)
+        thread = threading.Thread(target=begin)
+        thread.start()
+        thread.join()
+        writer = threading.Thread(target=write)
+        writer.start()
+        time.sleep(0.05)
+        assert writer.is_alive()  # waiting for the lock
+        tx = box["tx"]
+        assert isinstance(tx, Transaction)
+        tx.commit()
+        writer.join(5)
+        assert isinstance(box["result"], int), box["result"]
+        if box["same ident"]:
+            break
+    assert box["same ident"]
+
+
+def test_total_changes_after_close_is_database_closed(db_path: Path) -> None:
+    db = Database.open(db_path)
+    db.close()
+    with pytest.raises(DatabaseClosed):
+        db.total_changes  # noqa: B018
 
 
 def test_backup_and_restore(db: Database, make_goal: MakeGoal, tmp_path: Path) -> None:

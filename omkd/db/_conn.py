@@ -70,6 +70,27 @@ def out_of_range(rows: Iterable[Params]) -> InvalidData:
     return InvalidData("value", "an integer is out of the 64-bit integer range")
 
 
+def unencodable(rows: Iterable[Params]) -> InvalidData:
+    """The InvalidData for statement parameters holding a string that is not valid Unicode
+    (a lone surrogate: no UTF-8 for SQLite), naming its field when the parameters are
+    named."""
+    for params in rows:
+        items = params.items() if isinstance(params, Mapping) else enumerate(params)
+        for name, value in items:
+            if isinstance(value, str) and not _encodable(value):
+                field = name if isinstance(name, str) else "value"
+                return InvalidData(field, f"{value!r} is not valid Unicode text (a lone surrogate)")
+    return InvalidData("value", "a string is not valid Unicode text (a lone surrogate)")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def translate(
     exc: sqlite3.Error, *, goal_id: str | None = None, subject: tuple[str, Any] | None = None
 ) -> Exception:
@@ -164,6 +185,8 @@ class Conn:
             raise translate(exc, goal_id=goal_id, subject=subject) from exc
         except OverflowError as exc:
             raise out_of_range([params]) from exc
+        except UnicodeEncodeError as exc:
+            raise unencodable([params]) from exc
 
     def executemany(
         self,
@@ -180,6 +203,8 @@ class Conn:
             raise translate(exc, goal_id=goal_id, subject=subject) from exc
         except OverflowError as exc:
             raise out_of_range(rows) from exc
+        except UnicodeEncodeError as exc:
+            raise unencodable(rows) from exc
 
     def change(
         self,
@@ -207,6 +232,8 @@ class Conn:
             raise translate(exc, goal_id=goal_id, subject=subject) from exc
         except OverflowError as exc:
             raise out_of_range([params]) from exc
+        except UnicodeEncodeError as exc:
+            raise unencodable([params]) from exc
 
     def query_one(
         self,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from omkd.db._codec import RowCodec, validate
-from omkd.db._conn import Scope
+from omkd.db._conn import INT64_RANGE, Scope
 from omkd.db.errors import InvalidData
 from omkd_client.records import ArtifactRecord
 
@@ -56,6 +56,8 @@ class ArtifactRepository:
         """Delete one artifact; return whether it existed. Raises InvalidData."""
         if not isinstance(artifact_id, int) or isinstance(artifact_id, bool):
             raise InvalidData("artifact_id", "expected an integer")
+        if artifact_id not in INT64_RANGE:
+            raise InvalidData("artifact_id", f"{artifact_id} is out of the 64-bit integer range")
         with self._scope.write() as conn:
             return conn.change(DELETE, (artifact_id,)) > 0
 

@@ -230,7 +230,8 @@ class Database(_Repositories):
         self._writer = writer
         self._reader = reader
         self._write_lock = threading.Lock()
-        self._write_owner: int | None = None  # the thread holding it (threading.get_ident)
+        # The thread holding it: its Thread, not its ident, which a later thread may reuse.
+        self._write_owner: threading.Thread | None = None
         self._read_lock = threading.Lock()
         self._spare_readers: list[Conn] = []  # idle ones; those in use are their thread's
         self._spares_in_use: set[Conn] = set()
@@ -404,6 +405,7 @@ class Database(_Repositories):
     @property
     def total_changes(self) -> int:
         """Rows inserted, updated or deleted through this Database since it was opened."""
+        self._check_open()
         return self._writer.raw.total_changes
 
     def quick_check(self) -> list[str]:
@@ -490,7 +492,7 @@ class Database(_Repositories):
     def _acquire_write(self, timeout: float | None) -> None:
         """Take the write lock, waiting up to ``timeout`` s (None: forever); Busy if not had,
         at once if this thread holds it already (it would wait for itself)."""
-        if self._write_owner == threading.get_ident():
+        if self._write_owner is threading.current_thread():
             raise Busy(
                 "this thread holds the write lock already, in an open Transaction: make the "
                 "call on that Transaction, or end it first"
@@ -500,7 +502,7 @@ class Database(_Repositories):
                 f"the database was busy for {timeout} s: another transaction holds it",
                 timeout=timeout,
             )
-        self._write_owner = threading.get_ident()
+        self._write_owner = threading.current_thread()
         if self._closed:
             self._release_write()
             raise DatabaseClosed()

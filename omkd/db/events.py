@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from omkd.db._codec import RowCodec
-from omkd.db._conn import Scope
+from omkd.db._conn import INT64_RANGE, Scope
 from omkd.db.errors import DbError, GoalNotFound, InvalidData
 from omkd_client.records import EventInput, EventRecord, now
 
@@ -119,6 +119,7 @@ class EventRepository:
             type(goal_id) is str
             and type(kind) is str
             and type(schema_version) is int
+            and schema_version in INT64_RANGE
             and event_uuid is None
             and run_id is None
             and actor is None
@@ -233,6 +234,8 @@ class EventRepository:
         """
         _check_int(after_event_id, "after_event_id")
         _check_int(limit, "limit")
+        if limit < 0:
+            raise InvalidData("limit", "must not be negative")
         with self._scope.read() as conn:
             if goal_id is None:
                 rows = conn.query(TAIL_ALL, (after_event_id, limit))
@@ -261,6 +264,8 @@ def _check_str(value: object, field: str) -> None:
 def _check_int(value: object, field: str) -> None:
     if not isinstance(value, int) or isinstance(value, bool):
         raise InvalidData(field, f"expected an integer, got {type(value).__name__}")
+    if value not in INT64_RANGE:
+        raise InvalidData(field, f"{value} is out of the 64-bit integer range")
 
 
 def _page_params(
