@@ -41,6 +41,7 @@ BATCH_SLICE_S: Final = 0.002  # the default of batch_slice (also the Dispatcher'
 LONG_CALL_ROWS: Final = 1000  # the default of long_call_rows (also the Dispatcher's)
 LONG_CALL_BYTES: Final = 256 * 1024  # the default of long_call_bytes (also the Dispatcher's)
 LONG_CALL_S: Final = 0.01  # the default of long_call_seconds (also the Dispatcher's)
+BATCH_REPLY_BYTES: Final = 64 * MiB  # the default of batch_reply_bytes (also the Dispatcher's)
 
 
 class ConfigError(Exception):
@@ -94,6 +95,10 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # on with the batch: a batch of 100,000 calls takes seconds, and nobody else must wait
     # for it to end.
     batch_slice: float = BATCH_SLICE_S
+    # Bytes of replies a batch may gather: once its replies pass it, its remaining calls are
+    # not run, each answered -32600 (a batch's reply is one message, held whole until it is
+    # sent: 100 pages of a whole log, a 9 KB request, took 7 GB).
+    batch_reply_bytes: int = BATCH_REPLY_BYTES
     # Rows past which a call runs in a worker thread, the event loop serving the other
     # connections meanwhile: a page of more events or goals, a batch of more events or
     # tasks, and every call that reads, deletes or replaces all of a goal's rows, whatever
@@ -143,6 +148,7 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             "gc_threshold",
             "long_reads",
             "listen_backlog",
+            "batch_reply_bytes",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")

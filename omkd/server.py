@@ -78,6 +78,7 @@ class Daemon:
         self.version = omkd.__version__
         self.dispatcher = Dispatcher(
             batch_slice=config.batch_slice,
+            batch_reply_bytes=config.batch_reply_bytes,
             turn=trio.lowlevel.checkpoint,
             long_call_rows=config.long_call_rows,
             long_call_bytes=config.long_call_bytes,

@@ -260,6 +260,9 @@ class _NullSession:
     aborted = False
     long_read_next = False
 
+    def peer_gone(self) -> bool:
+        return False
+
     def run_read(self, method: object, params: object, time_limit: object = None) -> None:
         return None
 
@@ -460,4 +463,57 @@ async def test_a_long_batch_lets_the_other_connections_be_served_meanwhile() -> 
             assert [r["id"] for r in replies] == list(range(count))
             assert all("result" in r for r in replies)
             await batcher.aclose()
+            await other.aclose()
+
+
+def _batch(
+    calls: list[tuple[str, dict[str, object]]], notify: set[int] = frozenset()
+) -> list[object]:
+    return [
+        {"jsonrpc": "2.0", "method": m, "params": p, **({} if i in notify else {"id": i})}
+        for i, (m, p) in enumerate(calls)
+    ]
+
+
+async def test_a_batch_whose_replies_pass_the_bound_runs_no_more_of_its_calls() -> None:
+    # 100 pages of a whole log in a 9 KB batch: its one reply was held whole, copied, and
+    # took 7 GB. Past batch_reply_bytes the rest is not run, each call told so.
+    with short_tempdir() as directory:
+        async with running_daemon(directory, batch_reply_bytes=100_000) as daemon:
+            client = await RawClient.connect(daemon.config.socket_path)
+            await client.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": "p" * 300} for _ in range(100)]
+            await client.call("event.append_batch", goal_id="g1", events=events)  # ~40 KB a page
+            page = ("event.get_by_goal", {"goal_id": "g1"})
+            append = ("event.append", {"goal_id": "g1", "kind": "late", "payload": 0})
+            await client.send(_batch([page] * 4 + [append, page, append], notify=frozenset({6})))
+            with trio.fail_after(10):
+                replies = await client.recv()
+            assert [r["id"] for r in replies] == [0, 1, 2, 3, 4, 5]  # (6: a notification)
+            assert all(len(r["result"]) == 100 for r in replies[:3])
+            for refused in replies[3:]:
+                assert refused["error"]["code"] == ErrorCode.INVALID_REQUEST
+                assert "batch_reply_bytes" in refused["error"]["message"]
+                assert refused["error"]["data"]["limit"] == 100_000
+            stored = await client.call("event.get_by_goal", goal_id="g1")
+            assert len(stored) == 100 and {e["kind"] for e in stored} == {"k"}  # none "late"
+            await client.aclose()
+
+
+async def test_a_batch_whose_client_has_gone_stops() -> None:
+    # Its client closed at once: the daemon ran the whole batch for nobody (42 s of work).
+    with short_tempdir() as directory:
+        async with running_daemon(directory, batch_slice=0.0005) as daemon:
+            other = await RawClient.connect(daemon.config.socket_path)
+            await other.call("goal.create", **goal("g1"))
+            gone = await RawClient.connect(daemon.config.socket_path)
+            calls = [("event.append", {"goal_id": "g1", "kind": "k", "payload": i})
+                     for i in range(20_000)]  # fmt: skip
+            await gone.send(_batch(calls))
+            await gone.aclose()
+            with trio.fail_after(30):  # until its session has ended
+                while (await other.call("daemon.status"))["sessions"] > 1:
+                    await trio.sleep(0.01)
+            appended = len(await other.call("event.get_by_goal", goal_id="g1"))
+            assert 0 < appended < 20_000
             await other.aclose()

@@ -33,6 +33,7 @@ import enum
 import functools
 import logging
 import os
+import select
 from typing import TYPE_CHECKING, Final
 
 import trio
@@ -77,7 +78,7 @@ class _Connection:
         self.fd = stream.socket.fileno()  # for replies sent without a trip through trio
         self.decoder = FrameDecoder(config.max_message_bytes)
         self.outbox = Outbox(config.outbox_bytes)
-        self.session = Session(daemon, session_id, self.outbox, self._frame)
+        self.session = Session(daemon, session_id, self.outbox, self._frame, self._peer_gone)
         self.sending = trio.Lock()  # one writer on the socket at a time
         # Replies not sent yet, to go out in one write (or, past _COALESCE_BYTES, one after
         # another: a long reply's pieces are never copied into one buffer).
@@ -91,6 +92,13 @@ class _Connection:
 
     def _frame(self, message: bytes) -> bytes:
         return encode_frame(self.decoder.framing or Framing.LENGTH, message)
+
+    def _peer_gone(self) -> bool:
+        # POLLHUP once the client has closed its end (or both directions): it reads no
+        # more. (A client that only shut down its writing still reads its replies.)
+        poll = select.poll()
+        poll.register(self.fd, select.POLLOUT)
+        return any(events & (select.POLLHUP | select.POLLERR) for _, events in poll.poll(0))
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:

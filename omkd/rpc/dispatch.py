@@ -46,7 +46,13 @@ from typing import Any, Final, Protocol, cast
 import msgspec
 
 from omkd import db
-from omkd.config import BATCH_SLICE_S, LONG_CALL_BYTES, LONG_CALL_ROWS, LONG_CALL_S
+from omkd.config import (
+    BATCH_REPLY_BYTES,
+    BATCH_SLICE_S,
+    LONG_CALL_BYTES,
+    LONG_CALL_ROWS,
+    LONG_CALL_S,
+)
 from omkd.failures import FailureLog
 from omkd.rpc._jsonrpcserver import (
     NODATA,
@@ -137,6 +143,10 @@ class DispatchSession(SessionLike, Protocol):
     def settled(self) -> bool: ...
 
     def write_now(self, method: Method, params: Any) -> tuple[Any, PendingCommit | None] | None: ...
+
+    def peer_gone(self) -> bool:
+        """Whether the client has closed its end of the connection (it takes no reply)."""
+        ...
 
 
 class DeferredReply:
@@ -237,19 +247,23 @@ class Dispatcher:
         methods: dict[str, Method] | None = None,
         *,
         batch_slice: float = BATCH_SLICE_S,
+        batch_reply_bytes: int = BATCH_REPLY_BYTES,
         turn: Callable[[], Awaitable[None]] | None = None,
         long_call_rows: int = LONG_CALL_ROWS,
         long_call_bytes: int = LONG_CALL_BYTES,
         long_call_seconds: float = LONG_CALL_S,
     ) -> None:
         """``turn`` gives the event loop's other tasks a turn (the daemon's: trio's
-        checkpoint): a batch takes one every ``batch_slice`` seconds. None: never. A
+        checkpoint): a batch takes one every ``batch_slice`` seconds (None: never), and ends
+        there if its client has gone; once its replies pass ``batch_reply_bytes``, the rest
+        of its calls are not run (each answers -32600). A
         repository call that may touch more than ``long_call_rows`` rows (``Method.rows``),
         or whose params are longer than ``long_call_bytes``, goes to the session's
         ``run_long``; so does a read of such a method that runs longer than
         ``long_call_seconds`` here (stopped, then run again there)."""
         self.methods = dict(METHODS if methods is None else methods)
         self.batch_slice = batch_slice
+        self.batch_reply_bytes = batch_reply_bytes
         self.long_call_rows = long_call_rows
         self.long_call_bytes = long_call_bytes
         self.long_call_seconds = long_call_seconds
@@ -283,22 +297,54 @@ class Dispatcher:
                 "an empty batch is not a request",
                 {"field": None, "detail": "the batch is empty"},
             )
-        replies: list[bytes] = []
+        # The replies as pieces: a batch of pages is never copied into one string here.
+        pieces: list[bytes | memoryview] = []
+        size = 0
         turn = self._turn
         slice_ends = time.perf_counter() + self.batch_slice
         for item in items:
-            reply = await self._one(item, session)
-            await session.settle()  # before the next element, and before answering
+            if size > self.batch_reply_bytes:
+                reply: bytes | DeferredReply | ReplyPieces | None = self._not_run(item)
+            else:
+                reply = await self._one(item, session)
+                await session.settle()  # before the next element, and before answering
             if isinstance(reply, DeferredReply):
                 reply = reply.resolve()
-            elif isinstance(reply, ReplyPieces):
-                reply = reply.join()
             if reply is not None:
-                replies.append(reply)
+                parts = reply.pieces if isinstance(reply, ReplyPieces) else (reply,)
+                pieces.append(b"," if pieces else b"[")
+                pieces.extend(parts)
+                size += sum(len(part) for part in parts)
             if turn is not None and time.perf_counter() > slice_ends:
+                if session.peer_gone():
+                    return None  # nobody to answer: the rest of the batch is not run
                 await turn()  # the other connections get served
                 slice_ends = time.perf_counter() + self.batch_slice
-        return b"[" + b",".join(replies) + b"]" if replies else None
+        if not pieces:
+            return None
+        pieces.append(b"]")
+        if size > _PIECES_BYTES:
+            return ReplyPieces(tuple(pieces))
+        return b"".join(pieces)
+
+    def _not_run(self, item: msgspec.Raw) -> bytes | None:
+        """The answer to a call of a batch that was not run, its replies past the bound (a
+        notification: none)."""
+        try:
+            id = _ENVELOPE.decode(item).id
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            id = _NULL
+        else:
+            if not id:
+                return None
+        limit = self.batch_reply_bytes
+        return encode_error(
+            ErrorCode.INVALID_REQUEST,
+            f"not run: the replies of this batch passed batch_reply_bytes ({limit} bytes) "
+            f"before it; send it again in a batch of its own",
+            {"field": None, "detail": "the batch's replies are too long", "limit": limit},
+            id,
+        )
 
     def answer_now(
         self, message: bytes, session: DispatchSession

@@ -100,11 +100,19 @@ def _encoded(run: RepoFn, decode: Callable[[], Any] | None, repos: Any, params: 
 class Session:
     """One connection's state. Not shared between tasks of other connections."""
 
-    def __init__(self, daemon: Daemon, session_id: int, outbox: Outbox, framing: Any) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        session_id: int,
+        outbox: Outbox,
+        framing: Any,
+        peer_gone: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.daemon = daemon
         self.id = session_id
         self.outbox = outbox
         self.encode_frame = framing
+        self._peer_gone = peer_gone
         self.tx: db.Transaction | None = None
         self._pending: Commit | None = None  # a write's batch whose COMMIT is to come
         self._aborted = False
@@ -128,6 +136,10 @@ class Session:
     @property
     def subscribing(self) -> bool:
         return bool(self._subscriptions)
+
+    def peer_gone(self) -> bool:
+        """Whether the client has closed its end of the connection (it takes no reply)."""
+        return self._peer_gone()
 
     # -- repository calls
 
