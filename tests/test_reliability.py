@@ -593,6 +593,42 @@ def test_300_concurrent_connections_all_served(workdir: Path) -> None:
     )
 
 
+def test_a_client_connecting_in_a_loop_leaves_the_others_served(workdir: Path) -> None:
+    # A client that connects and closes at once, in a loop (~3,000 times a second): the
+    # daemon accepted faster than it ended them, 8,000 descriptors piled up, and another
+    # client got 9 replies in 6 s. Accepts now wait for the others to be served first.
+    with LimitedDaemon(workdir) as daemon, StrictConnection(daemon.socket_path) as probe:
+        probe.call("goal.create", goal_params("g"))
+        stop = time.monotonic() + 3
+        churned = 0
+        with contextlib.ExitStack() as stack:
+            churner = subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(f"""
+                    import socket, time
+                    stop = time.monotonic() + 3
+                    while time.monotonic() < stop:
+                        s = socket.socket(socket.AF_UNIX)
+                        try:
+                            s.connect({str(daemon.socket_path)!r})
+                        except BlockingIOError:
+                            pass
+                        s.close()
+                """)],
+            )  # fmt: skip
+            stack.callback(churner.kill)
+            replies = 0
+            most_sessions = 0
+            while time.monotonic() < stop:
+                most_sessions = max(most_sessions, probe.call("daemon.status")["sessions"])
+                replies += 1
+            churned = churner.wait(10)
+        assert churned == 0
+        assert most_sessions < 200, most_sessions  # (thousands without it)
+        assert replies > 50, replies  # (a few without it)
+        figure("connect loop", f"another client's calls answered in 3 s: {replies}, "
+               f"sessions at most {most_sessions}")  # fmt: skip
+
+
 @pytest.mark.timeout(SOAK_SECONDS + 150)
 def test_32_writers_for_a_bounded_time_lose_nothing(workdir: Path) -> None:
     modes = ["single"] * 16 + ["tx"] * 8 + ["mixed"] * 8
