@@ -115,7 +115,11 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="install for the current user (the only mode; default)",
     )
-    units.add_argument("--dest", type=Path, help="directory (default ~/.config/systemd/user)")
+    units.add_argument(
+        "--dest",
+        type=Path,
+        help="directory (default $XDG_CONFIG_HOME/systemd/user, else ~/.config/systemd/user)",
+    )
     _db_flag(units)
     return parser
 

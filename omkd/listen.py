@@ -217,13 +217,21 @@ def prepare_socket_directory(socket_path: str | os.PathLike[str]) -> None:
     """Create the socket's directory (0700) if missing; refuse one of another user.
 
     /tmp/omk-<uid> can be made by anyone before the daemon first runs: a directory of another
-    user could let them replace the socket, so it is refused, never "fixed"; so is /tmp
-    itself (root's, sticky), where another user could take the socket's name while the
-    daemon is stopped. Raises StartupError.
+    user could let them replace the socket, so it is refused, never "fixed"; so is one every
+    user may write (/tmp itself, even for root), where another user could take the socket's
+    name while the daemon is stopped. Raises StartupError.
     """
     directory = Path(socket_path).parent
     make_private_dirs(directory)
-    owner = directory.stat().st_uid
+    info = directory.stat()
+    owner = info.st_uid
+    if info.st_mode & stat.S_IWOTH:  # /tmp itself, for root too
+        raise StartupError(
+            f"the socket directory {directory} is writable by every user: another user "
+            f"could take the socket's name in it while the daemon is stopped; use a "
+            f"directory of your own (the default is $XDG_RUNTIME_DIR/omk, else "
+            f"/tmp/omk-{os.getuid()})"
+        )
     if owner != os.getuid():
         # Even /tmp (root's, sticky): another user could take the socket's name there while
         # the daemon is stopped, and clients would talk to them.

@@ -137,12 +137,13 @@ class FakeServer:
     """A Unix socket server in a thread; ``handler(request)`` answers each request with a
     message (or a list of messages) to send, ``SILENT`` or ``CLOSE``."""
 
-    def __init__(self, directory: Path, handler: Handler) -> None:
-        self.socket_path = directory / "fake.sock"
+    def __init__(self, directory: Path, handler: Handler, abstract: str | None = None) -> None:
+        # An abstract socket is named as the daemon reports one: "@name".
+        self.socket_path = Path(f"@{abstract}") if abstract else directory / "fake.sock"
         self.handler = handler
         self.requests: list[dict[str, Any]] = []
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(self.socket_path))
+        self._listener.bind(f"\0{abstract}" if abstract else str(self.socket_path))
         self._listener.listen()
         self._connections: list[socket.socket] = []
         self._thread = threading.Thread(target=self._accept, daemon=True)
@@ -197,9 +198,10 @@ class FakeServer:
 
 
 @contextlib.contextmanager
-def fake_server(handler: Handler) -> Iterator[FakeServer]:
-    """A started FakeServer in a fresh short directory."""
-    with short_dir() as directory, FakeServer(directory, handler) as server:
+def fake_server(handler: Handler, abstract: str | None = None) -> Iterator[FakeServer]:
+    """A started FakeServer in a fresh short directory (or on the abstract socket
+    ``abstract``)."""
+    with short_dir() as directory, FakeServer(directory, handler, abstract) as server:
         yield server
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ from omkd_client import (
     TransactionActive,
     VersionConflict,
 )
+from omkd_client.cli import main as omkctl_main
 from omkd_client.errors import ERRORS, DaemonError, error_from_wire
 from omkd_client.protocol import (
     NEED_DATA,
@@ -781,3 +783,19 @@ def test_socket_path_from_the_environment(daemon: Daemon, monkeypatch: Any) -> N
     with omkd_client.connect() as c:
         assert c.socket_path == Path(daemon.socket_path)
         assert c.daemon.ping() == "pong"
+
+
+def test_an_abstract_socket_named_as_the_daemon_reports_it_is_reached(capsys: Any) -> None:
+    # A systemd socket bound in the abstract namespace is reported as "@name"; clients
+    # given that name looked for a file of it ("No such file or directory").
+    name = unique("omkd-abstract")
+
+    def handler(request: dict[str, Any]) -> Any:
+        return result(request, "pong")
+
+    with fake_server(handler, abstract=name) as server:
+        assert str(server.socket_path) == f"@{name}"
+        with Client.connect(f"@{name}") as c:
+            assert c.daemon.ping() == "pong"
+        assert omkctl_main(["--socket", f"@{name}", "call", "daemon.ping"]) == 0
+        assert json.loads(capsys.readouterr().out) == "pong"

@@ -407,3 +407,14 @@ async def test_reconnect_after_a_daemon_restart() -> None:
                 assert await c.daemon.ping() == "pong"
         finally:
             daemon.stop()
+
+
+async def test_an_abstract_socket_named_as_the_daemon_reports_it_is_reached() -> None:
+    name = unique("omkd-abstract")
+
+    def handler(request: dict[str, Any]) -> Any:
+        return result(request, "pong")
+
+    with fake_server(handler, abstract=name):
+        async with TrioClient.connect(f"@{name}") as c:
+            assert await c.daemon.ping() == "pong"

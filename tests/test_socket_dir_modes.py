@@ -70,6 +70,8 @@ async def test_existing_directory_keeps_its_mode(
         (0, 0o1777, False),  # /tmp: another user could take the name while it is stopped
         (0, 0o755, False),  # root's
         (4343, 0o700, False),  # another user's: made before the daemon first ran
+        (4242, 0o1777, False),  # its own, but every user may write in it (/tmp for root)
+        (4242, 0o770, True),  # its own, its group's too (a private group, often)
     ],
 )
 def test_only_a_socket_directory_of_the_users_own_is_served_in(

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["default_socket_path", "resolve_socket_path"]
+__all__ = ["default_socket_path", "resolve_socket_path", "socket_address"]
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
@@ -16,6 +16,13 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
     if os.path.isabs(runtime):  # the XDG spec says to ignore a relative value
         return Path(runtime) / "omk" / "omkd.sock"
     return Path(f"/tmp/omk-{os.getuid()}") / "omkd.sock"
+
+
+def socket_address(path: str | os.PathLike[str]) -> str:
+    """The address to connect to for ``path``: ``@name`` is the abstract socket ``name``
+    (as the daemon reports a systemd socket bound there), anything else a file."""
+    text = os.fspath(path)
+    return "\0" + text[1:] if text.startswith("@") else text
 
 
 def resolve_socket_path(

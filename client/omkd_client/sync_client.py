@@ -38,7 +38,7 @@ from omkd_client.errors import (
     SubscriptionClosed,
 )
 from omkd_client.ops import BackupResult, Op
-from omkd_client.paths import resolve_socket_path
+from omkd_client.paths import resolve_socket_path, socket_address
 from omkd_client.protocol import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -221,7 +221,7 @@ class Client(_Calls):
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.settimeout(self.connect_timeout)
         try:
-            sock.connect(str(self.socket_path))
+            sock.connect(socket_address(self.socket_path))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise DaemonNotRunning(self.socket_path, exc.strerror or str(exc)) from exc

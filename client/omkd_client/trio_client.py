@@ -42,7 +42,7 @@ from omkd_client.errors import (
     SubscriptionClosed,
 )
 from omkd_client.ops import BackupResult, Op
-from omkd_client.paths import resolve_socket_path
+from omkd_client.paths import resolve_socket_path, socket_address
 from omkd_client.protocol import (
     DEFAULT_CALL_TIMEOUT,
     DEFAULT_CONNECT_TIMEOUT,
@@ -343,7 +343,7 @@ class TrioClient(_AsyncCalls):
         path = str(self.socket_path)
         try:
             with trio.fail_after(self.connect_timeout):
-                stream = await trio.open_unix_socket(path)
+                stream = await trio.open_unix_socket(socket_address(path))
         except trio.TooSlowError as exc:
             raise DaemonNotRunning(path, f"no answer in {self.connect_timeout:g} s") from exc
         except OSError as exc:
