@@ -6,6 +6,8 @@ import os
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,6 +169,58 @@ def test_failed_first_migration_leaves_an_empty_database(db_path: Path, tmp_path
         Database.open(db_path, migrations_dir=broken)
     assert _pragma(db_path, "user_version") == 0
     assert _tables(db_path) == set()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    ["COMMIT;", "/* a note */ END TRANSACTION;", "-- then\nBEGIN;", "ROLLBACK;"],
+)
+def test_a_migration_that_ends_its_transaction_is_refused_before_it_runs(
+    db_path: Path, migrations_dir: Path, statement: str
+) -> None:
+    # Its statements before a COMMIT were committed, the rest failed, and the error said
+    # "rolled back".
+    Database.open(db_path, migrations_dir=migrations_dir).close()
+    (migrations_dir / f"{NEXT}_commits.sql").write_text(
+        f"CREATE TABLE first_half (id INTEGER);\n{statement}\nCREATE TABLE second (x);\n"
+    )
+    with pytest.raises(MigrationFailed, match="begins or ends a transaction itself"):
+        Database.open(db_path, migrations_dir=migrations_dir)
+    assert "first_half" not in _tables(db_path) and _pragma(db_path, "user_version") == LATEST
+    (migrations_dir / f"{NEXT}_commits.sql").write_text(
+        "SAVEPOINT s;\nCREATE TABLE kept (id INTEGER);\nROLLBACK TO s;\nRELEASE s;\n"
+    )  # a savepoint of its own is fine
+    with Database.open(db_path, migrations_dir=migrations_dir) as db:
+        assert db.schema_version == LATEST + 1
+
+
+def test_another_programs_database_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    # It was given omkd's tables and switched to WAL for good.
+    path = tmp_path / "photos.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(MigrationMismatch, match=r"holds tables \(photos\) but no omkd schema"):
+        Database.open(path)
+    assert _tables(path) == {"photos"} and _pragma(path, "journal_mode") == "delete"
+
+
+def test_processes_opening_a_new_database_at_once_all_open_it(tmp_path: Path) -> None:
+    # SQLite does not wait on the busy timeout to set journal_mode=WAL: one open in
+    # seventy got Busy at once.
+    script = "import sys\nfrom omkd.db import Database\nDatabase.open(sys.argv[1]).close()\n"
+    for round in range(8):
+        path = tmp_path / f"new-{round}.db"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", script, str(path)], stderr=subprocess.PIPE)
+            for _ in range(6)
+        ]
+        failures = [
+            err.decode() for p in procs for _, err in [p.communicate(timeout=60)] if p.returncode
+        ]
+        assert failures == []
+        assert _pragma(path, "user_version") == LATEST
 
 
 def test_edited_migration_is_a_mismatch(db_path: Path, migrations_dir: Path) -> None:

@@ -68,7 +68,7 @@ from omkd.db.maintenance import (
     sync_and_rename,
     temporary_backup,
 )
-from omkd.db.migrate import Migration, apply_migrations, load_migrations
+from omkd.db.migrate import Migration, apply_migrations, load_migrations, refuse_foreign
 from omkd.db.proofs import ProofRepository
 from omkd.db.tasks import TaskRepository
 
@@ -76,6 +76,8 @@ __all__ = ["BUSY_TIMEOUT_MS", "Database", "Transaction", "backup_database", "mig
 
 BUSY_TIMEOUT_MS = 5000
 """How long SQLite waits for a lock held by another process before answering Busy."""
+WAL_RETRY_S: Final = 0.01
+"""Between tries to set journal_mode=WAL while another process holds the file."""
 
 # SQLite VM steps between two looks at a read's time limit (``Database.time_limit``): a look
 # costs a Python call, ~0.3 µs; 1,000 steps are ~50 rows of a page of small events, or ~15
@@ -124,6 +126,20 @@ def _expect(conn: Conn, sql: str, expected: object, what: str) -> None:
         raise StorageFailure(f"could not set {what}: SQLite reports {actual!r}", setting=what)
 
 
+def _set_wal(conn: Conn, timeout: float) -> None:
+    # SQLite does not wait on the busy timeout to change the journal mode: several
+    # processes opening a new file at once got Busy at once (3 opens in 210).
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            _expect(conn, SET_WAL, "wal", "journal_mode=WAL")
+            return
+        except Busy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(WAL_RETRY_S)
+
+
 def _configure(conn: Conn, *, busy_timeout_ms: int, synchronous: str | None) -> None:
     """Set and check the pragmas; ``synchronous`` None marks the read-only reader."""
     conn.execute(SET_BUSY_TIMEOUT.format(ms=busy_timeout_ms))
@@ -133,7 +149,8 @@ def _configure(conn: Conn, *, busy_timeout_ms: int, synchronous: str | None) -> 
     if synchronous is None:
         conn.execute(SET_QUERY_ONLY)
         return
-    _expect(conn, SET_WAL, "wal", "journal_mode=WAL")
+    refuse_foreign(conn)  # before WAL: another program's file is left as it was
+    _set_wal(conn, busy_timeout_ms / 1000)
     conn.execute(SET_SYNCHRONOUS[synchronous])
     _expect(conn, GET_SYNCHRONOUS, SYNCHRONOUS_VALUES[synchronous], "synchronous")
 

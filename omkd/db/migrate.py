@@ -45,6 +45,10 @@ HAS_SCHEMA_MIGRATIONS = (
     "SELECT count(*) FROM sqlite_schema WHERE type = 'table' AND name = 'schema_migrations'"
 )
 SELECT_APPLIED = "SELECT version, name, sha256 FROM schema_migrations ORDER BY version"
+SELECT_TABLES = (
+    "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
+    "ORDER BY name"
+)
 INSERT_APPLIED = (
     "INSERT INTO schema_migrations (version, name, sha256, applied_at) VALUES (?, ?, ?, ?)"
 )
@@ -89,12 +93,27 @@ class Migration:
                 file=self.filename,
                 version=self.version,
             )
+        for statement in statements:
+            if _ENDS_TRANSACTION.match(_strip_comments(statement, keep_lines=True)):
+                raise MigrationFailed(
+                    f"migration {self.filename} begins or ends a transaction itself "
+                    f"({statement.split(None, 1)[0]}): each migration runs in one transaction "
+                    "of its own, which such a statement would cut in two; remove it",
+                    file=self.filename,
+                    version=self.version,
+                )
         return statements
 
 
-def _strip_comments(text: str) -> str:
+def _strip_comments(text: str, *, keep_lines: bool = False) -> str:
+    text = _BLOCK_COMMENT.sub(" ", text)
     lines = (line.split("--", 1)[0] for line in text.splitlines())
-    return "".join(lines).strip()
+    return (" " if keep_lines else "").join(lines).strip()
+
+
+_BLOCK_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
+# A statement that begins or ends a transaction (ROLLBACK TO a savepoint does neither).
+_ENDS_TRANSACTION = re.compile(r"(?i)(BEGIN|COMMIT|END)\b|ROLLBACK\b(?!\s+(TRANSACTION\s+)?TO\b)")
 
 
 def default_migrations_dir() -> Path:
@@ -134,6 +153,21 @@ def load_migrations(directory: Path | None = None) -> list[Migration]:
 
 def _user_version(conn: Conn) -> int:
     return int(conn.scalar(SELECT_USER_VERSION))
+
+
+def refuse_foreign(conn: Conn) -> None:
+    """Raise MigrationMismatch if the database holds tables but no omkd schema (another
+    program's database: migrating it would add omkd's tables to it)."""
+    if _user_version(conn) or conn.scalar(HAS_SCHEMA_MIGRATIONS):
+        return
+    tables = [row[0] for row in conn.query(SELECT_TABLES)]
+    if tables:
+        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+        raise MigrationMismatch(
+            f"the database holds tables ({shown}) but no omkd schema: it is not an omkd "
+            "database (or not yet one); give omkd a file of its own",
+            tables=tables[:20],
+        )
 
 
 def _check_applied(conn: Conn, migrations: list[Migration]) -> int:
