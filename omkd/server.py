@@ -111,7 +111,7 @@ class Daemon:
         if self.poller.parked == len(self.sessions):
             self.gate.commit_opened()
 
-    def send_before_deletion(self, goal_id: str) -> None:
+    async def send_before_deletion(self, goal_id: str) -> None:
         """Before a write deletes the goal's events, holding the write gate (every other
         write is committed): each subscription queues those it has still to send, which
         would be lost otherwise. (Events its own transaction appended are not committed:
@@ -122,7 +122,7 @@ class Daemon:
         newest = self.db.events.get_by_goal(goal_id, tail=1)
         if newest:
             for session in sessions:
-                session.send_before_deletion(goal_id, newest[0].event_id)
+                await session.send_before_deletion(goal_id, newest[0].event_id)
 
     def events_committed(self) -> None:
         """Wake the subscriptions: new events may be committed."""

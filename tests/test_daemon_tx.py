@@ -450,10 +450,118 @@ async def test_a_subscriber_too_far_behind_a_deletion_is_told_what_it_missed() -
             assert note["method"] == "event.subscription_closed"
             assert note["params"]["subscription"] == sid
             reason = note["params"]["reason"]
-            assert "deleted before they could be sent" in reason
+            assert "deleted before this subscription could send them" in reason
             assert 0 < len(received) < 2000 and received == list(range(len(received)))
             assert f"after_event_id={received[-1] + 1}" in reason  # (event ids from 1)
             assert await sub.call("daemon.ping") == "pong"
+            await close_clients()
+
+
+async def test_events_held_for_a_subscription_go_out_first_and_never_after_its_end(
+    daemon: Daemon,
+) -> None:
+    # What a deletion held for a subscription whose reply was not out yet went out when its
+    # feeder first ran: after the events a second deletion queued meanwhile (6..10, 1..5),
+    # after its close notice, after its unsubscribe reply.
+    sub, writer = await connect(daemon), await connect(daemon)
+    for g in ("g1", "g2"):
+        await writer.call("goal.create", **goal(g))
+        batch = [{"kind": "k", "payload": f"{g}.{i}"} for i in range(5)]
+        await writer.call("event.append_batch", goal_id=g, events=batch)
+    await sub.send_bytes(
+        _requests(
+            ("event.subscribe", {"after_event_id": 0}),
+            ("event.delete_by_goal", {"goal_id": "g1"}),
+        )
+        + _requests(("event.delete_by_goal", {"goal_id": "g2"}))
+    )
+    with trio.fail_after(5):
+        messages = [await sub.recv() for _ in range(13)]  # 3 replies, 10 notifications
+    payloads = [m["params"]["event"]["payload"] for m in messages if "id" not in m]
+    assert payloads == [f"g{g}.{i}" for g in (1, 2) for i in range(5)]
+    assert next(m for m in messages if "id" in m)["id"] == 1  # the subscribe reply first
+    # Subscribed with a deletion in one batch, unsubscribed in the next message: the held
+    # events go out with the batch's reply, nothing after the unsubscribe reply.
+    other = await connect(daemon)
+    await writer.call("event.append_batch", goal_id="g1",
+                      events=[{"kind": "k", "payload": i} for i in range(3)])  # fmt: skip
+    sid = next(copy.copy(session_module._subscription_ids))
+    batch = [
+        {"jsonrpc": "2.0", "id": 1, "method": "event.subscribe",
+         "params": {"goal_id": "g1", "after_event_id": 0}},
+        {"jsonrpc": "2.0", "id": 2, "method": "event.delete_by_goal", "params": {"goal_id": "g1"}},
+    ]  # fmt: skip
+    await other.send_bytes(
+        encode_frame(Framing.LENGTH, json.dumps(batch).encode())
+        + _requests(("event.unsubscribe", {"subscription": sid}), ("daemon.ping", {}))
+    )
+    with trio.fail_after(5):
+        received = [await other.recv() for _ in range(5)]  # batch reply, 3 events, a reply
+        after = []
+        while not (after and after[-1].get("result") == "pong"):
+            after.append(await other.recv())
+    kinds = ["reply" if isinstance(m, list) or "id" in m else m["method"] for m in received]
+    assert kinds == ["reply", "event.appended", "event.appended", "event.appended", "reply"]
+    assert received[4]["result"] == {"unsubscribed": True}
+    assert [m.get("result") for m in after] == ["pong"]  # nothing of it after the reply
+
+
+async def test_what_a_deletion_holds_is_bounded_for_the_whole_session() -> None:
+    # Each subscription held up to twice the outbox's bound: a batch of 40 subscribes and
+    # a deletion took 240 MB. The bound is the session's.
+    with short_tempdir() as directory:
+        async with running_daemon(directory, outbox_bytes=16 * 1024) as daemon:
+            sub, writer = await connect(daemon), await connect(daemon)
+            await writer.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": "p" * 180} for _ in range(80)]  # ~20 KB of them
+            await writer.call("event.append_batch", goal_id="g1", events=events)
+            subscribe = ("event.subscribe", {"goal_id": "g1", "after_event_id": 0})
+            await sub.send_bytes(
+                _requests(("tx.begin", {}), *[subscribe] * 5,
+                          ("event.delete_by_goal", {"goal_id": "g1"}), ("tx.commit", {}))
+            )  # fmt: skip
+            with trio.fail_after(10):
+                replies = await _replies(sub, 8)
+            assert replies[6]["result"] == {"deleted": 80}
+            first = replies[1]["result"]["subscription"]
+            with trio.fail_after(10):  # 80 events for the first, a notice for each other
+                notes = [await sub.notification() for _ in range(84)]
+            closed = [n["params"] for n in notes if n["method"] == "event.subscription_closed"]
+            assert sorted(c["subscription"] for c in closed) == [
+                r["result"]["subscription"] for r in replies[2:6]
+            ]  # (the first holds ~20 KB; with a second, past 32 KB)
+            assert all("deleted before this subscription could send" in c["reason"] for c in closed)
+            appended = [n for n in notes if n["method"] == "event.appended"]
+            assert [n["params"]["subscription"] for n in appended] == [first] * 80
+            await close_clients()
+
+
+async def test_a_deletion_with_subscriptions_behind_lets_the_others_be_served() -> None:
+    # It read and queued their events in one step of the event loop: with 10 subscribers
+    # behind by a goal of 200,000 events, a ping waited 1.1 s. It goes a page at a time.
+    config = {"page_size": 20, "outbox_bytes": 512 * 1024}
+    with short_tempdir() as directory:
+        async with running_daemon(directory, **config) as daemon:
+            sub, writer, other = await connect(daemon), await connect(daemon), await connect(daemon)
+            await writer.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": i} for i in range(5000)]
+            last = (await writer.call("event.append_batch", goal_id="g1", events=events))[
+                "event_ids"
+            ][-1]
+            await sub.call("event.subscribe", goal_id="g1", after_event_id=0)  # never read
+            await trio.testing.wait_all_tasks_blocked()  # its feeder waits for room
+            (session,) = [s for s in daemon.sessions if s.subscribing]
+            (fed,) = session._subscriptions.values()
+            stalled = fed.cursor
+            assert 0 < stalled < last
+            await writer.send_bytes(_requests(("event.delete_by_goal", {"goal_id": "g1"})))
+            with trio.fail_after(10):
+                while fed.cursor == stalled:
+                    await trio.sleep(0)
+            assert stalled < fed.cursor < last  # this task ran while the deletion queued them
+            assert await other.call("daemon.ping") == "pong"
+            assert (await writer.reply())["result"] == {"deleted": 5000}
+            assert fed.cursor == last and session._subscriptions  # all queued, not cut off
             await close_clients()
 
 

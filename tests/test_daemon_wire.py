@@ -9,12 +9,14 @@ import socket
 import stat
 import struct
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from omkd.rpc import session as session_module
 from omkd.rpc.dispatch import Dispatcher
 from omkd.rpc.framing import Framing
 from omkd.server import Daemon
@@ -500,20 +502,37 @@ async def test_a_batch_whose_replies_pass_the_bound_runs_no_more_of_its_calls() 
             await client.aclose()
 
 
-async def test_a_batch_whose_client_has_gone_stops() -> None:
-    # Its client closed at once: the daemon ran the whole batch for nobody (42 s of work).
+async def test_a_batch_whose_client_has_gone_runs_its_writes_not_its_reads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its client closed at once: the daemon ran the whole batch for nobody (42 s of reads).
+    # Its writes and notifications were sent to be run, and still are; its reads are not.
+    reads = 0
+    run_read = session_module.Session.run_read
+
+    def counted(self: session_module.Session, *args: Any, **kwargs: Any) -> Any:
+        nonlocal reads
+        reads += 1
+        return run_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(session_module.Session, "run_read", counted)
     with short_tempdir() as directory:
         async with running_daemon(directory, batch_slice=0.0005) as daemon:
             other = await RawClient.connect(daemon.config.socket_path)
             await other.call("goal.create", **goal("g1"))
             gone = await RawClient.connect(daemon.config.socket_path)
-            calls = [("event.append", {"goal_id": "g1", "kind": "k", "payload": i})
-                     for i in range(20_000)]  # fmt: skip
-            await gone.send(_batch(calls))
+            calls: list[tuple[str, dict[str, object]]] = []
+            for i in range(4000):
+                append = {"goal_id": "g1", "kind": "k", "payload": i}
+                calls += [("goal.get", {"goal_id": "g1"}), ("event.append", append)]
+            # The appends are notifications (no id), all but the last, which has one.
+            notify = frozenset(range(1, len(calls) - 1, 2))
+            await gone.send(_batch(calls, notify=notify))
             await gone.aclose()
-            with trio.fail_after(30):  # until its session has ended
+            with trio.fail_after(60):  # until its session has ended
                 while (await other.call("daemon.status"))["sessions"] > 1:
                     await trio.sleep(0.01)
-            appended = len(await other.call("event.get_by_goal", goal_id="g1"))
-            assert 0 < appended < 20_000
+            appended = await other.call("event.get_by_goal", goal_id="g1", limit=5000)
+            assert [e["payload"] for e in appended] == list(range(4000))
+            assert reads < 4000  # (a few before it looked, and the status calls)
             await other.aclose()

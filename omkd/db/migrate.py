@@ -46,8 +46,7 @@ HAS_SCHEMA_MIGRATIONS = (
 )
 SELECT_APPLIED = "SELECT version, name, sha256 FROM schema_migrations ORDER BY version"
 SELECT_TABLES = (
-    "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' "
-    "ORDER BY name"
+    "SELECT name FROM sqlite_schema WHERE type = 'table' AND name NOT LIKE 'sqlite_%' ORDER BY name"
 )
 INSERT_APPLIED = (
     "INSERT INTO schema_migrations (version, name, sha256, applied_at) VALUES (?, ?, ?, ?)"

@@ -220,6 +220,8 @@ _BULK_PARAMS_BYTES: Final = 16 * 1024
 # A result longer than this is answered in pieces (ReplyPieces): copying it costs ~2-3 ms a
 # MB of the event loop's time, twice (the envelope, then the frame).
 _PIECES_BYTES: Final = 1024 * 1024
+# Session methods that change nothing: skipped in a batch whose client has gone.
+_NO_EFFECT: Final = frozenset({"daemon.ping", "daemon.status", "rpc.discover"})
 _SUCCESS_HEAD: Final = b'{"jsonrpc":"2.0","result":'
 
 
@@ -254,9 +256,10 @@ class Dispatcher:
         long_call_seconds: float = LONG_CALL_S,
     ) -> None:
         """``turn`` gives the event loop's other tasks a turn (the daemon's: trio's
-        checkpoint): a batch takes one every ``batch_slice`` seconds (None: never), and ends
-        there if its client has gone; once its replies pass ``batch_reply_bytes``, the rest
-        of its calls are not run (each answers -32600). A
+        checkpoint): a batch takes one every ``batch_slice`` seconds (None: never), and
+        looks there whether its client has gone (then its reads are not run, nor its
+        replies kept); once its replies pass ``batch_reply_bytes``, the rest of its calls
+        are not run (each answers -32600). A
         repository call that may touch more than ``long_call_rows`` rows (``Method.rows``),
         or whose params are longer than ``long_call_bytes``, goes to the session's
         ``run_long``; so does a read of such a method that runs longer than
@@ -300,9 +303,12 @@ class Dispatcher:
         # The replies as pieces: a batch of pages is never copied into one string here.
         pieces: list[bytes | memoryview] = []
         size = 0
+        gone = False  # the client has closed its end: nobody takes the replies
         turn = self._turn
         slice_ends = time.perf_counter() + self.batch_slice
         for item in items:
+            if gone and self._only_reads(item):
+                continue  # (a write or a notification still runs: it was sent to be run)
             if size > self.batch_reply_bytes:
                 reply: bytes | DeferredReply | ReplyPieces | None = self._not_run(item)
             else:
@@ -310,14 +316,14 @@ class Dispatcher:
                 await session.settle()  # before the next element, and before answering
             if isinstance(reply, DeferredReply):
                 reply = reply.resolve()
-            if reply is not None:
+            if reply is not None and not gone:
                 parts = reply.pieces if isinstance(reply, ReplyPieces) else (reply,)
                 pieces.append(b"," if pieces else b"[")
                 pieces.extend(parts)
                 size += sum(len(part) for part in parts)
             if turn is not None and time.perf_counter() > slice_ends:
-                if session.peer_gone():
-                    return None  # nobody to answer: the rest of the batch is not run
+                if not gone and session.peer_gone():
+                    gone, pieces = True, []
                 await turn()  # the other connections get served
                 slice_ends = time.perf_counter() + self.batch_slice
         if not pieces:
@@ -326,6 +332,15 @@ class Dispatcher:
         if size > _PIECES_BYTES:
             return ReplyPieces(tuple(pieces))
         return b"".join(pieces)
+
+    def _only_reads(self, item: msgspec.Raw) -> bool:
+        """Whether a call of a batch only reads (nothing but its reply would come of it)."""
+        try:
+            envelope = _ENVELOPE.decode(item)
+        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+            return True  # answered with an error, which nobody would take
+        method = self.methods.get(envelope.method)
+        return method is None or method.access is _READ or method.name in _NO_EFFECT
 
     def _not_run(self, item: msgspec.Raw) -> bytes | None:
         """The answer to a call of a batch that was not run, its replies past the bound (a

@@ -81,8 +81,8 @@ class _Subscription:
     goal_id: str | None
     cursor: int  # the newest event_id queued for the client (or, before that, the start)
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    # Kept for the feeder until it starts (after the subscribe reply): the events of a
-    # deletion that came first (``send_before_deletion``), then why it ends, if it must.
+    # Kept until the subscribe reply is out (``start_pending``): the events of a deletion
+    # that came first (``send_before_deletion``), then why it ends, if it must.
     held: list[bytes] = field(default_factory=list)
     held_bytes: int = 0
     closing: str | None = None
@@ -189,7 +189,7 @@ class Session:
         tx = self.tx
         if tx is not None:
             if before is not None:
-                before()  # (the session holds the write gate)
+                await before()  # (the session holds the write gate)
             try:
                 return await trio.to_thread.run_sync(run, tx, params)
             except db.StorageFailure as exc:
@@ -380,11 +380,20 @@ class Session:
         return P.Unsubscribed()
 
     def start_pending(self) -> None:
-        """Start the subscriptions whose subscribe reply has just been queued."""
+        """Start the subscriptions whose subscribe reply has just been queued: first what a
+        deletion held for one before that (``send_before_deletion``), then its feeder."""
         if not self._to_start:
             return
         assert self.nursery is not None
         for sub in self._to_start:
+            held, sub.held, sub.held_bytes = sub.held, [], 0
+            if self.outbox.closed:
+                return  # the connection is ending
+            for frame in held:
+                self.outbox.force(frame)
+            if sub.closing is not None:
+                self._cut_off(sub, sub.closing)
+                continue
             self.nursery.start_soon(self._feed, sub)
         self._to_start.clear()
 
@@ -393,12 +402,6 @@ class Session:
         self.daemon.subscriptions += 1  # commits wake new_events while any is counted
         try:
             with sub.scope:
-                for frame in sub.held:  # a deletion's, queued before the subscribe reply was
-                    self.outbox.force(frame)
-                sub.held.clear()
-                if sub.closing is not None:
-                    self._cut_off(sub, sub.closing)
-                    return
                 while True:
                     signal = self.daemon.new_events  # before the query: no lost wake-up
                     events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, config.page_size)
@@ -406,8 +409,6 @@ class Session:
                         await signal.wait()
                         continue
                     for event in events:
-                        if sub.scope.cancel_called:  # unsubscribed: nothing after its reply
-                            return
                         if event.event_id <= sub.cursor:
                             continue  # queued already, before a deletion
                         if self.outbox.full():
@@ -416,6 +417,8 @@ class Session:
                                 return
                             if event.event_id <= sub.cursor:
                                 continue  # queued meanwhile, before a deletion
+                        if sub.scope.cancel_called or self.outbox.closed:
+                            return  # unsubscribed (nothing after its reply), or ending
                         self.outbox.force(self._notification(_Appended(sub.id, event)))
                         sub.cursor = event.event_id
                     # A backlog goes out a page at a time, the other connections served in
@@ -425,24 +428,28 @@ class Session:
         finally:
             self.daemon.subscriptions -= 1
 
-    def send_before_deletion(self, goal_id: str, last: int) -> None:
+    async def send_before_deletion(self, goal_id: str, last: int) -> None:
         """A write holding the write gate is about to delete the goal's events, up to
-        event_id ``last``: queue now, to each subscription that is to send some of them,
-        the committed events it has still to send up to there (all goals' for a
-        subscription to all goals: they go in order). One that would need more than twice
-        the outbox's bound (its client does not keep up) is cut off instead, saying so."""
+        event_id ``last``: queue, to each subscription that is to send some of them, the
+        committed events it has still to send up to there (all goals' for a subscription
+        to all goals: they go in order), a page at a time, the other connections served in
+        between. A subscription whose session would then queue more than twice the
+        outbox's bound is closed instead, saying so. (A subscription whose subscribe reply
+        is not out yet holds them until it is: ``start_pending``.)"""
         for sub in list(self._subscriptions.values()):
             if sub.closing is None and sub.cursor < last and sub.goal_id in (None, goal_id):
-                self._send_up_to(sub, goal_id, last)
+                await self._send_up_to(sub, goal_id, last)
 
-    def _send_up_to(self, sub: _Subscription, goal_id: str, last: int) -> None:
-        started = sub not in self._to_start  # its frames may go to the outbox
-        bound = 2 * self.outbox.limit_bytes
-        queued = self.outbox.queued_bytes if started else sub.held_bytes
+    async def _send_up_to(self, sub: _Subscription, goal_id: str, last: int) -> None:
         page_size = self.daemon.config.page_size
+        bound = 2 * self.outbox.limit_bytes
         while sub.cursor < last:
-            if self.outbox.closed:
-                return  # the connection is ending
+            if self.outbox.closed or self._subscriptions.get(sub.id) is not sub:
+                return  # the connection is ending, or the subscription ended meanwhile
+            started = sub not in self._to_start  # its frames may go to the outbox
+            queued = self.outbox.queued_bytes + sum(
+                s.held_bytes for s in self._to_start
+            )  # this session's, whatever subscription they are for
             events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, page_size)
             for event in events:
                 if event.event_id > last:
@@ -460,9 +467,10 @@ class Session:
                 sub.cursor = event.event_id
             if len(events) < page_size:
                 return
+            await trio.lowlevel.checkpoint()  # the other connections are served meanwhile
 
     def _close_early(self, sub: _Subscription, started: bool, reason: str) -> None:
-        if not started:  # the feeder says so once the subscribe reply is out
+        if not started:  # start_pending says so once the subscribe reply is out
             sub.closing = reason
             return
         sub.scope.cancel()
@@ -477,9 +485,10 @@ class Session:
     @staticmethod
     def _deleted_unsent(sub: _Subscription, goal_id: str, last: int) -> str:
         return (
-            f"the client did not keep up, and events of goal {goal_id!r} up to event_id {last} "
-            f"were deleted before they could be sent (those are gone); resubscribe with "
-            f"after_event_id={sub.cursor} to resume"
+            f"events of goal {goal_id!r} up to event_id {last} were deleted before this "
+            f"subscription could send them, and more was to be sent before them than a "
+            f"connection may queue (twice outbox_bytes); those deleted are gone: resubscribe "
+            f"with after_event_id={sub.cursor} to resume"
         )
 
     def _cut_off(self, sub: _Subscription, reason: str) -> None:

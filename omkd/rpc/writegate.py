@@ -220,19 +220,19 @@ class WriteGate:
         method: Method,
         run: Callable[[db.Database, Any], Any],
         params: Any,
-        before: Callable[[], None] | None = None,
+        before: Callable[[], Awaitable[None]] | None = None,
     ) -> tuple[Any, bool]:
         """Run a single write of ``method`` that may take long, ``run(database, params)``,
         in a worker thread: in line for the gate like a transaction (it joins no batch, and
         no batch takes the writes in line behind it), then its own SQLite transaction, while
-        the event loop serves the other connections. ``before()`` runs first, holding the
-        gate, on the event loop: every other write is committed. Returns (result, whether
+        the event loop serves the other connections. ``await before()`` runs first, holding
+        the gate, on the event loop: every other write is committed. Returns (result, whether
         it committed events). Raises the call's own error, Busy. Once started it runs to its
         end, even when cancelled."""
         await self._take(transaction=True)
         try:
             if before is not None:
-                before()
+                await before()
             result = await trio.to_thread.run_sync(run, self.db, params)
         finally:
             self.release()
