@@ -144,6 +144,9 @@ async def test_goal_lifecycle(client: RawClient) -> None:
         "goal.update", goal_id="g1", expected_version=2, changes={"max_agents": 5}
     )
     assert stale["code"] == ErrorCode.VERSION_CONFLICT
+    assert {k: stale["data"][k] for k in ("kind", "id", "expected", "actual")} == {
+        "kind": "goal", "id": "g1", "expected": 2, "actual": 3
+    }  # fmt: skip
     beat = await client.call("goal.heartbeat", goal_id="g1")
     assert beat["version"] == 3 and beat["updated_at"] >= changed["updated_at"]
     upserted = await client.call("goal.upsert", **goal("g1", version=1, phase="again"))

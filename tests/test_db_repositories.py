@@ -114,7 +114,9 @@ def test_goal_update_version_conflict(db: Database, goal: GoalRecord) -> None:
     db.goals.update_status("g1", "s", "p")
     with pytest.raises(VersionConflict) as info:
         db.goals.update("g1", 1, {"status": "stale"})
-    assert info.value.data == {"goal_id": "g1", "expected": 1, "actual": 2}
+    assert info.value.data == {
+        "kind": "goal", "id": "g1", "goal_id": "g1", "expected": 1, "actual": 2
+    }  # fmt: skip
     assert db.goals.get("g1").status == "s"  # type: ignore[union-attr]
     with pytest.raises(GoalNotFound):
         db.goals.update("missing", 1, {"status": "x"})

@@ -17,6 +17,7 @@ from omkd.db import (
     BudgetCheckpoint,
     Database,
     EventInput,
+    EventRecord,
     GoalRecord,
     ProofRecord,
     TaskRecord,
@@ -183,3 +184,18 @@ def test_defaults_through_the_storage_api(
     (artifact,) = db.artifacts.get_by_goal("g1")
     assert_fields(as_dict(artifact), ARTIFACT_DEFAULTS)
     clock.assert_now(as_dict(artifact), "created_at")
+
+
+def test_records_built_with_keywords_take_the_defaults() -> None:
+    # Contract section 2: record classes are built with keyword arguments and the defaults
+    # of section 1. An event's id is the daemon's to assign (no default); its created_at
+    # defaulted to nothing.
+    clock = Clock()
+    event = EventRecord(event_id=1, goal_id="g1", kind="k", payload=None)
+    task = TaskRecord(task_id="t1", goal_id="g1", kind="code")
+    clock.stop()
+    assert_fields(msgspec.structs.asdict(event), EVENT_DEFAULTS)
+    clock.assert_now(msgspec.structs.asdict(event), "created_at")
+    assert_fields(msgspec.structs.asdict(task), TASK_DEFAULTS)
+    with pytest.raises(TypeError, match="event_id"):
+        EventRecord(goal_id="g1", kind="k", payload=None)  # type: ignore[call-arg]

@@ -132,11 +132,11 @@ class EventInput(_Record):
 
 
 class EventRecord(_Record):
-    event_id: Int64
+    event_id: Int64  # assigned by the daemon: no default
     goal_id: str
     kind: str
     payload: Any
-    created_at: Int64
+    created_at: Int64 = msgspec.field(default_factory=now)
     event_uuid: str | None = None
     run_id: str | None = None
     actor: str | None = None

@@ -72,12 +72,14 @@ class Conflict(DbError):
 class VersionConflict(DbError):
     """An optimistic update expected another version.
 
-    ``data`` = {"goal_id", "expected", "actual"}.
+    ``data`` = {"kind": "goal", "id", "goal_id" (the id again), "expected", "actual"}.
     """
 
     def __init__(self, goal_id: str, expected: int, actual: int) -> None:
         super().__init__(
             f"goal {goal_id!r} is at version {actual}, not {expected}: re-read it and retry",
+            kind="goal",
+            id=goal_id,
             goal_id=goal_id,
             expected=expected,
             actual=actual,
