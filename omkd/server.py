@@ -93,6 +93,7 @@ class Daemon:
         self.sessions: set[Session] = set()
         self.new_events = trio.Event()
         self.subscriptions = 0  # live subscription feeders, which wait on new_events
+        self.deleting: trio.Event | None = None  # set while a single write deletes events
         self.started = time.monotonic()
         self.openrpc = msgspec.Raw(
             msgspec.json.encode(openrpc_document(self.dispatcher.methods.values(), self.version))
@@ -111,18 +112,38 @@ class Daemon:
         if self.poller.parked == len(self.sessions):
             self.gate.commit_opened()
 
-    async def send_before_deletion(self, goal_id: str) -> None:
+    async def send_before_deletion(self, goal_id: str) -> int | None:
         """Before a write deletes the goal's events, holding the write gate (every other
         write is committed): each subscription queues those it has still to send, which
-        would be lost otherwise. (Events its own transaction appended are not committed:
-        deleted with them, they are never sent.)"""
-        sessions = [s for s in self.sessions if s.subscribing]
-        if not sessions:
-            return
+        would be lost otherwise; the subscriptions made meanwhile last, in one step. Returns
+        the goal's newest event_id (None: no events). (Events its own transaction appended
+        are not committed: deleted with them, they are never sent.)"""
         newest = self.db.events.get_by_goal(goal_id, tail=1)
-        if newest:
-            for session in sessions:
-                await session.send_before_deletion(goal_id, newest[0].event_id)
+        if not newest:
+            return None
+        last = newest[0].event_id
+        for session in [s for s in self.sessions if s.subscribing]:
+            await session.send_before_deletion(goal_id, last)
+        self.send_before_deletion_now(goal_id, last)
+        return last
+
+    def send_before_deletion_now(self, goal_id: str, last: int) -> None:
+        """``send_before_deletion`` in one step of the event loop (see the session's)."""
+        for session in [s for s in self.sessions if s.subscribing]:
+            session.send_before_deletion_now(goal_id, last)
+
+    async def begin_deletion(self, goal_id: str) -> None:
+        """A single write is about to delete the goal's events in a worker thread: send
+        them first, then hold new subscriptions back until ``end_deletion`` (they would
+        read the events the thread is deleting, and lose what it deleted first)."""
+        await self.send_before_deletion(goal_id)
+        if self.deleting is None:  # (one at a time: the write gate)
+            self.deleting = trio.Event()
+
+    def end_deletion(self) -> None:
+        deleting, self.deleting = self.deleting, None
+        if deleting is not None:
+            deleting.set()
 
     def events_committed(self) -> None:
         """Wake the subscriptions: new events may be committed."""

@@ -565,6 +565,90 @@ async def test_a_deletion_with_subscriptions_behind_lets_the_others_be_served() 
             await close_clients()
 
 
+async def _appended_then(client: RawClient, sid: int, until_id: int) -> list[dict[str, object]]:
+    """The notifications of subscription ``sid`` until the reply ``until_id`` (a ping)."""
+    await client.send({"jsonrpc": "2.0", "id": until_id, "method": "daemon.ping"})
+    notes = []
+    with trio.fail_after(10):
+        while True:
+            message = await client.recv()
+            if message.get("id") == until_id:
+                return notes
+            if "id" not in message and message["params"]["subscription"] == sid:
+                notes.append(message)
+
+
+@pytest.mark.parametrize("where", ["paged send", "transaction"])
+async def test_a_subscription_made_during_a_deletion_gets_its_events_or_is_told(
+    where: str,
+) -> None:
+    # Made while the deletion queued the events of the subscriptions behind a page at a
+    # time (or, in a transaction, between the deletion and the COMMIT), with a backlog: it
+    # was in no list, and lost what the deletion removed before its feeder read it, silently.
+    config = {"page_size": 20, "outbox_bytes": 256 * 1024}
+    with short_tempdir() as directory:
+        async with running_daemon(directory, **config) as daemon:
+            lag, writer, late = await connect(daemon), await connect(daemon), await connect(daemon)
+            await writer.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": {"n": i, "pad": "p" * 300}} for i in range(4000)]
+            for start in range(0, 4000, 500):
+                await writer.call("event.append_batch", goal_id="g1", events=events[start:][:500])
+            await lag.call("event.subscribe", goal_id="g1", after_event_id=0)  # never read
+            await trio.testing.wait_all_tasks_blocked()
+            (session,) = [s for s in daemon.sessions if s.subscribing]
+            (fed,) = session._subscriptions.values()
+            stalled = fed.cursor
+            if where == "transaction":
+                await writer.call("tx.begin")
+                assert await writer.call("event.delete_by_goal", goal_id="g1") == {"deleted": 4000}
+            else:
+                await writer.send_bytes(_requests(("event.delete_by_goal", {"goal_id": "g1"})))
+                with trio.fail_after(10):
+                    while fed.cursor == stalled:
+                        await trio.sleep(0)  # the deletion is queueing, a page a turn
+            sid = (await late.call("event.subscribe", goal_id="g1", after_event_id=0))[
+                "subscription"
+            ]
+            if where == "transaction":
+                assert await writer.call("tx.commit") == {"committed": True}
+            else:
+                assert (await writer.reply())["result"] == {"deleted": 4000}
+            notes = await _appended_then(late, sid, 99)
+            got = [n["params"]["event"]["payload"]["n"] for n in notes
+                   if n["method"] == "event.appended"]  # fmt: skip
+            closed = [n for n in notes if n["method"] == "event.subscription_closed"]
+            assert got == list(range(len(got)))
+            assert got == list(range(4000)) or (
+                len(closed) == 1 and "deleted before" in closed[0]["params"]["reason"]
+            ), (len(got), closed)
+            await close_clients()
+
+
+async def test_a_subscription_made_while_a_deletion_runs_waits_for_it() -> None:
+    # While the delete ran in its worker thread, a new subscription with a backlog read
+    # the events the thread was deleting: it lost those deleted before it read them.
+    with short_tempdir() as directory:
+        async with running_daemon(directory) as daemon:
+            writer, late = await connect(daemon), await connect(daemon)
+            await writer.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": i} for i in range(2000)]
+            await writer.call("event.append_batch", goal_id="g1", events=events)
+            daemon.deleting = trio.Event()  # as a single write's deletion holds it
+            await late.send(
+                {"jsonrpc": "2.0", "id": 1, "method": "event.subscribe",
+                 "params": {"goal_id": "g1", "after_event_id": 0}}
+            )  # fmt: skip
+            await trio.testing.wait_all_tasks_blocked()
+            assert not late.decoder.has_message()  # no reply: it waits
+            await writer.call("tx.begin")  # (deleting as the thread would; not held by it)
+            await writer.call("event.delete_by_goal", goal_id="g1")
+            await writer.call("tx.commit")
+            daemon.end_deletion()
+            assert (await late.reply())["result"]["after_event_id"] == 0
+            assert await _appended_then(late, 1, 99) == []  # gone before it subscribed
+            await close_clients()
+
+
 async def test_commits_wake_subscriptions_only_while_there_are_some(daemon: Daemon) -> None:
     writer = await connect(daemon)
     await writer.call("goal.create", **goal("g1"))

@@ -121,6 +121,8 @@ class Session:
         self.long_read_next = False
         self._subscriptions: dict[int, _Subscription] = {}
         self._to_start: list[_Subscription] = []
+        # (goal_id, its newest event_id) of each deletion of events in the transaction
+        self._deletions: list[tuple[str, int]] = []
         self.nursery: trio.Nursery | None = None
 
     # -- state the dispatcher and the connection read
@@ -180,16 +182,18 @@ class Session:
         the thread decodes the params too (``params`` is then unused): long params (15 MB
         of events) are decoded there, not on the event loop."""
         daemon = self.daemon
-        before = None
+        goal_id = None
         if method.deletes_events:
             if decode is not None:  # (a goal_id longer than long_call_bytes)
                 params, decode = decode(), None
-            before = functools.partial(daemon.send_before_deletion, params.goal_id)
+            goal_id = params.goal_id
         run = functools.partial(_encoded, cast(RepoFn, method.run), decode)
         tx = self.tx
         if tx is not None:
-            if before is not None:
-                await before()  # (the session holds the write gate)
+            if goal_id is not None:  # (the session holds the write gate)
+                last = await daemon.send_before_deletion(goal_id)
+                if last is not None:  # looked at again just before the COMMIT
+                    self._deletions.append((goal_id, last))
             try:
                 return await trio.to_thread.run_sync(run, tx, params)
             except db.StorageFailure as exc:
@@ -205,7 +209,14 @@ class Session:
                 # connection): no reply, no error; the cancellation goes on from here.
                 await trio.lowlevel.checkpoint()
                 raise
-        result, committed_events = await daemon.gate.write_long(method, run, params, before)
+        before = None
+        if goal_id is not None:
+            before = functools.partial(daemon.begin_deletion, goal_id)
+        try:
+            result, committed_events = await daemon.gate.write_long(method, run, params, before)
+        finally:
+            if goal_id is not None:
+                daemon.end_deletion()
         if committed_events:
             daemon.events_committed()
         return result
@@ -297,6 +308,9 @@ class Session:
                 {"session": self.id},
             )
         tx = self._take_transaction("tx.commit")
+        deletions, self._deletions = self._deletions, []
+        for goal_id, last in deletions:  # subscriptions made since each deletion
+            self.daemon.send_before_deletion_now(goal_id, last)
         try:
             tx.commit()
         finally:
@@ -317,6 +331,8 @@ class Session:
 
     def _take_transaction(self, method: str) -> db.Transaction:
         tx, self.tx = self.tx, None
+        if method != "tx.commit":
+            self._deletions = []
         if tx is None:
             raise NoTransaction(
                 f"{method}: this session has no transaction; send tx.begin first",
@@ -335,12 +351,14 @@ class Session:
 
     def _lose_transaction(self, why: str) -> None:
         self.tx = None  # the Transaction closed itself and released the database
+        self._deletions = []
         self.daemon.gate.release()
         self._aborted = True
         log.error("session %d: transaction lost: %s", self.id, why)
 
     def _rollback_quietly(self) -> None:
         tx, self.tx = self.tx, None
+        self._deletions = []
         if tx is None:
             return
         try:
@@ -362,6 +380,8 @@ class Session:
     # -- subscriptions
 
     async def subscribe(self, p: P.EventSubscribe) -> P.Subscribed:
+        while (deleting := self.daemon.deleting) is not None:
+            await deleting.wait()  # its events were sent or gone before this subscription
         cursor = p.after_event_id
         if cursor is None:
             cursor = self.daemon.db.events.last_event_id()
@@ -437,37 +457,48 @@ class Session:
         outbox's bound is closed instead, saying so. (A subscription whose subscribe reply
         is not out yet holds them until it is: ``start_pending``.)"""
         for sub in list(self._subscriptions.values()):
-            if sub.closing is None and sub.cursor < last and sub.goal_id in (None, goal_id):
-                await self._send_up_to(sub, goal_id, last)
+            while self._behind(sub, goal_id, last) and self._send_page(sub, goal_id, last):
+                await trio.lowlevel.checkpoint()  # the other connections are served meanwhile
 
-    async def _send_up_to(self, sub: _Subscription, goal_id: str, last: int) -> None:
+    def send_before_deletion_now(self, goal_id: str, last: int) -> None:
+        """``send_before_deletion`` in one step of the event loop, for what is left: the
+        subscriptions made while it went a page at a time (or, in a transaction, until its
+        COMMIT, which follows this step)."""
+        for sub in list(self._subscriptions.values()):
+            while self._behind(sub, goal_id, last) and self._send_page(sub, goal_id, last):
+                pass
+
+    def _behind(self, sub: _Subscription, goal_id: str, last: int) -> bool:
+        return (
+            sub.closing is None
+            and sub.cursor < last
+            and sub.goal_id in (None, goal_id)
+            and not self.outbox.closed
+            and self._subscriptions.get(sub.id) is sub
+        )
+
+    def _send_page(self, sub: _Subscription, goal_id: str, last: int) -> bool:
+        """Queue a page of what ``sub`` has to send up to ``last``; whether more may follow."""
         page_size = self.daemon.config.page_size
-        bound = 2 * self.outbox.limit_bytes
-        while sub.cursor < last:
-            if self.outbox.closed or self._subscriptions.get(sub.id) is not sub:
-                return  # the connection is ending, or the subscription ended meanwhile
-            started = sub not in self._to_start  # its frames may go to the outbox
-            queued = self.outbox.queued_bytes + sum(
-                s.held_bytes for s in self._to_start
-            )  # this session's, whatever subscription they are for
-            events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, page_size)
-            for event in events:
-                if event.event_id > last:
-                    return
-                frame = self._notification(_Appended(sub.id, event))
-                queued += len(frame)
-                if queued > bound:
-                    self._close_early(sub, started, self._deleted_unsent(sub, goal_id, last))
-                    return
-                if started:
-                    self.outbox.force(frame)
-                else:
-                    sub.held.append(frame)
-                    sub.held_bytes += len(frame)
-                sub.cursor = event.event_id
-            if len(events) < page_size:
-                return
-            await trio.lowlevel.checkpoint()  # the other connections are served meanwhile
+        started = sub not in self._to_start  # its frames may go to the outbox
+        # This connection's queue, whatever subscription it is for.
+        queued = self.outbox.queued_bytes + sum(s.held_bytes for s in self._to_start)
+        events = self.daemon.db.events.tail(sub.cursor, sub.goal_id, page_size)
+        for event in events:
+            if event.event_id > last:
+                return False
+            frame = self._notification(_Appended(sub.id, event))
+            queued += len(frame)
+            if queued > 2 * self.outbox.limit_bytes:
+                self._close_early(sub, started, self._deleted_unsent(sub, goal_id, last))
+                return False
+            if started:
+                self.outbox.force(frame)
+            else:
+                sub.held.append(frame)
+                sub.held_bytes += len(frame)
+            sub.cursor = event.event_id
+        return len(events) == page_size
 
     def _close_early(self, sub: _Subscription, started: bool, reason: str) -> None:
         if not started:  # start_pending says so once the subscribe reply is out
