@@ -211,6 +211,9 @@ class Session:
                 raise
         before = None
         if goal_id is not None:
+            # Most of it before the write gate is taken (writes go on meanwhile), what was
+            # committed since once it is.
+            await daemon.send_before_deletion(goal_id)
             before = functools.partial(daemon.begin_deletion, goal_id)
         try:
             result, committed_events = await daemon.gate.write_long(method, run, params, before)
