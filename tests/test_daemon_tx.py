@@ -562,7 +562,7 @@ async def test_a_deletion_with_subscriptions_behind_lets_the_others_be_served() 
             assert await other.call("daemon.ping") == "pong"
             # Writes too: most of the queueing is done before the write gate is taken.
             await other.call("goal.create", **goal("g2"))
-            assert (await other.call("event.append", goal_id="g2", kind="k", payload=0))
+            assert await other.call("event.append", goal_id="g2", kind="k", payload=0)
             assert fed.cursor < last
             assert (await writer.reply())["result"] == {"deleted": 5000}
             assert fed.cursor == last and session._subscriptions  # all queued, not cut off
