@@ -220,6 +220,10 @@ _BULK_PARAMS_BYTES: Final = 16 * 1024
 # A result longer than this is answered in pieces (ReplyPieces): copying it costs ~2-3 ms a
 # MB of the event loop's time, twice (the envelope, then the frame).
 _PIECES_BYTES: Final = 1024 * 1024
+# What decoding a message raises when it is not JSON (bad JSON, bad UTF-8, nested too
+# deep), and when it is JSON but not a request either.
+_NOT_JSON: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
+_UNREADABLE: Final = (msgspec.ValidationError, *_NOT_JSON)
 # Session methods that change nothing: skipped in a batch whose client has gone.
 _NO_EFFECT: Final = frozenset({"daemon.ping", "daemon.status", "rpc.discover"})
 _SUCCESS_HEAD: Final = b'{"jsonrpc":"2.0","result":'
@@ -292,7 +296,7 @@ class Dispatcher:
             return encode_error(
                 ErrorCode.INVALID_REQUEST, "a batch must be an array", _invalid_details(exc)
             )
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except _NOT_JSON as exc:
             return _parse_error(exc)
         if not items:
             return encode_error(
@@ -337,7 +341,7 @@ class Dispatcher:
         """Whether a call of a batch only reads (nothing but its reply would come of it)."""
         try:
             envelope = _ENVELOPE.decode(item)
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except _UNREADABLE:
             return True  # answered with an error, which nobody would take
         method = self.methods.get(envelope.method)
         return method is None or method.access is _READ or method.name in _NO_EFFECT
@@ -347,7 +351,7 @@ class Dispatcher:
         notification: none)."""
         try:
             id = _ENVELOPE.decode(item).id
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except _UNREADABLE:
             id = _NULL
         else:
             if not id:
@@ -371,7 +375,7 @@ class Dispatcher:
             return NOT_NOW  # a batch, or a COMMIT of this session's still to come
         try:
             envelope = _ENVELOPE.decode(message)
-        except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        except _UNREADABLE:
             return NOT_NOW  # the async path answers the error
         method = self.methods.get(envelope.method)
         if (
@@ -429,7 +433,7 @@ class Dispatcher:
             return encode_error(
                 ErrorCode.INVALID_REQUEST, f"invalid request: {exc}", _invalid_details(exc)
             )
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        except _NOT_JSON as exc:
             return _parse_error(exc)
         problem = _envelope_problem(envelope)
         if isinstance(problem, InvalidRequest):
@@ -609,7 +613,7 @@ def _decode_params(name: str, decoder: msgspec.json.Decoder[Any], raw: msgspec.R
             f"invalid params for {name}: {detail}",
             {"method": name, "field": _field_named(detail), "detail": detail},
         ) from exc
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except _NOT_JSON as exc:
         details = _parse_details(exc)
         raise ParseError(
             f"params of {name} are not valid JSON: {details['detail']}",
