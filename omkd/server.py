@@ -112,38 +112,42 @@ class Daemon:
         if self.poller.parked == len(self.sessions):
             self.gate.commit_opened()
 
-    async def send_before_deletion(self, goal_id: str) -> int | None:
-        """Before a write deletes the goal's events, holding the write gate (every other
-        write is committed): each subscription queues those it has still to send, which
-        would be lost otherwise; the subscriptions made meanwhile last, in one step. Returns
-        the goal's newest event_id (None: no events). (Events its own transaction appended
-        are not committed: deleted with them, they are never sent.)"""
+    async def send_before_deletion(self, goal_id: str, *, close: bool) -> int | None:
+        """Before a write deletes the goal's events: each subscription queues those it has
+        still to send, which would be lost otherwise; the subscriptions made meanwhile last,
+        in one step. ``close``: the deletion is sure to happen (the write holds the write
+        gate, every other write committed, and runs next), so a subscription too far behind
+        is closed; else one is only queued as far as the bound lets it. Returns the goal's
+        newest event_id (None: no events). (Events its own transaction appended are not
+        committed: deleted with them, they are never sent.)"""
         newest = self.db.events.get_by_goal(goal_id, tail=1)
         if not newest:
             return None
         last = newest[0].event_id
         for session in [s for s in self.sessions if s.subscribing]:
-            await session.send_before_deletion(goal_id, last)
-        self.send_before_deletion_now(goal_id, last)
+            await session.send_before_deletion(goal_id, last, close=close)
+        self.send_before_deletion_now(goal_id, last, close=close)
         return last
 
-    def send_before_deletion_now(self, goal_id: str, last: int) -> None:
+    def send_before_deletion_now(self, goal_id: str, last: int, *, close: bool) -> None:
         """``send_before_deletion`` in one step of the event loop (see the session's)."""
         for session in [s for s in self.sessions if s.subscribing]:
-            session.send_before_deletion_now(goal_id, last)
+            session.send_before_deletion_now(goal_id, last, close=close)
 
-    async def begin_deletion(self, goal_id: str) -> None:
-        """A single write is about to delete the goal's events in a worker thread: send
-        them first, then hold new subscriptions back until ``end_deletion`` (they would
-        read the events the thread is deleting, and lose what it deleted first)."""
-        await self.send_before_deletion(goal_id)
-        if self.deleting is None:  # (one at a time: the write gate)
-            self.deleting = trio.Event()
+    async def begin_deletion(self, goal_id: str) -> trio.Event:
+        """A single write holding the write gate is about to delete the goal's events in a
+        worker thread: send them first, then hold new subscriptions back until
+        ``end_deletion`` (they would read the events the thread is deleting, and lose what
+        it deleted first). Returns what to end."""
+        await self.send_before_deletion(goal_id, close=True)
+        deleting = self.deleting = trio.Event()  # (one at a time: the write gate)
+        return deleting
 
-    def end_deletion(self) -> None:
-        deleting, self.deleting = self.deleting, None
-        if deleting is not None:
-            deleting.set()
+    def end_deletion(self, deleting: trio.Event) -> None:
+        """End the deletion ``begin_deletion`` began: the subscriptions held back go on."""
+        if self.deleting is deleting:
+            self.deleting = None
+        deleting.set()
 
     def events_committed(self) -> None:
         """Wake the subscriptions: new events may be committed."""

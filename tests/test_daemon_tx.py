@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 import json
 import random
+import threading
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import trio
@@ -637,7 +639,7 @@ async def test_a_subscription_made_while_a_deletion_runs_waits_for_it() -> None:
             await writer.call("goal.create", **goal("g1"))
             events = [{"kind": "k", "payload": i} for i in range(2000)]
             await writer.call("event.append_batch", goal_id="g1", events=events)
-            daemon.deleting = trio.Event()  # as a single write's deletion holds it
+            deleting = daemon.deleting = trio.Event()  # as a single write's deletion holds it
             await late.send(
                 {"jsonrpc": "2.0", "id": 1, "method": "event.subscribe",
                  "params": {"goal_id": "g1", "after_event_id": 0}}
@@ -647,9 +649,115 @@ async def test_a_subscription_made_while_a_deletion_runs_waits_for_it() -> None:
             await writer.call("tx.begin")  # (deleting as the thread would; not held by it)
             await writer.call("event.delete_by_goal", goal_id="g1")
             await writer.call("tx.commit")
-            daemon.end_deletion()
+            daemon.end_deletion(deleting)
             assert (await late.reply())["result"]["after_event_id"] == 0
             assert await _appended_then(late, 1, 99) == []  # gone before it subscribed
+            await close_clients()
+
+
+def _hold_the_deletion_of(
+    monkeypatch: pytest.MonkeyPatch, goal_id: str
+) -> tuple[threading.Event, threading.Event]:
+    """The worker thread of a deletion of ``goal_id`` waits for the second event before it
+    deletes; the first says it is there."""
+    entered, go = threading.Event(), threading.Event()
+    encoded = session_module._encoded
+
+    def held(run: Any, decode: Any, repos: Any, params: Any) -> Any:
+        if getattr(params, "goal_id", None) == goal_id:
+            entered.set()
+            go.wait(20)
+        return encoded(run, decode, repos, params)
+
+    monkeypatch.setattr(session_module, "_encoded", held)
+    return entered, go
+
+
+async def test_a_deletion_that_gets_busy_leaves_a_running_one_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A second deletion answering Busy ended the first's hold on new subscriptions: one
+    # made then, with a backlog, lost what the first deleted (1,431 of 300,000), unsaid.
+    with short_tempdir() as directory:
+        async with running_daemon(directory, lock_timeout=0.2) as daemon:
+            a, b, late, writer = [await connect(daemon) for _ in range(4)]
+            for g in ("big", "other"):
+                await writer.call("goal.create", **goal(g))
+            events = [{"kind": "k", "payload": i} for i in range(2000)]
+            await writer.call("event.append_batch", goal_id="big", events=events)
+            await writer.call("event.append", goal_id="other", kind="k", payload=0)
+            entered, go = _hold_the_deletion_of(monkeypatch, "big")
+            await a.send_bytes(_requests(("event.delete_by_goal", {"goal_id": "big"})))
+            await trio.to_thread.run_sync(entered.wait, 5)
+            error = await b.error("event.delete_by_goal", goal_id="other")
+            assert error["code"] == ErrorCode.BUSY
+            assert daemon.deleting is not None  # still held by the first
+            await late.send_bytes(
+                _requests(("event.subscribe", {"goal_id": "big", "after_event_id": 0}))
+            )
+            await trio.sleep(0.1)
+            assert not any(s.subscribing for s in daemon.sessions)  # it waits
+            go.set()
+            assert (await a.reply())["result"] == {"deleted": 2000}
+            sid = (await late.reply())["result"]["subscription"]
+            assert await _appended_then(late, sid, 99) == []  # gone before it was made
+            await close_clients()
+
+
+async def test_a_deletion_that_gets_busy_closes_no_subscription() -> None:
+    # Its pass before the write gate closed a subscriber far behind, saying its events were
+    # deleted, though the deletion then answered Busy and deleted nothing.
+    config = {"lock_timeout": 0.2, "outbox_bytes": 16 * 1024, "page_size": 20}
+    with short_tempdir() as directory:
+        async with running_daemon(directory, **config) as daemon:
+            sub, holder, writer = [await connect(daemon) for _ in range(3)]
+            await writer.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": {"n": i, "pad": "p" * 300}} for i in range(500)]
+            await writer.call("event.append_batch", goal_id="g1", events=events)
+            sid = (await sub.call("event.subscribe", goal_id="g1", after_event_id=0))[
+                "subscription"
+            ]  # read later
+            await trio.testing.wait_all_tasks_blocked()
+            await holder.call("tx.begin")  # holds the write gate
+            error = await writer.error("event.delete_by_goal", goal_id="g1")
+            assert error["code"] == ErrorCode.BUSY
+            await holder.call("tx.rollback")
+            notes = await _appended_then(sub, sid, 99)  # (its feeder may still be behind)
+            assert {n["method"] for n in notes} == {"event.appended"}
+            assert [n["params"]["event"]["payload"]["n"] for n in notes] == list(range(len(notes)))
+            (session,) = [s for s in daemon.sessions if s.subscribing]
+            assert list(session._subscriptions) == [sid]  # not closed
+            await close_clients()
+
+
+async def test_a_commit_whose_pass_before_it_fails_still_commits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The pass before the COMMIT of a transaction that deleted events raised: the
+    # transaction was neither committed nor rolled back, and the write gate was held for
+    # good (every other write answered Busy).
+    with short_tempdir() as directory:
+        async with running_daemon(directory, lock_timeout=0.2) as daemon:
+            writer, late, other = [await connect(daemon) for _ in range(3)]
+            await writer.call("goal.create", **goal("g1"))
+            events = [{"kind": "k", "payload": i} for i in range(50)]
+            await writer.call("event.append_batch", goal_id="g1", events=events)
+            await writer.call("tx.begin")
+            assert await writer.call("event.delete_by_goal", goal_id="g1") == {"deleted": 50}
+            await late.call("event.subscribe", goal_id="g1", after_event_id=0)
+            await trio.testing.wait_all_tasks_blocked()
+            (session,) = [s for s in daemon.sessions if s.subscribing]
+            (fed,) = session._subscriptions.values()
+            fed.cursor = 0  # behind, as one made a moment later would be
+
+            def failing_tail(*args: Any, **kwargs: Any) -> Any:
+                raise db.StorageFailure("disk I/O error (injected)")
+
+            monkeypatch.setattr(daemon.db.events, "tail", failing_tail)
+            assert await writer.call("tx.commit") == {"committed": True}
+            monkeypatch.undo()
+            await other.call("goal.create", **goal("g2"))  # the gate is free
+            assert await other.call("event.get_by_goal", goal_id="g1") == []
             await close_clients()
 
 

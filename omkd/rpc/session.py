@@ -190,15 +190,17 @@ class Session:
         run = functools.partial(_encoded, cast(RepoFn, method.run), decode)
         tx = self.tx
         if tx is not None:
-            if goal_id is not None:  # (the session holds the write gate)
-                last = await daemon.send_before_deletion(goal_id)
-                if last is not None:  # looked at again just before the COMMIT
-                    self._deletions.append((goal_id, last))
+            last = None
+            if goal_id is not None:  # (the transaction may yet roll back: nobody closed)
+                last = await daemon.send_before_deletion(goal_id, close=False)
             try:
-                return await trio.to_thread.run_sync(run, tx, params)
+                result = await trio.to_thread.run_sync(run, tx, params)
             except db.StorageFailure as exc:
                 self._check_lost(method, exc)
                 raise
+            if goal_id is not None and last is not None:  # done again before the COMMIT
+                self._deletions.append((goal_id, last))
+            return result
         if method.access is Access.READ:
             try:
                 return await trio.to_thread.run_sync(
@@ -210,16 +212,22 @@ class Session:
                 await trio.lowlevel.checkpoint()
                 raise
         before = None
+        deleting: list[trio.Event] = []  # what this call's begin_deletion began
+
+        async def begin_deletion() -> None:
+            assert goal_id is not None
+            deleting.append(await daemon.begin_deletion(goal_id))
+
         if goal_id is not None:
-            # Most of it before the write gate is taken (writes go on meanwhile), what was
-            # committed since once it is.
-            await daemon.send_before_deletion(goal_id)
-            before = functools.partial(daemon.begin_deletion, goal_id)
+            # Most of it before the write gate is taken (writes go on meanwhile; it may
+            # yet answer Busy: nobody closed), what was committed since once it is.
+            await daemon.send_before_deletion(goal_id, close=False)
+            before = begin_deletion
         try:
             result, committed_events = await daemon.gate.write_long(method, run, params, before)
         finally:
-            if goal_id is not None:
-                daemon.end_deletion()
+            for began in deleting:
+                daemon.end_deletion(began)
         if committed_events:
             daemon.events_committed()
         return result
@@ -312,9 +320,12 @@ class Session:
             )
         tx = self._take_transaction("tx.commit")
         deletions, self._deletions = self._deletions, []
-        for goal_id, last in deletions:  # subscriptions made since each deletion
-            self.daemon.send_before_deletion_now(goal_id, last)
         try:
+            try:  # what each deletion left (or what was made since), now that it is sure
+                for goal_id, last in deletions:
+                    self.daemon.send_before_deletion_now(goal_id, last, close=True)
+            except Exception:  # it only sends committed events early: commit all the same
+                log.exception("session %d: sending events before a deletion failed", self.id)
             tx.commit()
         finally:
             self.daemon.gate.release()
@@ -451,7 +462,7 @@ class Session:
         finally:
             self.daemon.subscriptions -= 1
 
-    async def send_before_deletion(self, goal_id: str, last: int) -> None:
+    async def send_before_deletion(self, goal_id: str, last: int, *, close: bool) -> None:
         """A write holding the write gate is about to delete the goal's events, up to
         event_id ``last``: queue, to each subscription that is to send some of them, the
         committed events it has still to send up to there (all goals' for a subscription
@@ -460,15 +471,15 @@ class Session:
         outbox's bound is closed instead, saying so. (A subscription whose subscribe reply
         is not out yet holds them until it is: ``start_pending``.)"""
         for sub in list(self._subscriptions.values()):
-            while self._behind(sub, goal_id, last) and self._send_page(sub, goal_id, last):
+            while self._behind(sub, goal_id, last) and self._send_page(sub, goal_id, last, close):
                 await trio.lowlevel.checkpoint()  # the other connections are served meanwhile
 
-    def send_before_deletion_now(self, goal_id: str, last: int) -> None:
+    def send_before_deletion_now(self, goal_id: str, last: int, *, close: bool) -> None:
         """``send_before_deletion`` in one step of the event loop, for what is left: the
         subscriptions made while it went a page at a time (or, in a transaction, until its
         COMMIT, which follows this step)."""
         for sub in list(self._subscriptions.values()):
-            while self._behind(sub, goal_id, last) and self._send_page(sub, goal_id, last):
+            while self._behind(sub, goal_id, last) and self._send_page(sub, goal_id, last, close):
                 pass
 
     def _behind(self, sub: _Subscription, goal_id: str, last: int) -> bool:
@@ -480,8 +491,9 @@ class Session:
             and self._subscriptions.get(sub.id) is sub
         )
 
-    def _send_page(self, sub: _Subscription, goal_id: str, last: int) -> bool:
-        """Queue a page of what ``sub`` has to send up to ``last``; whether more may follow."""
+    def _send_page(self, sub: _Subscription, goal_id: str, last: int, close: bool) -> bool:
+        """Queue a page of what ``sub`` has to send up to ``last``; whether more may follow.
+        Past the bound, ``close`` closes the subscription; else it stops there."""
         page_size = self.daemon.config.page_size
         started = sub not in self._to_start  # its frames may go to the outbox
         # This connection's queue, whatever subscription it is for.
@@ -493,7 +505,8 @@ class Session:
             frame = self._notification(_Appended(sub.id, event))
             queued += len(frame)
             if queued > 2 * self.outbox.limit_bytes:
-                self._close_early(sub, started, self._deleted_unsent(sub, goal_id, last))
+                if close:
+                    self._close_early(sub, started, self._deleted_unsent(sub, goal_id, last))
                 return False
             if started:
                 self.outbox.force(frame)
