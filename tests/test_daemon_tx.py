@@ -279,23 +279,18 @@ async def test_nothing_of_a_subscription_comes_after_its_unsubscribe_reply(
     await writer.call("goal.create", **goal("g1"))
     events = [{"kind": "k", "payload": i} for i in range(3000)]
     await writer.call("event.append_batch", goal_id="g1", events=events)
-
-    def request(id: int, method: str, **params: object) -> bytes:
-        message = {"jsonrpc": "2.0", "id": id, "method": method, "params": params}
-        return encode_frame(Framing.LENGTH, json.dumps(message).encode())
-
-    subscribe = request(1, "event.subscribe", goal_id="g1", after_event_id=0)
+    subscribe = _requests(("event.subscribe", {"goal_id": "g1", "after_event_id": 0}))
     for started in (False, True):
         if started:  # the backlog is going out already
             await sub.send_bytes(subscribe)
             sid = (await sub.reply())["result"]["subscription"]
             await sub.notification()
-            unsubscribe = request(2, "event.unsubscribe", subscription=sid)
-            await sub.send_bytes(unsubscribe + request(3, "daemon.ping"))
+            unsubscribe = ("event.unsubscribe", {"subscription": sid})
+            await sub.send_bytes(_requests(unsubscribe, ("daemon.ping", {}), first=2))
         else:  # subscribe, unsubscribe and ping read at once, the subscription's id foreseen
             sid = next(copy.copy(session_module._subscription_ids))
-            unsubscribe = request(2, "event.unsubscribe", subscription=sid)
-            await sub.send_bytes(subscribe + unsubscribe + request(3, "daemon.ping"))
+            unsubscribe = ("event.unsubscribe", {"subscription": sid})
+            await sub.send_bytes(subscribe + _requests(unsubscribe, ("daemon.ping", {}), first=2))
         replies: list[dict[str, object]] = []
         with trio.fail_after(5):
             while not replies or replies[-1]["id"] != 4:
@@ -305,7 +300,7 @@ async def test_nothing_of_a_subscription_comes_after_its_unsubscribe_reply(
                     continue
                 replies.append(message)
                 if message["id"] == 3:  # the feeder might run once the daemon has no more
-                    await sub.send_bytes(request(4, "daemon.ping"))
+                    await sub.send_bytes(_requests(("daemon.ping", {}), first=4))
         assert [r.get("result") for r in replies[-3:]] == [{"unsubscribed": True}, "pong", "pong"]
         sub.notifications.clear()
 
@@ -333,14 +328,15 @@ async def test_a_backlog_goes_out_a_page_at_a_time_others_served_between() -> No
             await close_clients()
 
 
-def _requests(*calls: tuple[str, dict[str, object]]) -> bytes:
-    """Frames of requests (ids from 1), to send at once: the daemon reads them together."""
+def _requests(*calls: tuple[str, dict[str, object]], first: int = 1) -> bytes:
+    """Frames of requests (ids from ``first``), to send at once: the daemon reads them
+    together."""
     return b"".join(
         encode_frame(
             Framing.LENGTH,
             json.dumps({"jsonrpc": "2.0", "id": i, "method": m, "params": p}).encode(),
         )
-        for i, (m, p) in enumerate(calls, 1)
+        for i, (m, p) in enumerate(calls, first)
     )
 
 

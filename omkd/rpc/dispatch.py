@@ -221,9 +221,9 @@ _BULK_PARAMS_BYTES: Final = 16 * 1024
 # MB of the event loop's time, twice (the envelope, then the frame).
 _PIECES_BYTES: Final = 1024 * 1024
 # What decoding a message raises when it is not JSON (bad JSON, bad UTF-8, nested too
-# deep), and when it is JSON but not a request either.
-_NOT_JSON: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
-_UNREADABLE: Final = (msgspec.ValidationError, *_NOT_JSON)
+# deep), or, a ValidationError being a DecodeError too, JSON of the wrong shape; where the
+# latter is answered apart, its except clause comes first.
+_UNDECODABLE: Final = (msgspec.DecodeError, UnicodeDecodeError, RecursionError)
 # Session methods that change nothing: skipped in a batch whose client has gone.
 _NO_EFFECT: Final = frozenset({"daemon.ping", "daemon.status", "rpc.discover"})
 _SUCCESS_HEAD: Final = b'{"jsonrpc":"2.0","result":'
@@ -296,7 +296,7 @@ class Dispatcher:
             return encode_error(
                 ErrorCode.INVALID_REQUEST, "a batch must be an array", _invalid_details(exc)
             )
-        except _NOT_JSON as exc:
+        except _UNDECODABLE as exc:
             return _parse_error(exc)
         if not items:
             return encode_error(
@@ -341,7 +341,7 @@ class Dispatcher:
         """Whether a call of a batch only reads (nothing but its reply would come of it)."""
         try:
             envelope = _ENVELOPE.decode(item)
-        except _UNREADABLE:
+        except _UNDECODABLE:
             return True  # answered with an error, which nobody would take
         method = self.methods.get(envelope.method)
         return method is None or method.access is _READ or method.name in _NO_EFFECT
@@ -351,7 +351,7 @@ class Dispatcher:
         notification: none)."""
         try:
             id = _ENVELOPE.decode(item).id
-        except _UNREADABLE:
+        except _UNDECODABLE:
             id = _NULL
         else:
             if not id:
@@ -375,7 +375,7 @@ class Dispatcher:
             return NOT_NOW  # a batch, or a COMMIT of this session's still to come
         try:
             envelope = _ENVELOPE.decode(message)
-        except _UNREADABLE:
+        except _UNDECODABLE:
             return NOT_NOW  # the async path answers the error
         method = self.methods.get(envelope.method)
         if (
@@ -433,7 +433,7 @@ class Dispatcher:
             return encode_error(
                 ErrorCode.INVALID_REQUEST, f"invalid request: {exc}", _invalid_details(exc)
             )
-        except _NOT_JSON as exc:
+        except _UNDECODABLE as exc:
             return _parse_error(exc)
         problem = _envelope_problem(envelope)
         if isinstance(problem, InvalidRequest):
@@ -613,7 +613,7 @@ def _decode_params(name: str, decoder: msgspec.json.Decoder[Any], raw: msgspec.R
             f"invalid params for {name}: {detail}",
             {"method": name, "field": _field_named(detail), "detail": detail},
         ) from exc
-    except _NOT_JSON as exc:
+    except _UNDECODABLE as exc:
         details = _parse_details(exc)
         raise ParseError(
             f"params of {name} are not valid JSON: {details['detail']}",

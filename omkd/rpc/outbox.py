@@ -46,14 +46,11 @@ class Outbox:
 
     async def put_before(self, frame: bytes | memoryview, timeout: float) -> bool:
         """Queue ``frame`` if room comes within ``timeout`` seconds; False if it did not."""
-        if not self.full():
-            # Room now: no deadline to arm (a cancel scope per reply showed in profiles).
-            self.force(frame)
-            return True
-        with trio.move_on_after(timeout):
-            await self.put(frame)
-            return True
-        return False
+        # Room now: no deadline to arm (a cancel scope per reply showed in profiles).
+        if self.full() and not await self.room_before(timeout):
+            return False
+        self.force(frame)
+        return True
 
     async def room_before(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds for room; whether it came (or the outbox closed:

@@ -31,7 +31,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final, cast
 
@@ -470,17 +470,21 @@ class Session:
         between. A subscription whose session would then queue more than twice the
         outbox's bound is closed instead, saying so. (A subscription whose subscribe reply
         is not out yet holds them until it is: ``start_pending``.)"""
-        for sub in list(self._subscriptions.values()):
-            while self._behind(sub, goal_id, last) and self._send_page(sub, goal_id, last, close):
-                await trio.lowlevel.checkpoint()  # the other connections are served meanwhile
+        for _ in self._pages_before_deletion(goal_id, last, close):
+            await trio.lowlevel.checkpoint()  # the other connections are served meanwhile
 
     def send_before_deletion_now(self, goal_id: str, last: int, *, close: bool) -> None:
         """``send_before_deletion`` in one step of the event loop, for what is left: the
         subscriptions made while it went a page at a time (or, in a transaction, until its
         COMMIT, which follows this step)."""
+        for _ in self._pages_before_deletion(goal_id, last, close):
+            pass
+
+    def _pages_before_deletion(self, goal_id: str, last: int, close: bool) -> Iterator[None]:
+        """Queue them a page at a time, yielding between pages."""
         for sub in list(self._subscriptions.values()):
             while self._behind(sub, goal_id, last) and self._send_page(sub, goal_id, last, close):
-                pass
+                yield
 
     def _behind(self, sub: _Subscription, goal_id: str, last: int) -> bool:
         return (
