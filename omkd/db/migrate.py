@@ -93,7 +93,7 @@ class Migration:
                 version=self.version,
             )
         for statement in statements:
-            if _ENDS_TRANSACTION.match(_strip_comments(statement, keep_lines=True)):
+            if _ENDS_TRANSACTION.match(_strip_comments(statement)):
                 raise MigrationFailed(
                     f"migration {self.filename} begins or ends a transaction itself "
                     f"({statement.split(None, 1)[0]}): each migration runs in one transaction "
@@ -104,10 +104,10 @@ class Migration:
         return statements
 
 
-def _strip_comments(text: str, *, keep_lines: bool = False) -> str:
+def _strip_comments(text: str) -> str:
     text = _BLOCK_COMMENT.sub(" ", text)
     lines = (line.split("--", 1)[0] for line in text.splitlines())
-    return (" " if keep_lines else "").join(lines).strip()
+    return " ".join(lines).strip()
 
 
 _BLOCK_COMMENT = re.compile(r"/\*.*?\*/", re.DOTALL)
