@@ -86,7 +86,7 @@ class Daemon:
         )
         self.gate = WriteGate(database, config)
         self.long_reads = trio.CapacityLimiter(config.long_reads)
-        self.poller = Poller()
+        self.poller = Poller(idle_spin=config.idle_spin)
         self.gate.turn = self.poller.turn
         self.poller.on_drained = self._drained
         self.gate.on_events_committed = self.events_committed
@@ -105,12 +105,16 @@ class Daemon:
     def remove_session(self, session: Session) -> None:
         self.sessions.discard(session)
 
-    def _drained(self) -> None:
+    def _drained(self) -> bool:
         # The poller has served every connection that was ready. If every connection waits
         # in it (none is busy in a task of its own), no write can join the open batch
         # before a client sends again: commit it now rather than at trio's idle point.
-        if self.poller.parked == len(self.sessions):
-            self.gate.commit_opened()
+        # Returns whether it did look (the poller may then spin: no connection's own task
+        # waits in trio for its requests).
+        if self.poller.parked != len(self.sessions):
+            return False
+        self.gate.commit_opened()
+        return True
 
     async def send_before_deletion(self, goal_id: str, *, close: bool) -> int | None:
         """Before a write deletes the goal's events: each subscription queues those it has

@@ -231,18 +231,21 @@ async def _polling(poller: Poller, *parked: _Parked) -> AsyncIterator[None]:
             connection.close()
 
 
-@pytest.mark.parametrize(("passes", "wakeups"), [(4, 1), (1, 2)])
+@pytest.mark.parametrize(("passes", "b_round"), [(4, 1), (1, 2)])
 async def test_what_becomes_ready_while_the_poller_serves_is_served_in_the_same_wakeup(
-    passes: int, wakeups: int
+    passes: int, b_round: int
 ) -> None:
     # (A budget no slow machine reaches: only the passes bound the wake-up here.)
     poller = Poller(passes_per_wakeup=passes, wakeup_budget=60)
     a, b = _Parked(), _Parked()
-    a.then = lambda: b.client.send(b"x")  # as a client answering while A is served
+    rounds: list[int] = []  # the poller's round in which each was served
+    a.then = lambda: (rounds.append(poller.rounds), b.client.send(b"x"))  # as a client
+    b.then = lambda: rounds.append(poller.rounds)  # answering while A is served
     async with _polling(poller, a, b):
         a.client.send(b"x")
         await trio.testing.wait_all_tasks_blocked()
-        assert (a.served, b.served, poller.wakeups) == (1, 1, wakeups)
+        # One wake-up; past its passes, the poller lets the other tasks run and goes on.
+        assert (a.served, b.served, poller.wakeups, rounds) == (1, 1, 1, [1, b_round])
 
 
 async def test_a_connection_ready_again_and_again_leaves_other_tasks_their_turn() -> None:
@@ -265,7 +268,7 @@ async def test_a_connection_ready_again_and_again_leaves_other_tasks_their_turn(
                 await trio.lowlevel.checkpoint()
     # Served 4 times a wake-up at most, and this task got turns between the wake-ups (trio
     # runs the tasks ready together in either order: two wake-ups may meet between turns).
-    assert poller.wakeups >= 10
+    assert poller.rounds >= 10
     assert max(seen.count(t) for t in set(seen)) <= 8
     assert len(set(seen)) >= 5
 
@@ -276,7 +279,10 @@ async def test_a_wakeup_that_lasted_its_budget_looks_no_further() -> None:
     poller = Poller(passes_per_wakeup=4, wakeup_budget=0.001)
     slow = _Parked()
 
+    rounds: list[int] = []  # the poller's round in which each request was served
+
     def again() -> None:
+        rounds.append(poller.rounds)
         time.sleep(0.002)  # a pass longer than the budget
         if slow.served < 3:
             slow.client.send(b"x")
@@ -287,4 +293,89 @@ async def test_a_wakeup_that_lasted_its_budget_looks_no_further() -> None:
         with trio.fail_after(5):
             while slow.served < 3:
                 await trio.sleep(0)
-    assert poller.wakeups == 3  # one pass each
+    assert rounds == [1, 2, 3]  # one pass each
+
+
+@pytest.mark.parametrize(("idle_spin", "wakeups"), [(0.5, 1), (0.0, 4)])
+async def test_a_request_that_comes_while_the_poller_spins_is_served_without_sleeping(
+    idle_spin: float, wakeups: int
+) -> None:
+    # A client in another thread sends its next request a moment after each reply (as one
+    # on another CPU would): within idle_spin, the poller is still looking and serves it;
+    # with no spin, it has gone back to trio and is woken for each.
+    poller = Poller(idle_spin=idle_spin)
+    a = _Parked()
+
+    def client() -> None:
+        for _ in range(4):
+            a.client.send(b"x")
+            time.sleep(0.01)
+
+    async with _polling(poller, a):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, client)
+        with trio.fail_after(5):
+            while a.served < 4:
+                await trio.sleep(0.01)
+    assert a.served == 4
+    assert poller.wakeups == wakeups
+    assert poller.spins_served == (3 if idle_spin else 0)
+
+
+async def test_the_poller_does_not_spin_while_another_task_is_ready() -> None:
+    # A task the request made ready (a subscription woken by a commit, say) runs first: the
+    # spin would keep it waiting.
+    poller = Poller(idle_spin=2)
+    a = _Parked()
+    woken = trio.Event()
+    ran = trio.Event()
+
+    async def waiter() -> None:
+        await woken.wait()
+        ran.set()
+
+    a.then = woken.set
+    async with _polling(poller, a), trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        a.client.send(b"x")
+        with trio.fail_after(5):
+            await ran.wait()
+    assert poller.spins == 0
+    assert a.served == 1
+
+
+async def test_the_daemon_spins_only_while_every_connection_waits_in_the_poller() -> None:
+    # A connection in a transaction is served by its own task, which waits in trio: while
+    # one is, the poller does not spin (its requests would wait through each spin).
+    with short_tempdir() as directory:
+        async with running_daemon(directory, idle_spin=0.01) as daemon:
+            in_tx = await RawClient.connect(daemon.config.socket_path)
+            other = await RawClient.connect(daemon.config.socket_path)
+            await in_tx.call("goal.create", **goal("g1"))  # (may spin: every one parked)
+            await in_tx.call("tx.begin")
+            spins = daemon.poller.spins
+            with trio.fail_after(30):
+                for _ in range(3):
+                    assert await other.call("daemon.ping") == "pong"
+                    await in_tx.call("event.append", goal_id="g1", kind="k", payload=1)
+                await in_tx.call("tx.commit")
+            assert daemon.poller.spins == spins
+            await in_tx.aclose()
+            await other.aclose()
+
+
+async def test_the_poller_spins_only_while_it_serves_one_client_alone() -> None:
+    # With several clients, the spin would keep a CPU busy that their processes could use
+    # (the scheduler moves no task to a CPU that looks busy). Once the poller has slept,
+    # a client alone again is waited for.
+    poller = Poller(idle_spin=0.2)
+    a, b = _Parked(), _Parked()
+    async with _polling(poller, a, b):
+        a.client.send(b"x")
+        b.client.send(b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert (a.served, b.served, poller.spins) == (1, 1, 0)
+        a.client.send(b"x")
+        await trio.testing.wait_all_tasks_blocked()
+        assert (a.served, poller.wakeups, poller.spins, poller.spins_served) == (2, 2, 1, 0)
