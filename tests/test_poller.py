@@ -296,30 +296,30 @@ async def test_a_wakeup_that_lasted_its_budget_looks_no_further() -> None:
     assert rounds == [1, 2, 3]  # one pass each
 
 
-@pytest.mark.parametrize(("idle_spin", "wakeups"), [(0.5, 1), (0.0, 4)])
+@pytest.mark.parametrize(("idle_spin", "wakeups", "served_spinning"), [(0.3, 3, 2), (0.0, 5, 0)])
 async def test_a_request_that_comes_while_the_poller_spins_is_served_without_sleeping(
-    idle_spin: float, wakeups: int
+    idle_spin: float, wakeups: int, served_spinning: int
 ) -> None:
-    # A client in another thread sends its next request a moment after each reply (as one
-    # on another CPU would): within idle_spin, the poller is still looking and serves it;
-    # with no spin, it has gone back to trio and is woken for each.
+    # A client in another thread (as one on another CPU) pauses long once, then briefly.
+    # After the long pause, the poller does not spin (its last pause says a spin would not
+    # pay); after a brief one it does, and serves the next requests without sleeping.
+    # With no spin, it sleeps and is woken for each.
     poller = Poller(idle_spin=idle_spin)
     a = _Parked()
 
     def client() -> None:
-        for _ in range(4):
+        for pause in (1.0, 0.01, 0.01, 0.01, 0):
             a.client.send(b"x")
-            time.sleep(0.01)
+            time.sleep(pause)
 
     async with _polling(poller, a):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(trio.to_thread.run_sync, client)
-        with trio.fail_after(5):
-            while a.served < 4:
+        with trio.fail_after(10):
+            while a.served < 5:
                 await trio.sleep(0.01)
-    assert a.served == 4
-    assert poller.wakeups == wakeups
-    assert poller.spins_served == (3 if idle_spin else 0)
+    assert a.served == 5
+    assert (poller.wakeups, poller.spins_served) == (wakeups, served_spinning)
 
 
 async def test_the_poller_does_not_spin_while_another_task_is_ready() -> None:
@@ -334,15 +334,16 @@ async def test_the_poller_does_not_spin_while_another_task_is_ready() -> None:
         await woken.wait()
         ran.set()
 
-    a.then = woken.set
     async with _polling(poller, a), trio.open_nursery() as nursery:
         nursery.start_soon(waiter)
+        a.client.send(b"x")  # (the first: no pause before it, no spin after it)
         await trio.testing.wait_all_tasks_blocked()
-        a.client.send(b"x")
+        a.then = woken.set
+        a.client.send(b"x")  # soon after: the spin would pay, but for the waiter
         with trio.fail_after(5):
             await ran.wait()
     assert poller.spins == 0
-    assert a.served == 1
+    assert a.served == 2
 
 
 async def test_the_daemon_spins_only_while_every_connection_waits_in_the_poller() -> None:
@@ -372,10 +373,12 @@ async def test_the_poller_spins_only_while_it_serves_one_client_alone() -> None:
     poller = Poller(idle_spin=0.2)
     a, b = _Parked(), _Parked()
     async with _polling(poller, a, b):
-        a.client.send(b"x")
+        a.client.send(b"x")  # (the first: no pause before it, no spin after it)
+        await trio.testing.wait_all_tasks_blocked()
+        a.client.send(b"x")  # both soon after: the spin would pay, but for two clients
         b.client.send(b"x")
         await trio.testing.wait_all_tasks_blocked()
-        assert (a.served, b.served, poller.spins) == (1, 1, 0)
+        assert (a.served, b.served, poller.wakeups, poller.spins) == (2, 1, 2, 0)
         a.client.send(b"x")
         await trio.testing.wait_all_tasks_blocked()
-        assert (a.served, poller.wakeups, poller.spins, poller.spins_served) == (2, 2, 1, 0)
+        assert (a.served, poller.wakeups, poller.spins, poller.spins_served) == (3, 3, 1, 0)
