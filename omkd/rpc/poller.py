@@ -13,11 +13,12 @@ finds the socket busy) is handed back to its own task, which goes on where the p
 stopped. Once a wake-up has served every connection that was ready, it calls
 ``on_drained`` (the daemon commits an open group commit there when every connection is
 parked: no write can join it before a client sends again). Then, if it has served one
-connection alone since it last slept, that client's last pause was shorter than
-``idle_spin``, ``on_drained`` says every connection is parked, and no other task is ready to
-run, it keeps looking for up to ``idle_spin`` seconds (yielding the CPU between looks)
-before it goes back to trio: the client's next request is then served without waking a
-halted CPU.
+connection alone since it last slept, that client's last pause was short, ``on_drained``
+says every connection is parked, and no other task is ready to run, it keeps looking for up
+to ``idle_spin`` seconds (yielding the CPU between looks) before it goes back to trio: the
+client's next request is then served without waking a halted CPU. It serves what a spin
+caught, then lets the other tasks run before it spins again; a spin that lost its CPU to
+another process ends the spinning for ``spin_backoff``.
 
 Why: a task woken for each request costs a trip through trio's scheduler (the socket
 re-armed in trio's epoll set, the task rescheduled, its coroutines resumed); here one
@@ -37,6 +38,7 @@ stops). Error handling: ``serve_ready`` never raises; the poller ends only when 
 from __future__ import annotations
 
 import os
+import resource
 import select
 import time
 from collections.abc import Callable
@@ -45,6 +47,11 @@ from typing import Final, Protocol
 import trio
 
 __all__ = ["PASSES_PER_WAKEUP", "WAKEUP_BUDGET_S", "Parked", "Poller"]
+
+
+def _involuntary_switches() -> int:
+    """How many times the kernel has switched this thread out for another task."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nivcsw
 
 
 class Parked(Protocol):
@@ -68,6 +75,16 @@ PASSES_PER_WAKEUP: Final = 4
 # (10-35 µs each here) that the spin saves. (A client pausing 50 µs between pings: 115 ->
 # 43 µs a ping with a factor of 2; with 1, the poller never spun for it.)
 SPIN_PAUSE_FACTOR: Final = 2
+# Seconds the poller does not spin after a spin lost its CPU to another process: a spinning
+# daemon is runnable, so a request that comes meanwhile does not preempt the other process
+# as it would wake a sleeping daemon, and waits out its time slice (with a busy process on
+# the daemon's CPU and the client on another: pings of ~4 ms instead of ~60 µs).
+SPIN_BACKOFF_S: Final = 1.0
+# A look of the spin (a yield and a poll, ~1 µs) that took longer than this while the kernel
+# switched the poller's thread out for another task: another process had the CPU (its time
+# slice here: ~4 ms). Not the guest's own hiccups (20-150 µs, seen while spinning on an idle
+# machine: no switch), nor a wait for the GIL (a voluntary switch).
+SPIN_LOST_CPU_S: Final = 0.001
 # The poller's partner (below) before it has served anyone, and once it has served several.
 NOBODY: Final = -1
 SEVERAL: Final = -2
@@ -80,16 +97,19 @@ class Poller:
         passes_per_wakeup: int = PASSES_PER_WAKEUP,
         wakeup_budget: float = WAKEUP_BUDGET_S,
         idle_spin: float = 0.0,
+        spin_backoff: float = SPIN_BACKOFF_S,
     ) -> None:
         self.passes_per_wakeup = passes_per_wakeup
         self.wakeup_budget = wakeup_budget
         self.idle_spin = idle_spin
+        self.spin_backoff = spin_backoff
         # For tests and benchmarks: times trio woke the poller once nothing was ready, and
         # rounds of serving (each between two turns of trio's scheduler).
         self.wakeups = 0
         self.rounds = 0
         self.spins = 0  # times it kept looking once nothing was ready
         self.spins_served = 0  # of those, times a request came meanwhile
+        self.spins_preempted = 0  # times a spin lost its CPU (then no spin for spin_backoff)
         self._epoll = select.epoll()
         self._parked: dict[int, tuple[Parked, trio.lowlevel.Task]] = {}
         self._resumed: trio.Event | None = None  # set by the task handed back, once it runs
@@ -105,6 +125,7 @@ class Poller:
         # pings, each ping otherwise cost the daemon 100 µs more CPU, for nothing).
         self._spin_pays = False
         self._idle_since = 0.0  # when nothing was ready last (perf_counter)
+        self._no_spin_until = 0.0  # (perf_counter) after a spin lost its CPU
         # Called once a wake-up has served every connection that was ready; it must not
         # block or raise. True: every connection is parked here, so looking on for
         # idle_spin keeps no connection's own task waiting.
@@ -145,11 +166,13 @@ class Poller:
     async def _serve_round(self) -> bool:
         """Serve what is ready, and look again, up to ``passes_per_wakeup`` times within
         ``wakeup_budget``; once nothing is ready, spin if allowed. True: it stopped at its
-        bounds, with more perhaps ready; False: nothing was."""
+        bounds, with more perhaps ready, or after serving what a spin caught; False:
+        nothing was ready."""
         poll = self._epoll.poll
         until = time.perf_counter() + self.wakeup_budget
         for _ in range(self.passes_per_wakeup):
             ready = poll(0)
+            spun = False
             if not ready:
                 self._idle_since = time.perf_counter()
                 spin = self._spin_pays and self._partner != SEVERAL
@@ -158,6 +181,7 @@ class Poller:
                 ready = self._spin()
                 if not ready:
                     return False
+                spun = True
             partner = self._partner
             if partner != SEVERAL:
                 for fd, _ in ready:
@@ -165,23 +189,34 @@ class Poller:
                         partner = fd if partner == NOBODY else SEVERAL
                 self._partner = partner
             await self._serve(ready)
-            if time.perf_counter() > until:
+            # After a spin, the other tasks' turn before the next: a task woken together
+            # with the poller is in no run queue (trio runs a batch of ready tasks in
+            # either order), so the spin's check missed it; it has waited one spin at most.
+            if spun or time.perf_counter() > until:
                 return True
         return True
 
     def _spin(self) -> list[tuple[int, int]]:
         """Look for ready connections for up to ``idle_spin`` seconds, yielding the CPU
         between looks (a client woken on this CPU runs then); none if another task is
-        ready to run (it would wait meanwhile)."""
-        if trio.lowlevel.current_statistics().tasks_runnable:
+        ready to run (it would wait meanwhile) or a spin lost its CPU lately."""
+        clock = time.perf_counter
+        now = clock()
+        if now < self._no_spin_until or trio.lowlevel.current_statistics().tasks_runnable:
             return []
         self.spins += 1
         poll = self._epoll.poll
-        clock = time.perf_counter
-        until = clock() + self.idle_spin
-        while clock() < until:
+        until = now + self.idle_spin
+        switches = _involuntary_switches()
+        while now < until:
             os.sched_yield()
             ready = poll(0)
+            before, now = now, clock()
+            if now - before > SPIN_LOST_CPU_S and _involuntary_switches() > switches:
+                self.spins_preempted += 1
+                self._no_spin_until = now + self.spin_backoff
+                self._spin_pays = False
+                return ready
             if ready:
                 self.spins_served += 1
                 return ready
