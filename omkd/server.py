@@ -105,6 +105,10 @@ class Daemon:
     def remove_session(self, session: Session) -> None:
         self.sessions.discard(session)
 
+    def alone(self, session: Session) -> bool:
+        """Whether every connection but ``session``'s waits in the poller."""
+        return self.poller.parked == len(self.sessions) - 1 and session in self.sessions
+
     def _drained(self) -> bool:
         # The poller has served every connection that was ready. If every connection waits
         # in it (none is busy in a task of its own), no write can join the open batch

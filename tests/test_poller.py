@@ -477,3 +477,128 @@ async def _served_when_a_task_woken_with_the_poller_ran() -> int:
         mine.close()
         theirs.close()
     return served_when_it_ran[0]
+
+
+def _transaction_in_a_thread(socket_path: str, appends: int, pause: float) -> None:
+    """A client of its own (as one on another CPU): a transaction of ``appends`` appends to
+    goal g1, pausing ``pause`` s before each call."""
+    from omkd_client import Client
+
+    with Client.connect(socket_path) as client:
+        time.sleep(0.5)  # (the poller has served nobody lately)
+        _append_in_transaction(client, appends, pause)
+
+
+def _append_in_transaction(client: Any, appends: int, pause: float) -> None:
+    with client.transaction() as tx:
+        for _ in range(appends):
+            time.sleep(pause)
+            tx.events.append("g1", "k", 1)
+
+
+async def test_a_transaction_alone_is_waited_for_between_its_calls() -> None:
+    # Its calls are read by its connection's own task, which spins for the next one as the
+    # poller does for a lone client, while every other connection waits in the poller and
+    # the poller has served none of them lately.
+    with short_tempdir() as directory:
+        async with running_daemon(directory, idle_spin=0.01) as daemon:
+            idle = await RawClient.connect(daemon.config.socket_path)
+            await idle.call("goal.create", **goal("g1"))
+            poller = daemon.poller
+            poller.idle_spin = 0.2  # (past the setting's bound: room for a slow machine)
+            await trio.to_thread.run_sync(
+                _transaction_in_a_thread, daemon.config.socket_path, 10, 0.005
+            )
+            # Each call after the first brief pause (tx.commit's too), give or take one.
+            assert poller.task_spins_served >= 9
+            assert len(await idle.call("event.get_by_goal", goal_id="g1")) == 10
+            await idle.aclose()
+
+
+async def test_a_transaction_is_not_waited_for_while_another_client_is_busy() -> None:
+    # Another client calling again and again, parked in the poller between its calls: the
+    # spin would keep a CPU busy that its process could use.
+    with short_tempdir() as directory:
+        async with running_daemon(directory, idle_spin=0.01) as daemon:
+            setup = await RawClient.connect(daemon.config.socket_path)
+            await setup.call("goal.create", **goal("g1"))
+            await setup.aclose()
+            daemon.poller.idle_spin = 0.5  # (a client pausing under 1 s counts as busy)
+            socket_path = daemon.config.socket_path
+            done = threading.Event()
+
+            def pinging() -> None:
+                from omkd_client import Client
+
+                with Client.connect(socket_path) as client:
+                    while not done.is_set():
+                        client.daemon.ping()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, pinging)
+                await trio.to_thread.run_sync(_transaction_in_a_thread, socket_path, 20, 0)
+                done.set()
+            assert daemon.poller.task_spins == 0
+
+
+async def test_a_transaction_waited_for_lets_another_client_in_at_once() -> None:
+    # The spin for a transaction's next call ends as soon as a parked connection has a
+    # request: the poller serves it. (A spin of 0.6 s: the other call waits for none of it.)
+    with short_tempdir() as directory:
+        async with running_daemon(directory, idle_spin=0.01) as daemon:
+            other = await RawClient.connect(daemon.config.socket_path)
+            await other.call("goal.create", **goal("g1"))
+            daemon.poller.idle_spin = 0.6
+            socket_path = daemon.config.socket_path
+            spinning = threading.Event()
+            waited: list[float] = []
+
+            def paused_transaction() -> None:
+                from omkd_client import Client
+
+                with Client.connect(socket_path) as client, client.transaction() as tx:
+                    time.sleep(1.5)  # (the poller has served nobody lately)
+                    tx.events.append("g1", "k", 1)
+                    tx.events.append("g1", "k", 2)  # a brief pause: the spin pays
+                    spinning.set()
+                    time.sleep(1.0)
+                    tx.events.append("g1", "k", 3)
+
+            def other_calls() -> None:
+                from omkd_client import Client
+
+                with Client.connect(socket_path) as client:
+                    spinning.wait()
+                    time.sleep(0.2)
+                    started = time.perf_counter()
+                    client.daemon.ping()
+                    waited.append(time.perf_counter() - started)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, other_calls)
+                await trio.to_thread.run_sync(paused_transaction)
+            assert daemon.poller.task_spins >= 1
+            assert waited[0] < 0.2
+            await other.aclose()
+
+
+async def test_a_transaction_is_not_waited_for_while_another_connection_is_busy() -> None:
+    # Another connection in a task of its own (here: half a message sent, its task waiting
+    # for the rest, in trio): the spin would keep it from being read.
+    with short_tempdir() as directory:
+        async with running_daemon(directory, idle_spin=0.01) as daemon:
+            setup = await RawClient.connect(daemon.config.socket_path)
+            await setup.call("goal.create", **goal("g1"))
+            await setup.aclose()
+            half = socket.socket(socket.AF_UNIX)
+            half.connect(daemon.config.socket_path)
+            try:
+                half.send(_frame(_request(1, "daemon.ping"))[:10])
+                await _settle()
+                assert daemon.poller.parked < len(daemon.sessions)
+                await trio.to_thread.run_sync(
+                    _transaction_in_a_thread, daemon.config.socket_path, 10, 0.005
+                )
+                assert daemon.poller.task_spins == 0
+            finally:
+                half.close()

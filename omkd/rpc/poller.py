@@ -42,11 +42,13 @@ import resource
 import select
 import time
 from collections.abc import Callable
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import trio
 
 __all__ = ["PASSES_PER_WAKEUP", "WAKEUP_BUDGET_S", "Parked", "Poller"]
+
+T = TypeVar("T")
 
 
 def _involuntary_switches() -> int:
@@ -110,6 +112,8 @@ class Poller:
         self.spins = 0  # times it kept looking once nothing was ready
         self.spins_served = 0  # of those, times a request came meanwhile
         self.spins_preempted = 0  # times a spin lost its CPU (then no spin for spin_backoff)
+        self.task_spins = 0  # of the spins, those for a connection's own task (spin_for)
+        self.task_spins_served = 0
         self._epoll = select.epoll()
         self._parked: dict[int, tuple[Parked, trio.lowlevel.Task]] = {}
         self._resumed: trio.Event | None = None  # set by the task handed back, once it runs
@@ -197,31 +201,61 @@ class Poller:
         return True
 
     def _spin(self) -> list[tuple[int, int]]:
-        """Look for ready connections for up to ``idle_spin`` seconds, yielding the CPU
-        between looks (a client woken on this CPU runs then); none if another task is
-        ready to run (it would wait meanwhile) or a spin lost its CPU lately."""
+        """Look for ready connections for up to ``idle_spin`` seconds; none if the spin did
+        not run or ran out."""
+        poll = self._epoll.poll
+        ready = self._spin_until(lambda: poll(0) or None)
+        if not ready:
+            self._spin_pays = False
+        return ready or []
+
+    def spin_for(self, fd: int, readable: select.poll) -> bool | None:
+        """For a connection served by its own task (a transaction's next call), alone: spin
+        until ``readable`` (a poll of its socket ``fd``) reports input. True: it did; False:
+        the spin ran out; None: no spin (see ``_spin_until``), the poller has served another
+        connection lately (its client may be about to send), or one became ready (the
+        poller serves it). The caller checks that every other connection is parked."""
+        if self._partner not in (NOBODY, fd) and (
+            time.perf_counter() - self._idle_since < SPIN_PAUSE_FACTOR * self.idle_spin
+        ):
+            return None
+        epoll = self._epoll
+
+        def look() -> bool | None:
+            if readable.poll(0):
+                return True
+            return False if epoll.poll(0) else None
+
+        spins = self.spins
+        found = self._spin_until(look)
+        self.task_spins += self.spins - spins
+        self.task_spins_served += found is True
+        return None if found is False else found is not None
+
+    def _spin_until(self, look: Callable[[], T | None]) -> T | None:
+        """Call ``look`` until it returns something, yielding the CPU before each call (a
+        client woken on this CPU runs then), for up to ``idle_spin`` seconds; None if it
+        never did, if another task is ready to run (it would wait meanwhile), or if a
+        spin lost its CPU lately (then None at once)."""
         clock = time.perf_counter
         now = clock()
         if now < self._no_spin_until or trio.lowlevel.current_statistics().tasks_runnable:
-            return []
+            return None
         self.spins += 1
-        poll = self._epoll.poll
         until = now + self.idle_spin
         switches = _involuntary_switches()
         while now < until:
             os.sched_yield()
-            ready = poll(0)
+            found = look()
             before, now = now, clock()
             if now - before > SPIN_LOST_CPU_S and _involuntary_switches() > switches:
                 self.spins_preempted += 1
                 self._no_spin_until = now + self.spin_backoff
-                self._spin_pays = False
-                return ready
-            if ready:
-                self.spins_served += 1
-                return ready
-        self._spin_pays = False
-        return []
+                return found
+            if found is not None:
+                self.spins_served += bool(found)
+                return found
+        return None
 
     async def _serve(self, ready_fds: list[tuple[int, int]]) -> None:
         for ready, _ in ready_fds:
