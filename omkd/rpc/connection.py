@@ -16,7 +16,8 @@ session's group commit is sent by that batch's leader once the COMMIT is done, w
 task already waits for the next request. Notifications, and replies that find the socket
 busy, go through the ``Outbox``, which a writer task drains in order.
 While the session holds a transaction, the task waits for more bytes only until the idle
-timeout, then rolls the transaction back. (One task on the request path, not a reader, a
+timeout, then rolls the transaction back; alone with the daemon, it first spins for them as
+the poller does for a lone client (``Poller.spin_for``). (One task on the request path, not a reader, a
 worker and a writer handing each message on: every hand-off was a trip through trio's
 scheduler, which cost more than the SQL.)
 
