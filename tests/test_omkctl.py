@@ -228,6 +228,12 @@ def test_events_tail_follow_says_how_to_go_on_when_the_daemon_stops() -> None:
                               text=True) as process:  # fmt: skip
             assert process.stdout is not None and process.stderr is not None
             assert json.loads(process.stdout.readline())["event_id"] == last
+            # An event only the subscription prints: omkctl is subscribed once it has. (Had
+            # the daemon stopped before omkctl subscribed, its subscribe would find nothing
+            # answering: exit 3, "not running".)
+            with Client.connect(daemon.socket_path) as c:
+                last = c.events.append(gid, "k", {}).event_id
+            assert json.loads(process.stdout.readline())["event_id"] == last
             daemon.stop()
             assert process.wait(10) == EXIT_CONNECTION
             resume = f"omkctl events tail {gid} --follow --after {last}"
