@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -602,3 +603,74 @@ async def test_a_transaction_is_not_waited_for_while_another_connection_is_busy(
                 assert daemon.poller.task_spins == 0
             finally:
                 half.close()
+
+
+async def test_a_transaction_waited_for_call_after_call_leaves_trio_its_turns() -> None:
+    # A call in a transaction never waits: were each next call caught by the spin, the
+    # connection's task would never let trio run its timers and I/O (a new connection, a
+    # worker thread's result, a deadline); a timer of 1 ms came 0.5-1.3 s late.
+    with short_tempdir() as directory:
+        async with running_daemon(directory, idle_spin=0.01) as daemon:
+            setup = await RawClient.connect(daemon.config.socket_path)
+            await setup.call("goal.create", **goal("g1"))
+            await setup.aclose()
+            done = threading.Event()
+
+            def back_to_back() -> None:
+                from omkd_client import Client
+
+                with Client.connect(daemon.config.socket_path) as client:
+                    time.sleep(0.5)  # (the poller has served nobody lately)
+                    with client.transaction() as tx:
+                        started = time.perf_counter()
+                        while time.perf_counter() - started < 1.0:
+                            tx.events.append("g1", "k", 1)
+                done.set()
+
+            late = 0.0
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.to_thread.run_sync, back_to_back)
+                while not done.is_set():
+                    started = time.perf_counter()
+                    await trio.sleep(0.001)
+                    late = max(late, time.perf_counter() - started - 0.001)
+            assert daemon.poller.task_spins_served > 100
+            assert late < 0.1
+
+
+async def test_a_spin_for_a_connection_ends_first_for_a_parked_one() -> None:
+    # Both have a request: the parked connection's is served first (the poller serves it),
+    # or a client that calls again and again would keep it waiting.
+    poller = Poller(idle_spin=0.5)
+    parked = _Parked()
+    mine, theirs = socket.socketpair()
+    readable = select.poll()
+    readable.register(mine, select.POLLIN)
+    try:
+        async with _polling(poller, parked):
+            theirs.send(b"x")
+            assert poller.spin_for(mine.fileno(), readable) is True  # alone: it is read
+            parked.client.send(b"x")
+            assert poller.spin_for(mine.fileno(), readable) is None
+            await trio.testing.wait_all_tasks_blocked()
+            assert parked.served == 1
+    finally:
+        mine.close()
+        theirs.close()
+
+
+async def test_a_spin_for_a_connection_that_did_not_run_says_so() -> None:
+    # None, not False ("ran out"): the connection would take it as a long pause of its
+    # client and not spin next time.
+    poller = Poller(idle_spin=0.5, spin_backoff=60)
+    mine, theirs = socket.socketpair()
+    readable = select.poll()
+    readable.register(mine, select.POLLIN)
+    try:
+        with contextlib.closing(poller):
+            poller._no_spin_until = time.perf_counter() + 60  # as after a spin lost its CPU
+            assert poller.spin_for(mine.fileno(), readable) is None
+            assert poller.spins == 0
+    finally:
+        mine.close()
+        theirs.close()

@@ -17,9 +17,9 @@ task already waits for the next request. Notifications, and replies that find th
 busy, go through the ``Outbox``, which a writer task drains in order.
 While the session holds a transaction, the task waits for more bytes only until the idle
 timeout, then rolls the transaction back; alone with the daemon, it first spins for them as
-the poller does for a lone client (``Poller.spin_for``). (One task on the request path, not a reader, a
-worker and a writer handing each message on: every hand-off was a trip through trio's
-scheduler, which cost more than the SQL.)
+the poller does for a lone client (``Poller.spin_for``). (One task on the request path, not
+a reader, a worker and a writer handing each message on: every hand-off was a trip through
+trio's scheduler, which cost more than the SQL.)
 
 Resource handling: however the connection ends (end of file, a broken socket, an oversize
 frame, a client that stops reading, daemon shutdown), ``serve_connection`` rolls back the
@@ -52,7 +52,7 @@ from omkd.rpc.framing import (
     frame_pieces,
 )
 from omkd.rpc.outbox import Outbox
-from omkd.rpc.poller import SPIN_PAUSE_FACTOR
+from omkd.rpc.poller import SPIN_PAUSE_FACTOR, WAKEUP_BUDGET_S
 from omkd.rpc.session import Session
 from omkd_client.codes import ErrorCode
 
@@ -96,6 +96,7 @@ class _Connection:
         # Whether to spin for the next request (see _read), and the poll that does.
         self._spin_pays = False
         self._readable: select.poll | None = None
+        self._turn = 0.0  # (perf_counter) when this task last let trio run the others
 
     def _frame(self, message: bytes) -> bytes:
         return encode_frame(self.decoder.framing or Framing.LENGTH, message)
@@ -320,6 +321,13 @@ class _Connection:
         without waking a halted CPU.
         """
         waiting = time.perf_counter()
+        if self._spin_pays and waiting - self._turn > WAKEUP_BUDGET_S:
+            # A spin that catches each call leaves trio no turn (a call in a transaction
+            # never waits): its timers and I/O (a new connection, a worker thread's result,
+            # a deadline) get one at least this often, as from the poller. Nothing is read
+            # yet: a cancellation here loses nothing.
+            await trio.lowlevel.checkpoint()
+            waiting = self._turn = time.perf_counter()
         if self._spin_pays and self.daemon.alone(self.session):
             if self._readable is None:
                 self._readable = select.poll()
@@ -332,11 +340,12 @@ class _Connection:
                 self._spin_pays = False
         while True:
             await trio.lowlevel.wait_readable(self.fd)
+            self._turn = time.perf_counter()
             try:
                 data = os.read(self.fd, _RECEIVE_BYTES)
             except BlockingIOError:
                 continue
-            pause = time.perf_counter() - waiting
+            pause = self._turn - waiting
             self._spin_pays = pause < SPIN_PAUSE_FACTOR * self.daemon.poller.idle_spin
             return data
 

@@ -222,15 +222,17 @@ class Poller:
         epoll = self._epoll
 
         def look() -> bool | None:
-            if readable.poll(0):
-                return True
-            return False if epoll.poll(0) else None
+            if epoll.poll(0):  # first: a connection that calls again and again must not
+                return False  # keep a parked one waiting
+            return True if readable.poll(0) else None
 
         spins = self.spins
         found = self._spin_until(look)
-        self.task_spins += self.spins - spins
+        if self.spins == spins:
+            return None  # no spin
+        self.task_spins += 1
         self.task_spins_served += found is True
-        return None if found is False else found is not None
+        return None if found is False else found is True
 
     def _spin_until(self, look: Callable[[], T | None]) -> T | None:
         """Call ``look`` until it returns something, yielding the CPU before each call (a
