@@ -480,6 +480,17 @@ async def _served_when_a_task_woken_with_the_poller_ran() -> int:
     return served_when_it_ran[0]
 
 
+@asynccontextmanager
+async def _daemon_with_goal_g1() -> AsyncIterator[Daemon]:
+    """A daemon in this test's trio run (idle_spin at the setting's bound) with goal g1."""
+    with short_tempdir() as directory:
+        async with running_daemon(directory, idle_spin=0.01) as daemon:
+            setup = await RawClient.connect(daemon.config.socket_path)
+            await setup.call("goal.create", **goal("g1"))
+            await setup.aclose()
+            yield daemon
+
+
 def _transaction_in_a_thread(socket_path: str, appends: int, pause: float) -> None:
     """A client of its own (as one on another CPU): a transaction of ``appends`` appends to
     goal g1, pausing ``pause`` s before each call."""
@@ -519,27 +530,23 @@ async def test_a_transaction_alone_is_waited_for_between_its_calls() -> None:
 async def test_a_transaction_is_not_waited_for_while_another_client_is_busy() -> None:
     # Another client calling again and again, parked in the poller between its calls: the
     # spin would keep a CPU busy that its process could use.
-    with short_tempdir() as directory:
-        async with running_daemon(directory, idle_spin=0.01) as daemon:
-            setup = await RawClient.connect(daemon.config.socket_path)
-            await setup.call("goal.create", **goal("g1"))
-            await setup.aclose()
-            daemon.poller.idle_spin = 0.5  # (a client pausing under 1 s counts as busy)
-            socket_path = daemon.config.socket_path
-            done = threading.Event()
+    async with _daemon_with_goal_g1() as daemon:
+        daemon.poller.idle_spin = 0.5  # (a client pausing under 1 s counts as busy)
+        socket_path = daemon.config.socket_path
+        done = threading.Event()
 
-            def pinging() -> None:
-                from omkd_client import Client
+        def pinging() -> None:
+            from omkd_client import Client
 
-                with Client.connect(socket_path) as client:
-                    while not done.is_set():
-                        client.daemon.ping()
+            with Client.connect(socket_path) as client:
+                while not done.is_set():
+                    client.daemon.ping()
 
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, pinging)
-                await trio.to_thread.run_sync(_transaction_in_a_thread, socket_path, 20, 0)
-                done.set()
-            assert daemon.poller.task_spins == 0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, pinging)
+            await trio.to_thread.run_sync(_transaction_in_a_thread, socket_path, 20, 0)
+            done.set()
+        assert daemon.poller.task_spins == 0
 
 
 async def test_a_transaction_waited_for_lets_another_client_in_at_once() -> None:
@@ -586,56 +593,48 @@ async def test_a_transaction_waited_for_lets_another_client_in_at_once() -> None
 async def test_a_transaction_is_not_waited_for_while_another_connection_is_busy() -> None:
     # Another connection in a task of its own (here: half a message sent, its task waiting
     # for the rest, in trio): the spin would keep it from being read.
-    with short_tempdir() as directory:
-        async with running_daemon(directory, idle_spin=0.01) as daemon:
-            setup = await RawClient.connect(daemon.config.socket_path)
-            await setup.call("goal.create", **goal("g1"))
-            await setup.aclose()
-            half = socket.socket(socket.AF_UNIX)
-            half.connect(daemon.config.socket_path)
-            try:
-                half.send(_frame(_request(1, "daemon.ping"))[:10])
-                await _settle()
-                assert daemon.poller.parked < len(daemon.sessions)
-                await trio.to_thread.run_sync(
-                    _transaction_in_a_thread, daemon.config.socket_path, 10, 0.005
-                )
-                assert daemon.poller.task_spins == 0
-            finally:
-                half.close()
+    async with _daemon_with_goal_g1() as daemon:
+        half = socket.socket(socket.AF_UNIX)
+        half.connect(daemon.config.socket_path)
+        try:
+            half.send(_frame(_request(1, "daemon.ping"))[:10])
+            await _settle()
+            assert daemon.poller.parked < len(daemon.sessions)
+            await trio.to_thread.run_sync(
+                _transaction_in_a_thread, daemon.config.socket_path, 10, 0.005
+            )
+            assert daemon.poller.task_spins == 0
+        finally:
+            half.close()
 
 
 async def test_a_transaction_waited_for_call_after_call_leaves_trio_its_turns() -> None:
     # A call in a transaction never waits: were each next call caught by the spin, the
     # connection's task would never let trio run its timers and I/O (a new connection, a
     # worker thread's result, a deadline); a timer of 1 ms came 0.5-1.3 s late.
-    with short_tempdir() as directory:
-        async with running_daemon(directory, idle_spin=0.01) as daemon:
-            setup = await RawClient.connect(daemon.config.socket_path)
-            await setup.call("goal.create", **goal("g1"))
-            await setup.aclose()
-            done = threading.Event()
+    async with _daemon_with_goal_g1() as daemon:
+        done = threading.Event()
 
-            def back_to_back() -> None:
-                from omkd_client import Client
+        def back_to_back() -> None:
+            from omkd_client import Client
 
-                with Client.connect(daemon.config.socket_path) as client:
-                    time.sleep(0.5)  # (the poller has served nobody lately)
-                    with client.transaction() as tx:
-                        started = time.perf_counter()
-                        while time.perf_counter() - started < 1.0:
-                            tx.events.append("g1", "k", 1)
-                done.set()
-
-            late = 0.0
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trio.to_thread.run_sync, back_to_back)
-                while not done.is_set():
+            with Client.connect(daemon.config.socket_path) as client:
+                time.sleep(0.5)  # (the poller has served nobody lately)
+                with client.transaction() as tx:
                     started = time.perf_counter()
-                    await trio.sleep(0.001)
-                    late = max(late, time.perf_counter() - started - 0.001)
-            assert daemon.poller.task_spins_served > 100
-            assert late < 0.1
+                    while time.perf_counter() - started < 1.0:
+                        tx.events.append("g1", "k", 1)
+            done.set()
+
+        late = 0.0
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, back_to_back)
+            while not done.is_set():
+                started = time.perf_counter()
+                await trio.sleep(0.001)
+                late = max(late, time.perf_counter() - started - 0.001)
+        assert daemon.poller.task_spins_served > 100
+        assert late < 0.1
 
 
 async def test_a_spin_for_a_connection_ends_first_for_a_parked_one() -> None:
