@@ -406,7 +406,9 @@ async def test_a_spin_that_loses_its_cpu_ends_the_spinning_for_a_while(
     # woken ahead of it). A look that took long while the kernel switched the poller out
     # shows that; no spin follows for spin_backoff. A long look without such a switch (a
     # wait for the GIL, a hiccup of the host) does not. (Both simulated: a yield that takes
-    # 0.3 s, and a count of switches that grows or not.)
+    # 0.3 s, and a count of switches that grows or not.) Its spins catch nothing (the
+    # client runs in this trio run): here a miss lets no later chance go by.
+    monkeypatch.setattr(poller_module.SpinOdds, "missed", lambda odds: None)
     poller = Poller(idle_spin=0.5, spin_backoff=60)
     a = _Parked()
     switches = itertools.count()
@@ -673,3 +675,34 @@ async def test_a_spin_for_a_connection_that_did_not_run_says_so() -> None:
     finally:
         mine.close()
         theirs.close()
+
+
+async def test_spins_that_catch_nothing_are_let_go_more_and_more() -> None:
+    # A client pausing just longer than the spin looks quick from asleep (its pause seen
+    # from there includes the spin): each call would cost a spin in vain. After a miss the
+    # next 2, then 4, 8, ... chances go by. (Pauses of 0.15 s against a spin of 0.1 s.)
+    poller = Poller(idle_spin=0.1)
+    a = _Parked()
+    replied = threading.Semaphore(0)
+    a.then = replied.release
+
+    def client() -> None:
+        for _ in range(12):
+            a.client.send(b"x")
+            replied.acquire()
+            time.sleep(0.15)
+
+    async with _polling(poller, a):
+        with trio.fail_after(30):
+            await trio.to_thread.run_sync(client)
+    # Calls 2, 5 and 10 spin (the first has no pause before it), and catch nothing.
+    assert (a.served, poller.spins, poller.spins_served) == (12, 3, 0)
+
+
+async def test_a_transactions_spins_that_catch_nothing_are_let_go_more_and_more() -> None:
+    # As the poller's: a client pausing just longer than the spin (0.15 s against 0.1 s)
+    # gets a spin in vain at its 2nd, 5th and 10th call only, not at each.
+    async with _daemon_with_goal_g1() as daemon:
+        daemon.poller.idle_spin = 0.1
+        await trio.to_thread.run_sync(_transaction_in_a_thread, daemon.config.socket_path, 12, 0.15)
+        assert (daemon.poller.task_spins, daemon.poller.task_spins_served) == (3, 0)

@@ -52,7 +52,7 @@ from omkd.rpc.framing import (
     frame_pieces,
 )
 from omkd.rpc.outbox import Outbox
-from omkd.rpc.poller import SPIN_PAUSE_FACTOR, WAKEUP_BUDGET_S
+from omkd.rpc.poller import SPIN_PAUSE_FACTOR, WAKEUP_BUDGET_S, SpinOdds
 from omkd.rpc.session import Session
 from omkd_client.codes import ErrorCode
 
@@ -94,7 +94,7 @@ class _Connection:
         self._ended = False  # it read the end of the stream, or the socket broke
         self._gone = False  # a reply found the socket closed by the client
         # Whether to spin for the next request (see _read), and the poll that does.
-        self._spin_pays = False
+        self._odds = SpinOdds()
         self._readable: select.poll | None = None
         self._turn = 0.0  # (perf_counter) when this task last let trio run the others
 
@@ -321,23 +321,24 @@ class _Connection:
         without waking a halted CPU.
         """
         waiting = time.perf_counter()
-        if self._spin_pays and waiting - self._turn > WAKEUP_BUDGET_S:
+        if self._odds.pays and waiting - self._turn > WAKEUP_BUDGET_S:
             # A spin that catches each call leaves trio no turn (a call in a transaction
             # never waits): its timers and I/O (a new connection, a worker thread's result,
             # a deadline) get one at least this often, as from the poller. Nothing is read
             # yet: a cancellation here loses nothing.
             await trio.lowlevel.checkpoint()
             waiting = self._turn = time.perf_counter()
-        if self._spin_pays and self.daemon.alone(self.session):
+        if self._odds.pays and self.daemon.alone(self.session) and self._odds.take():
             if self._readable is None:
                 self._readable = select.poll()
                 self._readable.register(self.fd, select.POLLIN)
             spun = self.daemon.poller.spin_for(self.fd, self._readable)
             if spun:
+                self._odds.caught()
                 with contextlib.suppress(BlockingIOError):
                     return os.read(self.fd, _RECEIVE_BYTES)
             elif spun is False:
-                self._spin_pays = False
+                self._odds.missed()
         while True:
             await trio.lowlevel.wait_readable(self.fd)
             self._turn = time.perf_counter()
@@ -346,7 +347,7 @@ class _Connection:
             except BlockingIOError:
                 continue
             pause = self._turn - waiting
-            self._spin_pays = pause < SPIN_PAUSE_FACTOR * self.daemon.poller.idle_spin
+            self._odds.pays = pause < SPIN_PAUSE_FACTOR * self.daemon.poller.idle_spin
             return data
 
     async def _reply(self, frame: bytes | memoryview) -> bool:

@@ -46,7 +46,7 @@ from typing import Final, Protocol, TypeVar
 
 import trio
 
-__all__ = ["PASSES_PER_WAKEUP", "WAKEUP_BUDGET_S", "Parked", "Poller"]
+__all__ = ["PASSES_PER_WAKEUP", "WAKEUP_BUDGET_S", "Parked", "Poller", "SpinOdds"]
 
 T = TypeVar("T")
 
@@ -87,10 +87,45 @@ SPIN_BACKOFF_S: Final = 1.0
 # slice here: ~4 ms). Not the guest's own hiccups (20-150 µs, seen while spinning on an idle
 # machine: no switch), nor a wait for the GIL (a voluntary switch).
 SPIN_LOST_CPU_S: Final = 0.001
+# After a spin that caught nothing, the next 2, 4, ... up to 2**MAX_MISS_SHIFT chances to
+# spin for that client are let go (a spin that catches a request starts over): a client
+# pausing just longer than idle_spin (100-170 µs) looks quick from asleep, and cost a vain
+# spin a call (the daemon's CPU per ping 45 -> 120-155 µs).
+MAX_MISS_SHIFT: Final = 6
 # The poller's partner (below) before it has served anyone, and once it has served several.
 NOBODY: Final = -1
 SEVERAL: Final = -2
 WAKEUP_BUDGET_S: Final = 0.001  # no further pass once a wake-up has served this long
+
+
+class SpinOdds:
+    """Whether spinning for one client's next request is likely to pay: its last pause
+    was short (``pays``, set by the caller from the pause it saw), and no spin for it
+    caught nothing lately (then the next chances are let go, more after each miss)."""
+
+    __slots__ = ("_misses", "_skips", "pays")
+
+    def __init__(self) -> None:
+        self.pays = False
+        self._misses = 0
+        self._skips = 0  # chances to spin still to let go
+
+    def take(self) -> bool:
+        """Whether to spin now (a chance let go counts)."""
+        if not self.pays:
+            return False
+        if self._skips:
+            self._skips -= 1
+            return False
+        return True
+
+    def caught(self) -> None:
+        self._misses = 0
+
+    def missed(self) -> None:
+        self.pays = False
+        self._misses = min(self._misses + 1, MAX_MISS_SHIFT)
+        self._skips = 1 << self._misses
 
 
 class Poller:
@@ -123,11 +158,11 @@ class Poller:
         # busy that their processes could use: the scheduler moves no task to a CPU that
         # looks busy (8 writers on 2 CPUs made 8-15% fewer calls a second).
         self._partner = NOBODY
-        # Whether a spin would likely catch the next request: the last time nothing was
-        # ready, the next request came soon (SPIN_PAUSE_FACTOR), or a spin caught it. A
-        # client that pauses longer costs no spin after the first (pausing 1 ms between
-        # pings, each ping otherwise cost the daemon 100 µs more CPU, for nothing).
-        self._spin_pays = False
+        # Whether a spin would likely catch the partner's next request: the last time
+        # nothing was ready, its next request came soon (SPIN_PAUSE_FACTOR), or a spin
+        # caught it. A client that pauses longer costs no spin after the first (pausing
+        # 1 ms between pings, each ping otherwise cost the daemon 100 µs more CPU).
+        self._odds = SpinOdds()
         self._idle_since = 0.0  # when nothing was ready last (perf_counter)
         self._no_spin_until = 0.0  # (perf_counter) after a spin lost its CPU
         # Called once a wake-up has served every connection that was ready; it must not
@@ -165,7 +200,7 @@ class Poller:
                 self.wakeups += 1
                 self._partner = NOBODY
                 pause = time.perf_counter() - self._idle_since
-                self._spin_pays = pause < SPIN_PAUSE_FACTOR * self.idle_spin
+                self._odds.pays = pause < SPIN_PAUSE_FACTOR * self.idle_spin
 
     async def _serve_round(self) -> bool:
         """Serve what is ready, and look again, up to ``passes_per_wakeup`` times within
@@ -179,8 +214,8 @@ class Poller:
             spun = False
             if not ready:
                 self._idle_since = time.perf_counter()
-                spin = self._spin_pays and self._partner != SEVERAL
-                if not (self.on_drained() and spin):
+                drained = self.on_drained()  # (always: it commits an open batch)
+                if not (drained and self._partner != SEVERAL and self._odds.take()):
                     return False
                 ready = self._spin()
                 if not ready:
@@ -204,9 +239,12 @@ class Poller:
         """Look for ready connections for up to ``idle_spin`` seconds; none if the spin did
         not run or ran out."""
         poll = self._epoll.poll
+        spins = self.spins
         ready = self._spin_until(lambda: poll(0) or None)
-        if not ready:
-            self._spin_pays = False
+        if ready:
+            self._odds.caught()
+        elif self.spins != spins:
+            self._odds.missed()
         return ready or []
 
     def spin_for(self, fd: int, readable: select.poll) -> bool | None:
