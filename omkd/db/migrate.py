@@ -156,17 +156,22 @@ def _user_version(conn: Conn) -> int:
 
 def refuse_foreign(conn: Conn) -> None:
     """Raise MigrationMismatch if the database holds tables but no omkd schema (another
-    program's database: migrating it would add omkd's tables to it)."""
-    if _user_version(conn) or conn.scalar(HAS_SCHEMA_MIGRATIONS):
-        return
+    program's database: migrating it would add omkd's tables to it).
+
+    The tables are read in one statement, one snapshot: a migration creates
+    ``schema_migrations`` in the transaction of its tables, so omkd's tables never show
+    without it. (Read apart, the version first, another process's first migration could
+    commit between the reads: its tables seen, its version not; six processes opening a
+    new file at once, one was refused so in a CI run.)"""
     tables = [row[0] for row in conn.query(SELECT_TABLES)]
-    if tables:
-        shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
-        raise MigrationMismatch(
-            f"the database holds tables ({shown}) but no omkd schema: it is not an omkd "
-            "database (or not yet one); give omkd a file of its own",
-            tables=tables[:20],
-        )
+    if not tables or "schema_migrations" in tables or _user_version(conn):
+        return
+    shown = ", ".join(tables[:5]) + (", ..." if len(tables) > 5 else "")
+    raise MigrationMismatch(
+        f"the database holds tables ({shown}) but no omkd schema: it is not an omkd "
+        "database (or not yet one); give omkd a file of its own",
+        tables=tables[:20],
+    )
 
 
 def _check_applied(conn: Conn, migrations: list[Migration]) -> int:
