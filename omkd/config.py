@@ -98,9 +98,9 @@ class Config(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Seconds the daemon keeps looking for a client's next request once it has answered
     # every connection and nothing else has work, yielding the CPU between looks, before it
     # sleeps (only while it serves one client alone, whose last pause was short: see
-    # omkd.rpc.poller). A request that comes meanwhile is served at once; one that finds it asleep
-    # first wakes a halted CPU (10-35 µs each way on a virtual machine, where a round trip
-    # across two CPUs is mostly that). Costs at most this much CPU per idle gap, none while
+    # omkd.rpc.poller). A request that comes meanwhile is served at once; one that finds it
+    # asleep first wakes a halted CPU (10-35 µs each way on a virtual machine, where a round
+    # trip across two CPUs is mostly that). Costs at most this much CPU per idle gap, none while
     # idle. 0: sleep at once; at most IDLE_SPIN_MAX_S.
     idle_spin: float = IDLE_SPIN_S
     # Events fetched per query when feeding a subscription.

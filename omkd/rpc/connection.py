@@ -52,7 +52,7 @@ from omkd.rpc.framing import (
     frame_pieces,
 )
 from omkd.rpc.outbox import Outbox
-from omkd.rpc.poller import SPIN_PAUSE_FACTOR, WAKEUP_BUDGET_S, SpinOdds
+from omkd.rpc.poller import WAKEUP_BUDGET_S, SpinOdds
 from omkd.rpc.session import Session
 from omkd_client.codes import ErrorCode
 
@@ -346,8 +346,7 @@ class _Connection:
                 data = os.read(self.fd, _RECEIVE_BYTES)
             except BlockingIOError:
                 continue
-            pause = self._turn - waiting
-            self._odds.pays = pause < SPIN_PAUSE_FACTOR * self.daemon.poller.idle_spin
+            self._odds.pays = self.daemon.poller.quick(self._turn - waiting)
             return data
 
     async def _reply(self, frame: bytes | memoryview) -> bool:

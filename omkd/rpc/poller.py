@@ -199,8 +199,7 @@ class Poller:
                 await trio.lowlevel.wait_readable(fd)
                 self.wakeups += 1
                 self._partner = NOBODY
-                pause = time.perf_counter() - self._idle_since
-                self._odds.pays = pause < SPIN_PAUSE_FACTOR * self.idle_spin
+                self._odds.pays = self.quick(time.perf_counter() - self._idle_since)
 
     async def _serve_round(self) -> bool:
         """Serve what is ready, and look again, up to ``passes_per_wakeup`` times within
@@ -235,6 +234,11 @@ class Poller:
                 return True
         return True
 
+    def quick(self, pause: float) -> bool:
+        """Whether a client's pause, seen from asleep, was short enough that a spin would
+        have caught what came after it (SPIN_PAUSE_FACTOR)."""
+        return pause < SPIN_PAUSE_FACTOR * self.idle_spin
+
     def _spin(self) -> list[tuple[int, int]]:
         """Look for ready connections for up to ``idle_spin`` seconds; none if the spin did
         not run or ran out."""
@@ -253,9 +257,7 @@ class Poller:
         the spin ran out; None: no spin (see ``_spin_until``), the poller has served another
         connection lately (its client may be about to send), or one became ready (the
         poller serves it). The caller checks that every other connection is parked."""
-        if self._partner not in (NOBODY, fd) and (
-            time.perf_counter() - self._idle_since < SPIN_PAUSE_FACTOR * self.idle_spin
-        ):
+        if self._partner not in (NOBODY, fd) and self.quick(time.perf_counter() - self._idle_since):
             return None
         epoll = self._epoll
 
